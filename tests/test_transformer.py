@@ -1,0 +1,145 @@
+import pytest
+import torch
+
+from worldmodel.actions import ActionSpec
+from worldmodel.camera import integrate
+from worldmodel.transformer import ConfigError, DiTConfig, KVCache, WorldDiT, block_ids, frame_mask
+from tests.test_camera import random_rigid
+
+SPEC = ActionSpec()
+
+
+def tiny_dit(seed, **kw):
+    cfg = DiTConfig(**{"latent_channels": 4, "latent_height": 4, "latent_width": 4, "patch_size": 2, "dim": 32,
+                       "depth": 2, "heads": 2, "action_dim": SPEC.width, "window_frames": 8, "sink_frames": 1, **kw})
+    torch.manual_seed(seed)
+    model = WorldDiT(cfg).double()
+    with torch.no_grad():  # leave the zero init so every path (gates, action, camera) matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def random_inputs(batch, frames, seed, cfg):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, frames, cfg.latent_channels, cfg.latent_height, cfg.latent_width, generator=g, dtype=torch.float64)
+    sigma = torch.rand(batch, frames, generator=g, dtype=torch.float64)
+    actions = torch.cat([(torch.rand(batch, frames, 5, generator=g) > 0.5).float(), torch.randn(batch, frames, 2, generator=g) * 30], -1)
+    poses, _ = integrate(actions, SPEC)
+    return x, sigma, actions.double(), poses.double()
+
+
+def block_slices(frames, block_size):
+    ids = block_ids(frames, block_size).tolist()
+    return [[f for f in range(frames) if ids[f] == b] for b in range(max(ids) + 1)]
+
+
+def context_poses(poses, frames):
+    """Poses of a block plus the frame before it (the first pose repeated at the start)."""
+    prev = max(frames[0] - 1, 0)
+    return torch.cat([poses[:, prev : prev + 1], poses[:, frames]], 1)
+
+
+@pytest.mark.parametrize("block_size, frames", [(1, 6), (2, 7), (3, 7)])
+def test_cached_generation_equals_full_causal_forward(block_size, frames):
+    seed = int(torch.randint(0, 10_000, ()))
+    model = tiny_dit(seed, block_size=block_size, window_frames=frames)
+    x, sigma, actions, poses = random_inputs(2, frames, seed, model.cfg)
+    full = model(x, sigma, actions, poses, mode="causal")
+    cache = model.new_cache(2, dtype=torch.float64)
+    outs = [model.forward_cached(x[:, f], sigma[:, f], actions[:, f], context_poses(poses, f), cache, write=True)
+            for f in block_slices(frames, block_size)]
+    cached = torch.cat(outs, 1)
+    assert (cached - full).norm() / full.norm() < 1e-4
+
+
+@pytest.mark.parametrize("block_size, frames", [(1, 5), (2, 7)])
+def test_teacher_forcing_equals_cached_clean_history(block_size, frames):
+    seed = int(torch.randint(0, 10_000, ()))
+    model = tiny_dit(seed, block_size=block_size, window_frames=frames)
+    x, sigma, actions, poses = random_inputs(2, frames, seed, model.cfg)
+    clean = torch.randn_like(x)
+    full = model(x, sigma, actions, poses, mode="causal", clean=clean)
+    cache = model.new_cache(2, dtype=torch.float64)
+    for f in block_slices(frames, block_size):
+        noisy = model.forward_cached(x[:, f], sigma[:, f], actions[:, f], context_poses(poses, f), cache, write=False)
+        assert (noisy - full[:, f]).norm() / full[:, f].norm() < 1e-4
+        model.forward_cached(clean[:, f], torch.zeros_like(sigma[:, f]), actions[:, f], context_poses(poses, f), cache, write=True)
+
+
+@pytest.mark.parametrize("block_size, frames", [(1, 5), (2, 7), (3, 10)])
+def test_teacher_forcing_mask_matches_loop(block_size, frames):
+    mask = frame_mask("teacher_forcing", frames, block_size)
+    block = lambda f: 0 if f == 0 else (f - 1) // block_size + 1  # noqa: E731
+    for i in range(2 * frames):
+        for j in range(2 * frames):
+            qi, kj = i % frames, j % frames
+            q_clean, k_clean = i < frames, j < frames
+            if q_clean:
+                want = k_clean and block(kj) <= block(qi)
+            else:
+                want = (k_clean and block(kj) < block(qi)) or (not k_clean and block(kj) == block(qi))
+            assert bool(mask[i, j]) == want, (i, j)
+
+
+def test_causal_ignores_future_bidirectional_does_not():
+    model = tiny_dit(3)
+    x, sigma, actions, poses = random_inputs(1, 4, 3, model.cfg)
+    x2 = x.clone()
+    x2[:, -1] += 1.0
+    causal = [model(v, sigma, actions, poses, mode="causal")[:, :3] for v in (x, x2)]
+    bidir = [model(v, sigma, actions, poses, mode="bidirectional")[:, :3] for v in (x, x2)]
+    assert torch.allclose(causal[0], causal[1], atol=1e-12)
+    assert not torch.allclose(bidir[0], bidir[1], atol=1e-6)
+
+
+def test_rigid_transform_of_all_poses_leaves_output_unchanged():
+    seed = int(torch.randint(0, 10_000, ()))
+    model = tiny_dit(seed)
+    x, sigma, actions, poses = random_inputs(2, 5, seed, model.cfg)
+    moved = random_rigid(2, torch.Generator().manual_seed(seed))[:, None] @ poses
+    for mode in ("causal", "bidirectional"):
+        a, b = model(x, sigma, actions, poses, mode=mode), model(x, sigma, actions, moved, mode=mode)
+        assert (a - b).norm() / a.norm() < 1e-5
+    # and the camera does matter
+    still = poses[:, :1].expand_as(poses)
+    assert not torch.allclose(model(x, sigma, actions, still), model(x, sigma, actions, poses), atol=1e-6)
+
+
+def test_rolling_window_equals_recomputation_over_the_same_window():
+    """The rolling cache attends to exactly the sinks + last W frames, at slot positions."""
+    seed = int(torch.randint(0, 10_000, ()))
+    sinks, window, frames = 1, 3, 9
+    model = tiny_dit(seed, window_frames=window, sink_frames=sinks)
+    x, sigma, actions, poses = random_inputs(1, frames, seed, model.cfg)
+    rolling = model.new_cache(1, dtype=torch.float64)
+    history = []  # per frame: per layer (k, v)
+    big_cfg = DiTConfig(**{**model.cfg.to_dict(), "window_frames": frames})
+    for f in range(frames):
+        f_slice = [f]
+        out = model.forward_cached(x[:, f_slice], sigma[:, f_slice], actions[:, f_slice], context_poses(poses, f_slice), rolling, write=True)
+        kept = list(range(min(sinks, f))) + [h for h in range(max(sinks, f - window), f)]
+        fresh = KVCache(big_cfg, 1, dtype=torch.float64)
+        n = model.cfg.tokens_per_frame
+        for layer in range(model.cfg.depth):
+            for slot, h in enumerate(kept):
+                fresh.k[layer, :, :, slot * n : (slot + 1) * n], fresh.v[layer, :, :, slot * n : (slot + 1) * n] = history[h][layer]
+        fresh.frames = len(kept)
+        ref = model.forward_cached(x[:, f_slice], sigma[:, f_slice], actions[:, f_slice], context_poses(poses, f_slice), fresh, write=True)
+        history.append([(fresh.k[l, :, :, len(kept) * n : (len(kept) + 1) * n].clone(),
+                         fresh.v[l, :, :, len(kept) * n : (len(kept) + 1) * n].clone()) for l in range(model.cfg.depth)])
+        assert (out - ref).norm() / ref.norm() < 1e-10, f
+    assert rolling.frames == sinks + window and rolling.written == frames
+
+
+def test_bad_config_and_inputs_are_clear_errors():
+    with pytest.raises(ConfigError, match="unknown transformer config keys"):
+        DiTConfig.from_dict({"dim": 32, "depht": 2})
+    with pytest.raises(ConfigError, match="not divisible by patch"):
+        DiTConfig(latent_height=5)
+    model = tiny_dit(0)
+    x, sigma, actions, poses = random_inputs(1, 3, 0, model.cfg)
+    with pytest.raises(ConfigError, match="actions must be"):
+        model(x, sigma, actions[..., :3], poses)
+    with pytest.raises(ConfigError, match="unknown attention mode"):
+        model(x, sigma, actions, poses, mode="sideways")

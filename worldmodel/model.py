@@ -1,0 +1,111 @@
+"""The world model bundle: autoencoder + DiT + the action/camera specs + sampler settings.
+
+Its configuration is one omegaconf tree (stored in every checkpoint)::
+
+    world: procedural            # which ground-truth world it was trained on (or "custom")
+    stage: untrained             # the training stage that produced the weights
+    actions: {keys, mouse_scale}
+    controller: {walk_speed, sprint_factor, max_pitch, eye_height}
+    autoencoder: {... AutoencoderConfig}
+    dit: {... DiTConfig}
+    sampler: {steps, first_frame_steps, guidance}
+
+Presets: ``tiny`` (tests), ``default`` (the shipped size), ``large``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from worldmodel.actions import ActionSpec
+from worldmodel.autoencoder import AutoencoderConfig, FrameAutoencoder
+from worldmodel.camera import ControllerSpec
+from worldmodel.transformer import ConfigError, DiTConfig, WorldDiT
+
+WORLD_FRAME_SIZE = {"procedural": (128, 128), "doom": (120, 160)}
+"""(height, width) of each built-in world's frames."""
+
+DEFAULT_SAMPLER = {"steps": [1.0, 0.83], "first_frame_steps": [1.0, 0.95, 0.9, 0.83, 0.7, 0.5, 0.3, 0.1], "guidance": 1.0}
+
+PRESETS = {
+    "tiny": {
+        "autoencoder": {"encoder_channels": [8, 8, 16, 16], "encoder_blocks": 1, "decoder_channels": [16, 8, 8], "decoder_blocks": [1, 1, 1], "latent_channels": 4},
+        "dit": {"dim": 32, "depth": 2, "heads": 2, "window_frames": 6, "sink_frames": 1},
+        "frame": (32, 32),
+    },
+    "default": {
+        "autoencoder": {},
+        "dit": {"dim": 256, "depth": 8, "heads": 4, "window_frames": 12, "sink_frames": 1},
+    },
+    "large": {
+        "autoencoder": {},
+        "dit": {"dim": 512, "depth": 12, "heads": 8, "window_frames": 16, "sink_frames": 1},
+    },
+}
+
+
+def model_config(preset: str = "default", world: str = "procedural", action_spec: ActionSpec | None = None,
+                 controller: ControllerSpec | None = None, block_size: int = 1) -> DictConfig:
+    """The full configuration tree of a preset for a world (see the module docstring)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    p = copy.deepcopy(PRESETS[preset])
+    height, width = p.pop("frame", None) or WORLD_FRAME_SIZE.get(world, (128, 128))
+    action_spec = action_spec or ActionSpec()
+    ae = AutoencoderConfig(**{**p["autoencoder"], "frame_height": height, "frame_width": width})
+    ae_model_shape = ae.latent_shape
+    dit = DiTConfig(**{**p["dit"], "latent_channels": ae_model_shape[0], "latent_height": ae_model_shape[1],
+                       "latent_width": ae_model_shape[2], "action_dim": action_spec.width, "block_size": block_size})
+    return OmegaConf.create({
+        "world": world,
+        "stage": "untrained",
+        "actions": action_spec.to_dict(),
+        "controller": (controller or ControllerSpec()).to_dict(),
+        "autoencoder": ae.to_dict(),
+        "dit": dit.to_dict(),
+        "sampler": copy.deepcopy(DEFAULT_SAMPLER),
+    })
+
+
+class WorldModel(nn.Module):
+    """Autoencoder + DiT with the specs that make play and training agree."""
+
+    def __init__(self, config: DictConfig):
+        super().__init__()
+        known = {"world", "stage", "actions", "controller", "autoencoder", "dit", "sampler"}
+        unknown = set(config) - known
+        if unknown:
+            raise ConfigError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
+        missing = known - set(config)
+        if missing:
+            raise ConfigError(f"model config lacks keys {sorted(missing)}")
+        self.config = config
+        self.action_spec = ActionSpec.from_dict(OmegaConf.to_container(config.actions))
+        self.controller = ControllerSpec.from_dict(OmegaConf.to_container(config.controller))
+        self.autoencoder = FrameAutoencoder(AutoencoderConfig.from_dict(OmegaConf.to_container(config.autoencoder)))
+        self.dit = WorldDiT(DiTConfig.from_dict(OmegaConf.to_container(config.dit)))
+        if self.dit.cfg.action_dim != self.action_spec.width:
+            raise ConfigError(f"dit.action_dim {self.dit.cfg.action_dim} != action width {self.action_spec.width}")
+        if tuple(self.autoencoder.latent_shape) != (self.dit.cfg.latent_channels, self.dit.cfg.latent_height, self.dit.cfg.latent_width):
+            raise ConfigError(
+                f"autoencoder latents {tuple(self.autoencoder.latent_shape)} do not match the DiT's "
+                f"({self.dit.cfg.latent_channels}, {self.dit.cfg.latent_height}, {self.dit.cfg.latent_width})"
+            )
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        return int(self.config.autoencoder.frame_height), int(self.config.autoencoder.frame_width)
+
+    def num_parameters(self) -> dict:
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        return {"autoencoder": count(self.autoencoder), "dit": count(self.dit)}
+
+
+def build_model(preset: str = "default", world: str = "procedural", seed: int = 0, **kw) -> WorldModel:
+    """A freshly initialised model of a preset (weights from ``seed``)."""
+    torch.manual_seed(seed)
+    return WorldModel(model_config(preset, world, **kw))

@@ -1,0 +1,417 @@
+"""The camera/action-conditioned diffusion transformer (DiT) with three attention modes.
+
+Tokens: each latent frame [C, h, w] is cut into (h/p) x (w/p) patches, N tokens per frame.
+Frames are grouped into blocks of ``block_size`` latent frames (1 = frame-wise); the first frame
+of a clip (the start frame of a session) is a block of its own.
+
+Attention modes over a clip of T frames:
+- ``bidirectional``: every token sees the whole clip (stage 1 teacher).
+- ``causal``: block b sees blocks <= b (what the KV-cached rollout computes).
+- teacher forcing (``causal`` with ``clean`` given): the sequence is [clean | noisy]; clean block b
+  sees clean blocks <= b, noisy block b sees clean blocks < b and itself; the two copies of a
+  frame share positions (stage 2 AR teacher).
+
+Conditioning:
+- timestep (t = 1000 sigma) and the per-frame action go into adaLN (per-frame modulation);
+- the camera enters as a Plücker ray map of each frame's camera relative to the previous frame's
+  (per token, added to the token embedding). Relative motion is invariant to any rigid transform
+  of all poses, and a cached frame's keys never need updating, however long the session;
+- positions are 3-axis rotary embeddings over (time, row, column).
+The action and camera input layers start at zero, as do all residual gates (adaLN-Zero), so a
+conditioning path added to a trained network starts as a no-op. ``cond_keep`` [B] bool drops
+action and camera per sample (classifier-free guidance).
+
+The KV cache (``KVCache``) holds pre-rotary keys and values of ``sink_frames`` first frames and a
+rolling window of the last ``window_frames`` frames. Cached frames get time positions by their
+slot (sinks first, then the window in order, the new block after), so a session of any length
+sees the positions it was trained on; memory is fixed at allocation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from worldmodel.camera import relative_motion
+
+
+class ConfigError(ValueError):
+    """A model configuration that cannot be used."""
+
+
+@dataclass
+class DiTConfig:
+    latent_channels: int = 8
+    latent_height: int = 16
+    latent_width: int = 16
+    patch_size: int = 2
+    dim: int = 256
+    depth: int = 8
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    action_dim: int = 7
+    block_size: int = 1  # latent frames per block: 1 = frame-wise, >1 = chunk-wise
+    window_frames: int = 12  # rolling KV window (frames), sinks excluded
+    sink_frames: int = 1
+    fov_degrees: float = 90.0  # horizontal field of view, for the Plücker rays
+    translation_scale: float = 4.0  # world units -> Plücker moment units
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        hd = self.dim // max(self.heads, 1)
+        problems = []
+        if self.dim % self.heads or hd % 8:
+            problems.append(f"dim {self.dim} / heads {self.heads} must give a head size divisible by 8")
+        if self.latent_height % self.patch_size or self.latent_width % self.patch_size:
+            problems.append(
+                f"latent {self.latent_height}x{self.latent_width} is not divisible by patch {self.patch_size}"
+            )
+        if self.block_size < 1 or self.window_frames < self.block_size or self.sink_frames < 0:
+            problems.append("need block_size >= 1, window_frames >= block_size, sink_frames >= 0")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return (self.latent_height // self.patch_size) * (self.latent_width // self.patch_size)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DiTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown transformer config keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+def timestep_embedding(sigma: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of t = 1000 sigma: ``sigma [...]`` -> ``[..., dim]``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half)
+    angles = 1000.0 * sigma.float()[..., None] * freqs
+    return torch.cat([angles.cos(), angles.sin()], -1)
+
+
+def plucker_rays(poses: torch.Tensor, cfg: DiTConfig) -> torch.Tensor:
+    """Per-patch Plücker coordinates of each frame's rays in the previous frame's camera.
+
+    ``poses [B, T, 4, 4]`` -> ``[B, T, 6, h/p, w/p]``: (ray direction change, moment * scale).
+    Zero for a frame that did not move (and for t = 0).
+    """
+    gh, gw = cfg.latent_height // cfg.patch_size, cfg.latent_width // cfg.patch_size
+    focal = 1.0 / math.tan(math.radians(cfg.fov_degrees) / 2)
+    xs = (torch.arange(gw, device=poses.device, dtype=poses.dtype) + 0.5) / gw * 2 - 1
+    ys = ((torch.arange(gh, device=poses.device, dtype=poses.dtype) + 0.5) / gh * 2 - 1) * gh / gw
+    dirs = torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None], torch.full((gh, gw), focal, dtype=poses.dtype, device=poses.device)), -1)
+    dirs = dirs / dirs.norm(dim=-1, keepdim=True)  # [gh, gw, 3], camera frame
+    motion = relative_motion(poses)  # [B, T, 4, 4]: camera t in camera t-1
+    rot, trans = motion[..., :3, :3], motion[..., :3, 3]
+    moved = torch.einsum("btij,yxj->btyxi", rot, dirs)
+    moment = torch.cross(trans[:, :, None, None, :].expand_as(moved), moved, dim=-1)
+    rays = torch.cat([moved - dirs, moment * cfg.translation_scale], -1)
+    return rearrange(rays, "b t y x c -> b t c y x")
+
+
+def rope_angles(positions: torch.Tensor, cfg: DiTConfig) -> torch.Tensor:
+    """Rotary angles for ``positions [L, 3]`` (time, row, col) -> ``[L, head_dim / 2]``."""
+    half = cfg.head_dim // 2
+    s_pairs = (half - half // 4) // 2
+    splits = (half - 2 * s_pairs, s_pairs, s_pairs)
+    out = []
+    for axis, n in enumerate(splits):
+        freqs = cfg.rope_theta ** (-torch.arange(n, device=positions.device, dtype=torch.float32) / max(n, 1))
+        out.append(positions[:, axis : axis + 1].float() * freqs)
+    return torch.cat(out, -1)
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [B, H, L, hd]`` by ``angles [L, hd/2]`` (pairs: first half with second half)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).to(x.dtype)
+
+
+def token_positions(frame_positions: torch.Tensor, cfg: DiTConfig) -> torch.Tensor:
+    """``frame_positions [F]`` (time index of each frame) -> token positions ``[F * N, 3]``."""
+    gh, gw = cfg.latent_height // cfg.patch_size, cfg.latent_width // cfg.patch_size
+    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    grid = torch.stack([rows.flatten(), cols.flatten()], -1).to(frame_positions.device)  # [N, 2]
+    f = len(frame_positions)
+    t = repeat(frame_positions, "f -> (f n) 1", n=grid.shape[0])
+    return torch.cat([t, grid.repeat(f, 1)], -1)
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def block_ids(num_frames: int, block_size: int, device=None) -> torch.Tensor:
+    """Block of each frame ``[F]``: the first frame (the start frame) is a block of its own, then
+    blocks of ``block_size`` frames: 0 | 1..bs | bs+1..2bs | ... (frame-wise: block = frame)."""
+    f = torch.arange(num_frames, device=device)
+    return torch.where(f == 0, 0, (f - 1).clamp(min=0) // block_size + 1)
+
+
+def frame_mask(mode: str, num_frames: int, block_size: int, device=None) -> torch.Tensor | None:
+    """Which frame may attend to which, ``[F, F]`` bool (True = attend), or None for full attention.
+
+    ``mode``: "bidirectional" (None), "causal" (block b sees blocks <= b) or "teacher_forcing"
+    (the result is [2T, 2T] over [clean | noisy] for ``num_frames`` = T: clean b sees clean <= b;
+    noisy b sees clean < b and noisy b).
+    """
+    if mode == "bidirectional":
+        return None
+    blocks = block_ids(num_frames, block_size, device)
+    if mode == "causal":
+        return blocks[None, :] <= blocks[:, None]
+    if mode == "teacher_forcing":
+        q, k = blocks[:, None], blocks[None, :]
+        clean_sees_clean = k <= q
+        noisy_sees_clean = k < q
+        noisy_sees_noisy = k == q
+        top = torch.cat([clean_sees_clean, torch.zeros_like(clean_sees_clean)], 1)
+        bottom = torch.cat([noisy_sees_clean, noisy_sees_noisy], 1)
+        return torch.cat([top, bottom], 0)
+    raise ConfigError(f"unknown attention mode {mode!r}; use bidirectional, causal or teacher_forcing")
+
+
+def token_mask(frames: torch.Tensor | None, tokens_per_frame: int) -> torch.Tensor | None:
+    """Expand a frame mask ``[Fq, Fk]`` to tokens ``[Fq*N, Fk*N]``."""
+    if frames is None:
+        return None
+    return repeat(frames, "q k -> (q n) (k m)", n=tokens_per_frame, m=tokens_per_frame)
+
+
+# ----------------------------------------------------------------------------- network
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x [B, F*N, D]`` modulated per frame by ``shift, scale [B, F, D]``."""
+    f = shift.shape[1]
+    x = rearrange(x, "b (f n) d -> b f n d", f=f)
+    return rearrange(x * (1 + scale[:, :, None]) + shift[:, :, None], "b f n d -> b (f n) d")
+
+
+def gated(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``x [B, F*N, D]`` times the per-frame ``gate [B, F, D]``."""
+    return (rearrange(x, "b (f n) d -> b f n d", f=gate.shape[1]) * gate[:, :, None]).flatten(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(self, x, angles_q, mask=None, past=None):
+        """``x [B, L, D]``; ``past`` = (k, v, angles_k) of cached tokens (pre-rotary k).
+
+        Returns the output ``[B, L, D]`` and this call's pre-rotary (k, v) ``[B, H, L, hd]``.
+        """
+        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        q, k = self.q_norm(q), self.k_norm(k)
+        new_kv = (k, v)
+        q, k_rot = apply_rope(q, angles_q), apply_rope(k, angles_q)
+        if past is not None:
+            past_k, past_v, angles_past = past
+            k_rot = torch.cat([apply_rope(past_k, angles_past), k_rot], 2)
+            v = torch.cat([past_v, v], 2)
+        out = F.scaled_dot_product_attention(q, k_rot, v, attn_mask=mask)
+        return self.proj(rearrange(out, "b h l d -> b l (h d)")), new_kv
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(cfg.dim * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, cfg.dim))
+        self.ada = nn.Linear(cfg.dim, 6 * cfg.dim)
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)
+
+    def forward(self, x, cond, angles, mask=None, past=None):
+        """``x [B, F*N, D]``, ``cond [B, F, D]`` (per-frame conditioning)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(cond)).chunk(6, -1)
+        h, new_kv = self.attn(modulate(self.norm1(x), shift1, scale1), angles, mask, past)
+        x = x + gated(h, gate1)
+        return x + gated(self.mlp(modulate(self.norm2(x), shift2, scale2)), gate2), new_kv
+
+
+class KVCache:
+    """Per-layer pre-rotary keys/values of ``sink_frames`` + a rolling window of frames.
+
+    Storage is allocated once: ``k, v [depth, B, H, capacity * N, hd]``. Frames are kept in
+    order (sinks, then the window oldest to newest); writing past capacity drops the oldest
+    window frames.
+    """
+
+    def __init__(self, cfg: DiTConfig, batch: int, device=None, dtype=torch.float32):
+        self.cfg = cfg
+        self.capacity = cfg.sink_frames + cfg.window_frames
+        n = cfg.tokens_per_frame
+        shape = (cfg.depth, batch, cfg.heads, self.capacity * n, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.frames = 0  # frames held now
+        self.written = 0  # frames written over the session
+
+    def reset(self):
+        self.frames = 0
+        self.written = 0
+
+    def past(self, layer: int):
+        """Cached (k, v) of ``layer``: ``[B, H, frames * N, hd]`` each."""
+        end = self.frames * self.cfg.tokens_per_frame
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Append the (k, v) ``[B, H, Tb * N, hd]`` of a block; call ``advance`` after all layers."""
+        n = self.cfg.tokens_per_frame
+        tb = k.shape[2] // n
+        overflow = max(0, self.frames + tb - self.capacity)
+        if overflow:
+            sink, keep_from = self.cfg.sink_frames * n, (self.cfg.sink_frames + overflow) * n
+            end = self.frames * n
+            for buf in (self.k, self.v):
+                buf[layer, :, :, sink : end - overflow * n] = buf[layer, :, :, keep_from:end].clone()
+        start = (self.frames - overflow) * n
+        self.k[layer, :, :, start : start + tb * n] = k
+        self.v[layer, :, :, start : start + tb * n] = v
+
+    def advance(self, block_frames: int):
+        self.frames = min(self.capacity, self.frames + block_frames)
+        self.written += block_frames
+
+
+class WorldDiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        p, c, d = cfg.patch_size, cfg.latent_channels, cfg.dim
+        self.patch_embed = nn.Linear(c * p * p, d)
+        self.camera_embed = nn.Linear(6, d)
+        self.time_embed = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
+        self.action_embed = nn.Sequential(nn.Linear(cfg.action_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Linear(d, 2 * d)
+        self.final = nn.Linear(d, c * p * p)
+        for zero in (self.camera_embed, self.action_embed[-1], self.final_ada, self.final):
+            nn.init.zeros_(zero.weight)
+            nn.init.zeros_(zero.bias)
+
+    # -- pieces shared by the full-sequence and the cached forward
+
+    def _embed(self, x, sigma, actions, rays, cond_keep):
+        """Tokens ``[B, T*N, D]`` and per-frame conditioning ``[B, T, D]``; ``rays [B, T, 6, y, x]``."""
+        cfg = self.cfg
+        patches = rearrange(x, "b t c (y p) (x q) -> b t y x (c p q)", p=cfg.patch_size, q=cfg.patch_size)
+        camera = rearrange(rays, "b t c y x -> b t y x c")
+        keep = None if cond_keep is None else cond_keep.to(x.dtype)[:, None, None, None, None]
+        cam = self.camera_embed(camera.to(x.dtype))
+        tokens = self.patch_embed(patches) + (cam if keep is None else cam * keep)
+        act = self.action_embed(actions.to(x.dtype))
+        if cond_keep is not None:
+            act = act * cond_keep.to(x.dtype)[:, None, None]
+        cond = self.time_embed(timestep_embedding(sigma, 256).to(x.dtype)) + act
+        return rearrange(tokens, "b t y x d -> b (t y x) d"), cond
+
+    def _unpatchify(self, tokens, cond, frames):
+        cfg = self.cfg
+        shift, scale = self.final_ada(F.silu(cond)).chunk(2, -1)
+        out = self.final(modulate(self.final_norm(tokens), shift, scale))
+        gh, gw = cfg.latent_height // cfg.patch_size, cfg.latent_width // cfg.patch_size
+        return rearrange(
+            out, "b (t y x) (c p q) -> b t c (y p) (x q)", t=frames, y=gh, x=gw, p=cfg.patch_size, q=cfg.patch_size
+        )
+
+    def _check(self, x, sigma, actions, poses):
+        cfg = self.cfg
+        b, t = x.shape[:2]
+        want = (cfg.latent_channels, cfg.latent_height, cfg.latent_width)
+        if x.ndim != 5 or tuple(x.shape[2:]) != want:
+            raise ConfigError(f"latents must be [B, T, {want[0]}, {want[1]}, {want[2]}], got {tuple(x.shape)}")
+        if tuple(sigma.shape) != (b, t):
+            raise ConfigError(f"sigma must be [B, T] = [{b}, {t}], got {tuple(sigma.shape)}")
+        if tuple(actions.shape) != (b, t, cfg.action_dim):
+            raise ConfigError(f"actions must be [{b}, {t}, {cfg.action_dim}], got {tuple(actions.shape)}")
+        if tuple(poses.shape) != (b, t, 4, 4):
+            raise ConfigError(f"poses must be [{b}, {t}, 4, 4], got {tuple(poses.shape)}")
+
+    # -- full sequence (training)
+
+    def forward(self, x, sigma, actions, poses, mode="bidirectional", clean=None, cond_keep=None):
+        """Velocity prediction ``[B, T, C, h, w]`` for noisy latents ``x [B, T, C, h, w]``.
+
+        ``sigma [B, T]``; ``actions [B, T, A]`` (normalised, see worldmodel.actions);
+        ``poses [B, T, 4, 4]``; ``clean [B, T, C, h, w]`` switches on teacher forcing
+        (``mode`` must then be "causal"); ``cond_keep [B]`` bool.
+        """
+        self._check(x, sigma, actions, poses)
+        cfg, t = self.cfg, x.shape[1]
+        rays = plucker_rays(poses.float(), cfg)
+        tokens, cond = self._embed(x, sigma, actions, rays, cond_keep)
+        frame_pos = torch.arange(t, device=x.device)
+        if clean is not None:
+            if mode != "causal":
+                raise ConfigError("teacher forcing (clean=...) needs mode='causal'")
+            clean_tokens, clean_cond = self._embed(clean, torch.zeros_like(sigma), actions, rays, cond_keep)
+            tokens, cond = torch.cat([clean_tokens, tokens], 1), torch.cat([clean_cond, cond], 1)
+            frame_pos = torch.cat([frame_pos, frame_pos])
+            mode = "teacher_forcing"
+        mask = token_mask(frame_mask(mode, t, cfg.block_size, x.device), cfg.tokens_per_frame)
+        angles = rope_angles(token_positions(frame_pos, cfg), cfg)
+        for block in self.blocks:
+            tokens, _ = block(tokens, cond, angles, mask)
+        return self._unpatchify(tokens[:, -t * cfg.tokens_per_frame :], cond[:, -t:], t)
+
+    # -- cached, block by block (inference and self-forcing rollouts)
+
+    def new_cache(self, batch: int, device=None, dtype=torch.float32) -> KVCache:
+        return KVCache(self.cfg, batch, device, dtype)
+
+    def forward_cached(self, x, sigma, actions, poses, cache: KVCache, write: bool = False, cond_keep=None):
+        """Velocity for one block ``x [B, Tb, C, h, w]`` given the frames in ``cache``.
+
+        ``poses [B, Tb + 1, 4, 4]``: the pose of the frame before the block first (for a session's
+        first block, repeat its first pose), so relative camera motion is known.
+        With ``write=True`` the block's keys/values are appended to the cache (use it with the
+        clean block at sigma = 0 after sampling).
+        """
+        cfg, tb = self.cfg, x.shape[1]
+        if poses.shape[1] != tb + 1:
+            raise ConfigError(f"forward_cached needs poses for the block plus the frame before: {tb + 1}, got {poses.shape[1]}")
+        self._check(x, sigma, actions, poses[:, 1:])
+        rays = plucker_rays(poses.float(), cfg)[:, 1:]
+        tokens, cond = self._embed(x, sigma, actions, rays, cond_keep)
+        frame_pos = torch.arange(cache.frames, cache.frames + tb, device=x.device)
+        angles = rope_angles(token_positions(frame_pos, cfg), cfg)
+        angles_past = rope_angles(token_positions(torch.arange(cache.frames, device=x.device), cfg), cfg)
+        for layer, block in enumerate(self.blocks):
+            past_k, past_v = cache.past(layer)
+            tokens, (k, v) = block(tokens, cond, angles, None, (past_k.to(x.dtype), past_v.to(x.dtype), angles_past))
+            if write:
+                cache.write(layer, k, v)
+        if write:
+            cache.advance(tb)
+        return self._unpatchify(tokens, cond, tb)
