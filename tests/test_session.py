@@ -1,0 +1,174 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from worldmodel import checkpoint
+from worldmodel.actions import make_action
+from worldmodel.checkpoint import CheckpointError, atomic_save_file, read_metadata
+from worldmodel.model import build_model, model_config
+from worldmodel.session import Session, SessionError
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_model("tiny", seed=1)
+
+
+def walk(model, batch=1, dx=7.0):
+    return make_action(model.action_spec, ["W"], dx=dx)[None].expand(batch, -1)
+
+
+def test_session_shapes_and_determinism(tiny, tmp_path):
+    h, w = tiny.frame_size
+    start = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8)
+    Image.fromarray(start.numpy()).save(tmp_path / "start.png")
+    runs = []
+    for source in (start, str(tmp_path / "start.png")):
+        s = Session(tiny, batch=2, seed=5)
+        first = s.reset(source)
+        assert first.shape == (2, h, w, 3) and first.dtype == torch.uint8 and torch.equal(first[0], start)
+        runs.append(torch.stack([s.step(walk(tiny, 2)) for _ in range(4)]))
+        assert s.frame_index == 4
+    assert torch.equal(runs[0], runs[1])
+    generated = Session(tiny, seed=3).reset(None)
+    assert generated.shape == (1, h, w, 3)
+
+
+def test_commit_writes_the_pending_frame_once(tiny):
+    s = Session(tiny, seed=0, steps=[1.0])
+    h, w = tiny.frame_size
+    s.reset(torch.full((h, w, 3), 128, dtype=torch.uint8))
+    assert s.cache.frames == 1 and s.cache.k.abs().sum() > 0
+    s.step(walk(tiny))
+    assert s._pending is not None and s.cache.frames == 1
+    s.commit()
+    s.commit()
+    assert s.cache.frames == 2 and s._pending is None
+
+
+def test_force_frame_writes_the_given_frame(tiny):
+    h, w = tiny.frame_size
+    a, b = Session(tiny, seed=0), Session(tiny, seed=0)
+    start = torch.randint(0, 256, (1, h, w, 3), dtype=torch.uint8)
+    a.reset(start)
+    b.reset(start)
+    forced = torch.randint(0, 256, (1, h, w, 3), dtype=torch.uint8)
+    a.step(walk(tiny), force_frame=forced)
+    b.step(walk(tiny))
+    a.commit(), b.commit()
+    assert not torch.allclose(a.cache.k, b.cache.k)
+    with pytest.raises(SessionError, match="force_frame"):
+        a.step(walk(tiny), force_frame=forced[..., :2])
+
+
+def test_chunkwise_session():
+    model = build_model("tiny", seed=2, block_size=2)
+    s = Session(model)
+    s.reset(None)
+    out = s.step(torch.stack([walk(model), walk(model)], 1))
+    assert out.shape == (1, 2, *model.frame_size, 3)
+    with pytest.raises(SessionError, match=r"actions must be \[1, 2, 7\]"):
+        s.step(walk(model))
+
+
+def test_bad_session_calls(tiny):
+    s = Session(tiny)
+    with pytest.raises(SessionError, match="reset"):
+        s.step(walk(tiny))
+    s.reset(None)
+    with pytest.raises(SessionError, match="NaN"):
+        s.step(torch.full((1, 7), float("nan")))
+    with pytest.raises(SessionError, match="width"):
+        s.step(torch.zeros(1, 9))
+    with pytest.raises(SessionError, match="denoising steps"):
+        s.steps = [0.5, 0.8]
+    with pytest.raises(ValueError, match="does not exist"):
+        s.reset("/nonexistent/start.png")
+
+
+def test_memory_is_flat_over_5000_steps():
+    """5,000 frames through a rolling KV cache: same storage, same resident memory."""
+    from worldmodel.transformer import DiTConfig, WorldDiT
+
+    dit = WorldDiT(DiTConfig(latent_channels=2, latent_height=2, latent_width=2, patch_size=2, dim=16, depth=1,
+                             heads=2, window_frames=4, sink_frames=1)).eval()
+    cache = dit.new_cache(1)
+    storage = (cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape)
+    x, sigma, actions, poses = torch.randn(1, 1, 2, 2, 2), torch.zeros(1, 1), torch.zeros(1, 1, 7), torch.eye(4).expand(1, 2, 4, 4)
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    with torch.no_grad():
+        for step in range(5000):
+            if step == 500:
+                before = rss()
+            dit.forward_cached(x, sigma, actions, poses, cache, write=True)
+    assert (cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape) == storage
+    assert cache.frames == cache.capacity and cache.written == 5000
+    assert rss() - before < 8 * 2**20, "resident memory grew by more than 8 MiB over 4,500 frames"
+
+
+def test_session_cache_stays_at_capacity(tiny):
+    s = Session(tiny, steps=[1.0])
+    s.reset(None)
+    storage = s.cache.k.data_ptr()
+    for _ in range(2 * s.cache.capacity):
+        s.step(walk(tiny))
+    s.commit()
+    assert s.cache.frames == s.cache.capacity and s.cache.k.data_ptr() == storage
+    assert s.cache.written == 2 * s.cache.capacity + 1
+
+
+def test_checkpoint_round_trip(tiny, tmp_path):
+    path = tmp_path / "m.safetensors"
+    checkpoint.save(path, tiny)
+    loaded = checkpoint.load(path)
+    outs = []
+    for m in (tiny, loaded):
+        s = Session(m, seed=4)
+        s.reset(None)
+        outs.append(s.step(walk(m)))
+    assert torch.equal(outs[0], outs[1])
+    half = tmp_path / "half.safetensors"
+    checkpoint.save(half, tiny, dtype=torch.float16)
+    assert half.stat().st_size < path.stat().st_size * 0.6
+    checkpoint.load(half)
+
+
+def test_bad_checkpoints_give_clear_errors(tiny, tmp_path):
+    good = tmp_path / "good.safetensors"
+    checkpoint.save(good, tiny)
+    data = good.read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.safetensors").write_bytes(np.random.default_rng(0).bytes(1000))
+    cases = {
+        tmp_path / "missing.safetensors": "does not exist",
+        tmp_path / "truncated.safetensors": "corrupt or truncated",
+        tmp_path / "garbage.safetensors": "corrupt or truncated",
+    }
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    cases[tmp_path / "foreign.safetensors"] = "not a worldmodel checkpoint"
+    for path, message in cases.items():
+        with pytest.raises(CheckpointError, match=message):
+            checkpoint.load(path)
+
+    cfg = read_metadata(good)["config"]
+    for key, value, message in [("dit", {**cfg["dit"], "dim": 64}, "has shape"), ("dit", {**cfg["dit"], "depht": 3}, "unknown transformer config keys"),
+                                ("colour", 1, "unknown model config keys")]:
+        bad = {**cfg, key: value}
+        atomic_save_file(tiny.state_dict(), tmp_path / "bad.safetensors",
+                         {"format": "worldmodel", "version": "1", "config": json.dumps(bad)})
+        with pytest.raises(CheckpointError, match=message):
+            checkpoint.load(tmp_path / "bad.safetensors")
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown model preset"):
+        model_config("huge")
