@@ -30,7 +30,8 @@ class Session:
     """A batch of ``batch`` play sessions of one model on one device."""
 
     def __init__(self, model: WorldModel, batch: int = 1, device="cpu", steps: Sequence[float] | None = None,
-                 first_frame_steps: Sequence[float] | None = None, seed: int = 0, dtype: torch.dtype = torch.float32):
+                 first_frame_steps: Sequence[float] | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 cuda_graphs: bool | None = None):
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = model.to(self.device, dtype).eval()
@@ -39,6 +40,17 @@ class Session:
         self.steps = list(steps if steps is not None else sampler.steps)
         self.first_frame_steps = list(first_frame_steps if first_frame_steps is not None else sampler.first_frame_steps)
         self.cache = model.dit.new_cache(batch, self.device, dtype)
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        if cuda_graphs and self.device.type != "cuda":
+            raise SessionError("CUDA graphs need a CUDA device")
+        if cuda_graphs:
+            from worldmodel.cuda_graphs import GraphedDiT
+
+            graphed = GraphedDiT(self.model.dit, self.model.autoencoder.decode)
+            self._forward, self._decode = graphed.forward_cached, graphed.decode
+        else:
+            self._forward, self._decode = self.model.dit.forward_cached, self.model.autoencoder.decode
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.state: CameraState | None = None
         self._pending = None
@@ -68,7 +80,7 @@ class Session:
     def _x0_fn(self, actions, poses):
         def x0_fn(x, sigma):
             s = torch.full(x.shape[:2], sigma, device=self.device, dtype=self.dtype)
-            v = self.model.dit.forward_cached(x, s, actions, poses, self.cache, write=False)
+            v = self._forward(x, s, actions, poses, self.cache, write=False)
             return x0_from_v(x, v, sigma)
 
         return x0_fn
@@ -85,7 +97,7 @@ class Session:
             return
         latents, actions, poses = self._pending
         zeros = torch.zeros(latents.shape[:2], device=self.device, dtype=self.dtype)
-        self.model.dit.forward_cached(latents, zeros, actions, poses, self.cache, write=True)
+        self._forward(latents, zeros, actions, poses, self.cache, write=True)
         self._pending = None
 
     def _timed(self, fn):
@@ -115,7 +127,7 @@ class Session:
         actions = torch.zeros(self.batch, 1, self.model.action_spec.width, device=self.device, dtype=self.dtype)
         if start is None:
             latents = self._sample(actions, poses, self.first_frame_steps)
-            frames = to_uint8(self.model.autoencoder.decode(latents))[:, 0]
+            frames = to_uint8(self._decode(latents))[:, 0]
         else:
             frames = as_start_frames(start, self.batch, *self.model.frame_size).to(self.device)
             latents = self.model.autoencoder.encode(to_model(frames[:, None], self.dtype))
@@ -155,7 +167,7 @@ class Session:
         poses = torch.stack(poses, 1)
         model_actions = normalize_actions(actions, spec).to(self.dtype)
         latents = self._sample(model_actions, poses, self.steps)
-        frames = to_uint8(self.model.autoencoder.decode(latents))
+        frames = to_uint8(self._decode(latents))
         if force_frame is not None:
             forced = torch.as_tensor(force_frame).to(self.device)
             forced = forced[:, None] if single else forced

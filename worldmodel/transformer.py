@@ -21,10 +21,10 @@ The action and camera input layers start at zero, as do all residual gates (adaL
 conditioning path added to a trained network starts as a no-op. ``cond_keep`` [B] bool drops
 action and camera per sample (classifier-free guidance).
 
-The KV cache (``KVCache``) holds pre-rotary keys and values of ``sink_frames`` first frames and a
-rolling window of the last ``window_frames`` frames. Cached frames get time positions by their
-slot (sinks first, then the window in order, the new block after), so a session of any length
-sees the positions it was trained on; memory is fixed at allocation.
+The KV cache (``KVCache``) holds keys and values of ``sink_frames`` first frames and a rolling
+window of the last ``window_frames`` frames. Cached frames have time positions by their slot
+(sinks first, then the window in order, the new block after), so a session of any length sees the
+positions it was trained on; memory is fixed at allocation.
 """
 
 from __future__ import annotations
@@ -141,16 +141,18 @@ def rope_angles(positions: torch.Tensor, cfg: DiTConfig) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """Rotate ``x [B, H, L, hd]`` by ``angles [L, hd/2]`` (pairs: first half with second half)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = angles.cos(), angles.sin()
+    work = torch.promote_types(x.dtype, torch.float32)
+    x1, x2 = x.to(work).chunk(2, dim=-1)
+    cos, sin = angles.cos().to(work), angles.sin().to(work)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).to(x.dtype)
 
 
 def token_positions(frame_positions: torch.Tensor, cfg: DiTConfig) -> torch.Tensor:
     """``frame_positions [F]`` (time index of each frame) -> token positions ``[F * N, 3]``."""
     gh, gw = cfg.latent_height // cfg.patch_size, cfg.latent_width // cfg.patch_size
-    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
-    grid = torch.stack([rows.flatten(), cols.flatten()], -1).to(frame_positions.device)  # [N, 2]
+    device = frame_positions.device
+    rows, cols = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
+    grid = torch.stack([rows.flatten(), cols.flatten()], -1)  # [N, 2]
     f = len(frame_positions)
     t = repeat(frame_positions, "f -> (f n) 1", n=grid.shape[0])
     return torch.cat([t, grid.repeat(f, 1)], -1)
@@ -220,21 +222,14 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
         self.proj = nn.Linear(cfg.dim, cfg.dim)
 
-    def forward(self, x, angles_q, mask=None, past=None):
-        """``x [B, L, D]``; ``past`` = (k, v, angles_k) of cached tokens (pre-rotary k).
-
-        Returns the output ``[B, L, D]`` and this call's pre-rotary (k, v) ``[B, H, L, hd]``.
-        """
+    def forward(self, x, angles, mask=None, cache=None, layer=0):
+        """``x [B, L, D]`` -> ``[B, L, D]``; with ``cache`` the tokens also attend to its frames."""
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
-        q, k = self.q_norm(q), self.k_norm(k)
-        new_kv = (k, v)
-        q, k_rot = apply_rope(q, angles_q), apply_rope(k, angles_q)
-        if past is not None:
-            past_k, past_v, angles_past = past
-            k_rot = torch.cat([apply_rope(past_k, angles_past), k_rot], 2)
-            v = torch.cat([past_v, v], 2)
-        out = F.scaled_dot_product_attention(q, k_rot, v, attn_mask=mask)
-        return self.proj(rearrange(out, "b h l d -> b l (h d)")), new_kv
+        q, k = apply_rope(self.q_norm(q), angles), apply_rope(self.k_norm(k), angles)
+        if cache is not None:
+            k, v = cache.attend(layer, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(rearrange(out, "b h l d -> b l (h d)"))
 
 
 class DiTBlock(nn.Module):
@@ -249,27 +244,27 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
 
-    def forward(self, x, cond, angles, mask=None, past=None):
+    def forward(self, x, cond, angles, mask=None, cache=None, layer=0):
         """``x [B, F*N, D]``, ``cond [B, F, D]`` (per-frame conditioning)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(cond)).chunk(6, -1)
-        h, new_kv = self.attn(modulate(self.norm1(x), shift1, scale1), angles, mask, past)
-        x = x + gated(h, gate1)
-        return x + gated(self.mlp(modulate(self.norm2(x), shift2, scale2)), gate2), new_kv
+        x = x + gated(self.attn(modulate(self.norm1(x), shift1, scale1), angles, mask, cache, layer), gate1)
+        return x + gated(self.mlp(modulate(self.norm2(x), shift2, scale2)), gate2)
 
 
 class KVCache:
-    """Per-layer pre-rotary keys/values of ``sink_frames`` + a rolling window of frames.
+    """Per-layer rotary keys and values of ``sink_frames`` + a rolling window of frames.
 
-    Storage is allocated once: ``k, v [depth, B, H, capacity * N, hd]``. Frames are kept in
-    order (sinks, then the window oldest to newest); writing past capacity drops the oldest
-    window frames.
+    Storage is allocated once: ``k, v [depth, B, H, (capacity + block_size) * N, hd]``. Frames are
+    kept in order (sinks, then the window oldest to newest), each key rotated for its slot; the
+    slots after the held frames are scratch for the block being generated. Writing past capacity
+    drops the oldest window frames and rotates the remaining window keys back in time by as many
+    frames, so every frame keeps its slot position (sinks stay at 0..S-1).
     """
 
     def __init__(self, cfg: DiTConfig, batch: int, device=None, dtype=torch.float32):
         self.cfg = cfg
         self.capacity = cfg.sink_frames + cfg.window_frames
-        n = cfg.tokens_per_frame
-        shape = (cfg.depth, batch, cfg.heads, self.capacity * n, cfg.head_dim)
+        shape = (cfg.depth, batch, cfg.heads, (self.capacity + cfg.block_size) * cfg.tokens_per_frame, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.frames = 0  # frames held now
@@ -279,24 +274,24 @@ class KVCache:
         self.frames = 0
         self.written = 0
 
-    def past(self, layer: int):
-        """Cached (k, v) of ``layer``: ``[B, H, frames * N, hd]`` each."""
-        end = self.frames * self.cfg.tokens_per_frame
+    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Put a block's (k, v) ``[B, H, Tb * N, hd]`` in the scratch slots; return all (k, v) to attend to."""
+        start = self.frames * self.cfg.tokens_per_frame
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Append the (k, v) ``[B, H, Tb * N, hd]`` of a block; call ``advance`` after all layers."""
-        n = self.cfg.tokens_per_frame
-        tb = k.shape[2] // n
-        overflow = max(0, self.frames + tb - self.capacity)
+    def roll(self, block_frames: int):
+        """Keep the block in the scratch slots; if that overflows, drop the oldest window frames."""
+        n, sinks = self.cfg.tokens_per_frame, self.cfg.sink_frames
+        total = self.frames + block_frames
+        overflow = max(0, total - self.capacity)
         if overflow:
-            sink, keep_from = self.cfg.sink_frames * n, (self.cfg.sink_frames + overflow) * n
-            end = self.frames * n
-            for buf in (self.k, self.v):
-                buf[layer, :, :, sink : end - overflow * n] = buf[layer, :, :, keep_from:end].clone()
-        start = (self.frames - overflow) * n
-        self.k[layer, :, :, start : start + tb * n] = k
-        self.v[layer, :, :, start : start + tb * n] = v
+            src, dst, end = (sinks + overflow) * n, sinks * n, total * n
+            back = rope_angles(torch.tensor([[-overflow, 0, 0]], device=self.k.device), self.cfg)
+            self.k[:, :, :, dst : end - overflow * n] = apply_rope(self.k[:, :, :, src:end], back)
+            self.v[:, :, :, dst : end - overflow * n] = self.v[:, :, :, src:end].clone()
 
     def advance(self, block_frames: int):
         self.frames = min(self.capacity, self.frames + block_frames)
@@ -382,7 +377,7 @@ class WorldDiT(nn.Module):
         mask = token_mask(frame_mask(mode, t, cfg.block_size, x.device), cfg.tokens_per_frame)
         angles = rope_angles(token_positions(frame_pos, cfg), cfg)
         for block in self.blocks:
-            tokens, _ = block(tokens, cond, angles, mask)
+            tokens = block(tokens, cond, angles, mask)
         return self._unpatchify(tokens[:, -t * cfg.tokens_per_frame :], cond[:, -t:], t)
 
     # -- cached, block by block (inference and self-forcing rollouts)
@@ -399,6 +394,8 @@ class WorldDiT(nn.Module):
         clean block at sigma = 0 after sampling).
         """
         cfg, tb = self.cfg, x.shape[1]
+        if tb > cfg.block_size:
+            raise ConfigError(f"a cached block holds at most block_size={cfg.block_size} frames, got {tb}")
         if poses.shape[1] != tb + 1:
             raise ConfigError(f"forward_cached needs poses for the block plus the frame before: {tb + 1}, got {poses.shape[1]}")
         self._check(x, sigma, actions, poses[:, 1:])
@@ -406,12 +403,9 @@ class WorldDiT(nn.Module):
         tokens, cond = self._embed(x, sigma, actions, rays, cond_keep)
         frame_pos = torch.arange(cache.frames, cache.frames + tb, device=x.device)
         angles = rope_angles(token_positions(frame_pos, cfg), cfg)
-        angles_past = rope_angles(token_positions(torch.arange(cache.frames, device=x.device), cfg), cfg)
         for layer, block in enumerate(self.blocks):
-            past_k, past_v = cache.past(layer)
-            tokens, (k, v) = block(tokens, cond, angles, None, (past_k.to(x.dtype), past_v.to(x.dtype), angles_past))
-            if write:
-                cache.write(layer, k, v)
+            tokens = block(tokens, cond, angles, None, cache, layer)
         if write:
+            cache.roll(tb)
             cache.advance(tb)
         return self._unpatchify(tokens, cond, tb)

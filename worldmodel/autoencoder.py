@@ -1,0 +1,476 @@
+"""Frame autoencoder: frames ``[B, T, 3, H, W]`` in [-1, 1] <-> latents ``[B, T, C, h, w]``.
+
+Each frame is coded on its own with 8x spatial compression (three stride-2 levels): a
+128x128x3 frame becomes a 16x16x8 latent. Frames whose size is not a multiple of
+``pad_multiple`` (e.g. 160x120 Doom frames) are padded inside :meth:`FrameAutoencoder.encode`
+(split evenly between the two sides, replicate or reflect) and cropped back in
+:meth:`FrameAutoencoder.decode`, so 160x120 becomes a 20x16 latent grid.
+
+The encoder is a small VAE encoder (GroupNorm residual blocks, a mean and a log-variance per
+latent element). The decoder runs once per displayed frame in play, so it has no normalisation
+layers and puts its wide layers at low resolution; ``python -m worldmodel.autoencoder --bench``
+prints its latency.
+
+Latents seen by callers are normalised per channel: ``encode`` returns ``(mean - shift) / scale``
+and ``decode`` undoes it. The buffers ``latent_shift`` and ``latent_scale`` are set from data
+with :meth:`FrameAutoencoder.set_latent_stats` after training, so that diffusion sees zero-mean,
+unit-variance latents; they are saved with the weights.
+
+Loss (:func:`reconstruction_loss`): ``(1 - a) * L1 + a * (1 - SSIM) + kl_weight * KL``.
+No pretrained perceptual network is available, so the structural term is SSIM (Gaussian
+window 11, sigma 1.5, on frames mapped to [0, 1]); ``a = 0.84`` is the L1/SSIM mix found best
+for image restoration by Zhao et al., "Loss Functions for Image Restoration with Neural
+Networks" (2017). The KL term is summed over latent elements and divided by the number of
+pixel values, so ``kl_weight = 1e-6`` means what it means in Stable Diffusion's KL autoencoder:
+a light pull that keeps latents bounded without costing reconstruction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+PAD_MODES = ("replicate", "reflect")
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_C1 = 0.01**2  # (K1 * data range)^2 with K1 = 0.01, data range 1 (Wang et al. 2004)
+SSIM_C2 = 0.03**2  # (K2 * data range)^2 with K2 = 0.03
+LOGVAR_RANGE = (-30.0, 20.0)  # keeps exp(logvar) finite in fp32
+
+
+class AutoencoderError(ValueError):
+    """An autoencoder config, frame tensor or latent tensor that cannot be used."""
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """Sizes of the frame autoencoder. ``len(encoder_channels) - 1`` stride-2 levels give the downsample factor."""
+
+    in_channels: int = 3
+    latent_channels: int = 8
+    frame_height: int = 128  # original frame size; decode crops back to it
+    frame_width: int = 128
+    pad_multiple: int = 16  # padded frame size is a multiple of this (16 = 8x AE * 2x2 DiT patches)
+    pad_mode: str = "replicate"
+    encoder_channels: tuple[int, ...] = (32, 64, 128, 256)  # per level, frame resolution first
+    encoder_blocks: int = 2  # residual blocks per encoder level
+    decoder_channels: tuple[int, ...] = (192, 96, 48)  # per level, latent resolution first, up to half frame resolution
+    decoder_blocks: tuple[int, ...] = (2, 1, 1)  # residual blocks per decoder level
+
+    def __post_init__(self):
+        for name in _INT_FIELDS:
+            object.__setattr__(self, name, _as_int(name, getattr(self, name)))
+        for name in _INT_TUPLE_FIELDS:
+            object.__setattr__(self, name, _as_int_tuple(name, getattr(self, name)))
+        for name in ("in_channels", "latent_channels", "frame_height", "frame_width", "pad_multiple"):
+            if getattr(self, name) < 1:
+                raise AutoencoderError(f"autoencoder {name} must be a positive integer, got {getattr(self, name)}")
+        if len(self.encoder_channels) < 2 or min(self.encoder_channels + self.decoder_channels) < 1:
+            raise AutoencoderError(
+                f"autoencoder channels must be lists of positive integers with at least 2 encoder levels, got "
+                f"encoder {list(self.encoder_channels)} and decoder {list(self.decoder_channels)}"
+            )
+        if len(self.decoder_channels) != len(self.encoder_channels) - 1:
+            raise AutoencoderError(
+                f"decoder_channels needs one level fewer than encoder_channels (its last 2x goes straight to "
+                f"pixels), got {len(self.decoder_channels)} and {len(self.encoder_channels)} levels"
+            )
+        if len(self.decoder_blocks) != len(self.decoder_channels) or min(self.decoder_blocks) < 0:
+            raise AutoencoderError(
+                f"decoder_blocks needs one non-negative count per decoder level ({len(self.decoder_channels)}), "
+                f"got {list(self.decoder_blocks)}"
+            )
+        if self.encoder_blocks < 0:
+            raise AutoencoderError(f"encoder_blocks must be >= 0, got {self.encoder_blocks}")
+        if self.pad_multiple % self.downsample:
+            raise AutoencoderError(
+                f"pad_multiple {self.pad_multiple} must be a multiple of the downsample factor {self.downsample}"
+            )
+        if self.pad_mode not in PAD_MODES:
+            raise AutoencoderError(f"pad_mode must be one of {list(PAD_MODES)}, got {self.pad_mode!r}")
+        top, bottom, left, right = self.padding
+        too_small = max(top, bottom) >= self.frame_height or max(left, right) >= self.frame_width
+        if self.pad_mode == "reflect" and too_small:
+            raise AutoencoderError(
+                f"frames of {self.frame_width}x{self.frame_height} are too small to pad to a multiple of "
+                f"{self.pad_multiple} with pad_mode {self.pad_mode!r}"
+            )
+
+    @property
+    def downsample(self) -> int:
+        """Spatial compression factor per side."""
+        return 2 ** (len(self.encoder_channels) - 1)
+
+    @property
+    def padding(self) -> tuple[int, int, int, int]:
+        """Pixels added (top, bottom, left, right) to reach a multiple of ``pad_multiple``."""
+        top, bottom = _split_padding(self.frame_height, self.pad_multiple)
+        left, right = _split_padding(self.frame_width, self.pad_multiple)
+        return top, bottom, left, right
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of one latent frame."""
+        top, bottom, left, right = self.padding
+        return (
+            self.latent_channels,
+            (self.frame_height + top + bottom) // self.downsample,
+            (self.frame_width + left + right) // self.downsample,
+        )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for name in _INT_TUPLE_FIELDS:
+            d[name] = list(d[name])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AutoencoderConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise AutoencoderError(f"unknown autoencoder config keys {sorted(unknown)}; known keys are {sorted(known)}")
+        return cls(**dict(d))
+
+
+_INT_FIELDS = ("in_channels", "latent_channels", "frame_height", "frame_width", "pad_multiple", "encoder_blocks")
+_INT_TUPLE_FIELDS = ("encoder_channels", "decoder_channels", "decoder_blocks")
+
+
+def _as_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise AutoencoderError(f"autoencoder {name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _as_int_tuple(name: str, values) -> tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise AutoencoderError(f"autoencoder {name} must be a list of integers, got {values!r}")
+    return tuple(_as_int(name, v) for v in values)
+
+
+def _split_padding(size: int, multiple: int) -> tuple[int, int]:
+    """Padding (before, after) that brings ``size`` to the next multiple, split evenly (extra pixel after)."""
+    total = -size % multiple
+    return total // 2, total - total // 2
+
+
+def pad_frames(x: torch.Tensor, config: AutoencoderConfig) -> torch.Tensor:
+    """``[N, C, H, W]`` -> ``[N, C, H + top + bottom, W + left + right]`` per ``config.padding``."""
+    top, bottom, left, right = config.padding
+    if top == bottom == left == right == 0:
+        return x
+    return F.pad(x, (left, right, top, bottom), mode=config.pad_mode)
+
+
+def crop_frames(x: torch.Tensor, config: AutoencoderConfig) -> torch.Tensor:
+    """Inverse of :func:`pad_frames`: ``[N, C, Hp, Wp]`` -> ``[N, C, H, W]``."""
+    top, _, left, _ = config.padding
+    return x[..., top : top + config.frame_height, left : left + config.frame_width]
+
+
+def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1)
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+class ResidualBlock(nn.Module):
+    """Pre-activation ``x + conv(act(norm(conv(act(norm(x))))))``; the last conv starts at zero."""
+
+    def __init__(self, channels: int, normalise: bool):
+        super().__init__()
+        self.norm1 = _group_norm(channels) if normalise else nn.Identity()
+        self.conv1 = _conv3x3(channels, channels)
+        self.norm2 = _group_norm(channels) if normalise else nn.Identity()
+        self.conv2 = _conv3x3(channels, channels)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        return x + self.conv2(F.silu(self.norm2(h)))
+
+
+class Encoder(nn.Module):
+    """``[N, in_channels, Hp, Wp]`` -> mean and log-variance ``[N, latent_channels, Hp/f, Wp/f]`` each."""
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        chans = config.encoder_channels
+        layers: list[nn.Module] = [_conv3x3(config.in_channels, chans[0])]
+        for level, ch in enumerate(chans):
+            layers += [ResidualBlock(ch, normalise=True) for _ in range(config.encoder_blocks)]
+            if level + 1 < len(chans):
+                layers.append(_conv3x3(ch, chans[level + 1], stride=2))
+        layers += [_group_norm(chans[-1]), nn.SiLU(), _conv3x3(chans[-1], 2 * config.latent_channels)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, logvar = self.layers(x).chunk(2, dim=1)
+        return mean, logvar.clamp(*LOGVAR_RANGE)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x, then a 3x3 conv: ``[N, c_in, h, w]`` -> ``[N, c_out, 2h, 2w]``."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv = _conv3x3(c_in, c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class SubPixelOutput(nn.Module):
+    """Last 2x step straight to pixels: a 3x3 conv to ``4 * c_out`` channels, then a pixel shuffle.
+
+    ``[N, c_in, h, w]`` -> ``[N, c_out, 2h, 2w]``; it keeps every conv of the decoder below frame resolution.
+    """
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv = _conv3x3(c_in, 4 * c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pixel_shuffle(self.conv(F.silu(x)), 2)
+
+
+class Decoder(nn.Module):
+    """``[N, latent_channels, h, w]`` -> ``[N, in_channels, h*f, w*f]`` (unclamped). No normalisation layers."""
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        chans = config.decoder_channels
+        layers: list[nn.Module] = [_conv3x3(config.latent_channels, chans[0])]
+        for level, (ch, blocks) in enumerate(zip(chans, config.decoder_blocks)):
+            layers += [ResidualBlock(ch, normalise=False) for _ in range(blocks)]
+            if level + 1 < len(chans):
+                layers.append(Upsample(ch, chans[level + 1]))
+        layers.append(SubPixelOutput(chans[-1], config.in_channels))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.layers(z)
+
+
+class FrameAutoencoder(nn.Module):
+    """Per-frame VAE with normalised latents. See the module docstring."""
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.register_buffer("latent_shift", torch.zeros(config.latent_channels))
+        self.register_buffer("latent_scale", torch.ones(config.latent_channels))
+        self.to(memory_format=torch.channels_last)  # faster convs on CPU (oneDNN) and CUDA (cuDNN)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of one latent frame."""
+        return self.config.latent_shape
+
+    def encode_moments(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frames ``[B, T, 3, H, W]`` -> un-normalised posterior mean and log-variance ``[B, T, C, h, w]``."""
+        self._check_frames(frames)
+        x = pad_frames(rearrange(frames, "b t c h w -> (b t) c h w"), self.config)
+        mean, logvar = self.encoder(x.contiguous(memory_format=torch.channels_last))
+        b = frames.shape[0]
+        return rearrange(mean, "(b t) c h w -> b t c h w", b=b), rearrange(logvar, "(b t) c h w -> b t c h w", b=b)
+
+    def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        """Un-normalised latents ``[B, T, C, h, w]`` -> unclamped frames ``[B, T, 3, H, W]``."""
+        self._check_latents(z)
+        x = self.decoder(rearrange(z, "b t c h w -> (b t) c h w").contiguous(memory_format=torch.channels_last))
+        return rearrange(crop_frames(x, self.config), "(b t) c h w -> b t c h w", b=z.shape[0])
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frames ``[B, T, 3, H, W]`` in [-1, 1] -> normalised latents ``[B, T, C, h, w]`` (posterior mean)."""
+        mean, _ = self.encode_moments(frames)
+        return (mean - self._channel(self.latent_shift)) / self._channel(self.latent_scale)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents ``[B, T, C, h, w]`` -> frames ``[B, T, 3, H, W]`` clamped to [-1, 1]."""
+        self._check_latents(latents)  # before broadcasting with the per-channel stats
+        raw = latents * self._channel(self.latent_scale) + self._channel(self.latent_shift)
+        return self.decode_raw(raw).clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def set_latent_stats(self, latents: torch.Tensor) -> None:
+        """Set shift/scale so that these latents ``[B, T, C, h, w]`` (as returned by :meth:`encode` under
+        the current stats) get zero mean and unit variance (population) per channel."""
+        self._check_latents(latents)
+        raw = latents.double() * self._channel(self.latent_scale).double() + self._channel(self.latent_shift).double()
+        per_channel = rearrange(raw, "b t c h w -> c (b t h w)")
+        mean = per_channel.mean(dim=1)
+        std = per_channel.std(dim=1, correction=0)
+        if not (torch.isfinite(std).all() and (std > 0).all()):
+            raise AutoencoderError(f"latent statistics need finite, non-constant channels; got std {std.tolist()}")
+        self.latent_shift.copy_(mean)
+        self.latent_scale.copy_(std)
+
+    def _channel(self, v: torch.Tensor) -> torch.Tensor:
+        return rearrange(v, "c -> 1 1 c 1 1")
+
+    def _check_frames(self, frames: torch.Tensor) -> None:
+        cfg = self.config
+        expected = (cfg.in_channels, cfg.frame_height, cfg.frame_width)
+        if not isinstance(frames, torch.Tensor) or frames.ndim != 5 or tuple(frames.shape[2:]) != expected:
+            got = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
+            raise AutoencoderError(f"frames must be [B, T, {', '.join(map(str, expected))}], got {got}")
+        if not frames.is_floating_point():
+            raise AutoencoderError(f"frames must be float in [-1, 1], got dtype {frames.dtype}")
+
+    def _check_latents(self, latents: torch.Tensor) -> None:
+        expected = self.latent_shape
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 5 or tuple(latents.shape[2:]) != expected:
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise AutoencoderError(f"latents must be [B, T, {', '.join(map(str, expected))}], got {got}")
+
+
+def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA, dtype=torch.float32) -> torch.Tensor:
+    """Normalised 1-D Gaussian ``[size]`` centred on the middle tap."""
+    offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(offsets**2) / (2 * sigma**2))
+    return (g / g.sum()).to(dtype)
+
+
+def ssim_map(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """SSIM of images ``[N, C, H, W]`` in [0, 1] per window position: ``[N, C, H - 10, W - 10]`` (valid windows)."""
+    if x.shape[-1] < SSIM_WINDOW or x.shape[-2] < SSIM_WINDOW:
+        raise AutoencoderError(f"SSIM needs frames of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {tuple(x.shape[-2:])}")
+    channels = x.shape[1]
+    g = gaussian_window(dtype=x.dtype).to(x.device)
+    stacked = torch.cat([x, y, x * x, y * y, x * y], dim=1)
+    rows = F.conv2d(stacked, g.view(1, 1, 1, -1).expand(5 * channels, 1, 1, -1), groups=5 * channels)
+    blurred = F.conv2d(rows, g.view(1, 1, -1, 1).expand(5 * channels, 1, -1, 1), groups=5 * channels)
+    mu_x, mu_y, xx, yy, xy = blurred.chunk(5, dim=1)
+    var_x, var_y, cov = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
+    luminance = (2 * mu_x * mu_y + SSIM_C1) / (mu_x**2 + mu_y**2 + SSIM_C1)
+    structure = (2 * cov + SSIM_C2) / (var_x + var_y + SSIM_C2)
+    return luminance * structure
+
+
+def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL( N(mean, exp(logvar)) || N(0, 1) ) summed over all elements (a 0-d tensor)."""
+    return 0.5 * (mean**2 + logvar.exp() - 1.0 - logvar).sum()
+
+
+def reconstruction_loss(
+    model: FrameAutoencoder,
+    frames: torch.Tensor,
+    *,
+    ssim_mix: float = 0.84,
+    kl_weight: float = 1e-6,
+    sample_posterior: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Training loss on frames ``[B, T, 3, H, W]`` in [-1, 1] (see the module docstring for the terms).
+
+    With ``sample_posterior`` the decoder sees ``mean + std * noise`` (the VAE objective); without it,
+    the mean. Returns the loss and detached 0-d tensors: loss, l1, ssim, kl (per pixel value), psnr (dB).
+    """
+    mean, logvar = model.encode_moments(frames)
+    z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample_posterior else mean
+    recon = model.decode_raw(z)
+    l1 = (recon - frames).abs().mean()
+    as_images = lambda v: rearrange((v.float() + 1.0) / 2.0, "b t c h w -> (b t) c h w")  # noqa: E731
+    ssim = ssim_map(as_images(recon), as_images(frames)).mean()
+    kl = gaussian_kl(mean.float(), logvar.float()) / frames.numel()
+    loss = (1.0 - ssim_mix) * l1 + ssim_mix * (1.0 - ssim) + kl_weight * kl
+    mse = (recon.detach().clamp(-1.0, 1.0) - frames).pow(2).mean()
+    psnr = 10.0 * torch.log10(4.0 / mse.clamp_min(1e-12))  # peak-to-peak range of [-1, 1] is 2
+    stats = {"loss": loss, "l1": l1, "ssim": ssim, "kl": kl, "psnr": psnr}
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _median_ms(fn, arg, device: torch.device, warmup: int, repeats: int) -> float:
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn(arg)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def benchmark(
+    config: AutoencoderConfig = AutoencoderConfig(),
+    *,
+    device: str = "cpu",
+    batch: int = 1,
+    warmup: int = 10,
+    repeats: int = 50,
+) -> dict[str, float]:
+    """Median latency (ms) of encode and decode of ``batch`` single frames, plus parameter counts.
+
+    Uses whatever ``torch.get_num_threads()`` is set to; the CLI sets it (2 by default).
+    """
+    dev = torch.device(device)
+    model = FrameAutoencoder(config).to(dev).eval()
+    frames = torch.rand(batch, 1, config.in_channels, config.frame_height, config.frame_width, device=dev) * 2 - 1
+    with torch.inference_mode():
+        latents = model.encode(frames)
+        return {
+            "decode_ms": _median_ms(model.decode, latents, dev, warmup, repeats),
+            "encode_ms": _median_ms(model.encode, frames, dev, warmup, repeats),
+            "decoder_params": count_parameters(model.decoder),
+            "encoder_params": count_parameters(model.encoder),
+        }
+
+
+def benchmark_decode(config: AutoencoderConfig = AutoencoderConfig(), **kwargs) -> float:
+    """Median decode latency (ms) of one frame; see :func:`benchmark`."""
+    return benchmark(config, **kwargs)["decode_ms"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worldmodel.autoencoder", description=__doc__.splitlines()[0])
+    parser.add_argument("--bench", action="store_true", help="print encode/decode latency and parameter counts")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--sizes", default="128x128,160x120", help="comma-separated WIDTHxHEIGHT frame sizes")
+    args = parser.parse_args(argv)
+    if not args.bench:
+        parser.print_help()
+        return 0
+    try:
+        torch.set_num_threads(args.threads)
+        sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")]
+        print(f"device={args.device} threads={torch.get_num_threads()} batch={args.batch} (median of 50 after 10 warm-up)")
+        for width, height in sizes:
+            cfg = AutoencoderConfig(frame_height=height, frame_width=width)
+            r = benchmark(cfg, device=args.device, batch=args.batch)
+            print(
+                f"{width}x{height} -> latent {'x'.join(map(str, cfg.latent_shape))}: decode {r['decode_ms']:.2f} ms, "
+                f"encode {r['encode_ms']:.2f} ms, decoder {r['decoder_params'] / 1e6:.2f} M params, "
+                f"encoder {r['encoder_params'] / 1e6:.2f} M params"
+            )
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

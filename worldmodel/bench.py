@@ -1,0 +1,104 @@
+"""Generation speed: ``python -m worldmodel.bench [--device cuda] [--preset default] [--world procedural]``.
+
+For frame-wise and chunk-wise models and 1, 2 and 4 denoising steps it prints, decode included:
+- latency: time of one ``step`` (input in -> frame(s) out; the t = 0 cache write of the previous
+  frame is not in it, a client runs it while it waits for input);
+- FPS: frames per second of a loop of step + cache write;
+- first frame: from ``reset`` with a start image to the first generated frame.
+Weights are random: speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from worldmodel.actions import make_action
+from worldmodel.model import build_model
+from worldmodel.session import Session
+
+STEP_LISTS = {1: [1.0], 2: [1.0, 0.83], 4: [1.0, 0.9, 0.75, 0.5]}
+
+
+def _now(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def measure(session: Session, frames: int, warmup: int = 5) -> dict:
+    """Median step latency, FPS with the cache writes, and first-frame latency of ``session``."""
+    device, tb = session.device, session.model.dit.cfg.block_size
+    h, w = session.model.frame_size
+    start = torch.randint(0, 256, (session.batch, h, w, 3), dtype=torch.uint8)
+    action = make_action(session.model.action_spec, ["W"], dx=4.0).to(device).expand(session.batch, -1)
+    action = action if tb == 1 else action[:, None].expand(-1, tb, -1)
+    first = []
+    for _ in range(3):
+        t0 = _now(device)
+        session.reset(start)
+        session.step(action)
+        first.append(_now(device) - t0)
+    for _ in range(warmup + session.cache.capacity):  # fill the cache: steady state, all graphs captured
+        session.step(action)
+    steps, loops = [], []
+    for _ in range(max(1, frames // tb)):
+        t0 = _now(device)
+        session.commit()
+        t1 = _now(device)
+        session.step(action)
+        t2 = _now(device)
+        steps.append(t2 - t1)
+        loops.append(t2 - t0)
+    return {
+        "latency_ms": 1000 * statistics.median(steps),
+        "fps": session.batch * tb / statistics.median(loops),
+        "first_frame_ms": 1000 * statistics.median(first),
+    }
+
+
+def run(preset: str, world: str, device: str, batch: int, frames: int, chunk: int, dtype: torch.dtype, cuda_graphs):
+    rows = []
+    for block_size in (1, chunk):
+        model = build_model(preset, world, block_size=block_size)
+        for n_steps, sigmas in STEP_LISTS.items():
+            session = Session(model, batch=batch, device=device, steps=sigmas, dtype=dtype, cuda_graphs=cuda_graphs)
+            r = measure(session, frames)
+            rows.append({"granularity": "frame" if block_size == 1 else f"chunk{block_size}", "steps": n_steps, **r})
+    return model, rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="default")
+    p.add_argument("--world", default="procedural", choices=["procedural", "doom"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--frames", type=int, default=60, help="timed frames per row")
+    p.add_argument("--chunk", type=int, default=3, help="latent frames per block of the chunk-wise rows")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default bf16 on CUDA")
+    p.add_argument("--no-cuda-graphs", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    graphs = False if (args.no_cuda_graphs or device.type != "cuda") else True
+    model, rows = run(args.preset, args.world, args.device, args.batch, args.frames, args.chunk, dtype, graphs)
+    params = model.num_parameters()
+    cfg = model.dit.cfg
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# {args.preset} model, {args.world} {model.frame_size[1]}x{model.frame_size[0]}: DiT {params['dit'] / 1e6:.1f}M params, "
+          f"autoencoder {params['autoencoder'] / 1e6:.1f}M, {cfg.tokens_per_frame} tokens/frame, window {cfg.window_frames}+{cfg.sink_frames} sink")
+    print(f"# {where}, batch {args.batch}, {str(dtype).replace('torch.', '')}, cuda graphs {'on' if graphs else 'off'}")
+    print(f"{'granularity':>11} {'steps':>5} {'latency ms':>11} {'FPS':>8} {'first frame ms':>15}")
+    for r in rows:
+        print(f"{r['granularity']:>11} {r['steps']:>5} {r['latency_ms']:>11.2f} {r['fps']:>8.1f} {r['first_frame_ms']:>15.2f}")
+
+
+if __name__ == "__main__":
+    main()

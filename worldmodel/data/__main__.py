@@ -1,0 +1,239 @@
+"""Command line for recordings.
+
+    python -m worldmodel.data collect --world procedural|doom --episodes N --frames F --out DIR
+                                      [--seed S] [--policy mix] [--batch B] [--device cpu|cuda]
+                                      [--split train|heldout] [--size HxW]
+    python -m worldmodel.data sheet EPISODE --out sheet.png [--every K] [--cols C] [--scale S]
+    python -m worldmodel.data video EPISODE --out video.mp4 [--scale S]
+    python -m worldmodel.data info EPISODE
+
+Bad inputs print one line ``error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from worldmodel.data.episode import EpisodeFile, EpisodeMeta, EpisodeWriter
+from worldmodel.data.splits import SPLITS, doom_maps, split_seeds
+
+LABEL_HEIGHT = 12
+
+
+class CliError(ValueError):
+    """A command-line argument that cannot be used."""
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"HxW"`` -> (H, W)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like HxW (e.g. 64x64), got {text!r}") from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return h, w
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def episode_name(world: str, seed: int, map_name: str | None) -> str:
+    return f"{world}-{map_name}-{seed:07d}" if map_name else f"{world}-{seed:07d}"
+
+
+def collect(args) -> None:
+    """Play ``args.episodes`` episodes of ``args.frames`` frames, ``args.batch`` at a time, into ``args.out``."""
+    from worldmodel.envs import make_world
+    from worldmodel.envs.policies import make_policy
+
+    seeds = split_seeds(args.split, args.episodes, args.seed)
+    maps = doom_maps(args.split) if args.world == "doom" else None
+    map_of = {s: maps[i % len(maps)] for i, s in enumerate(seeds)} if maps else {s: None for s in seeds}
+    out = Path(args.out)
+    names = {s: episode_name(args.world, s, map_of[s]) for s in seeds}
+    existing = [n for n in names.values() if (out / n).exists()]
+    if existing:
+        raise CliError(f"{out} already holds {len(existing)} of these episodes (e.g. {existing[0]}); "
+                       f"choose another --out or --seed")
+    options = {}
+    if args.size is not None:
+        options["height"], options["width"] = args.size
+    batch = min(args.batch, args.episodes)
+    progress = tqdm(total=args.episodes * args.frames, unit="frame", unit_scale=True, desc=f"collect {args.world}")
+    for first in range(0, args.episodes, batch):
+        chunk = seeds[first : first + batch]
+        padded = chunk + [chunk[-1]] * (batch - len(chunk))  # the last batch may be short: extra items are discarded
+        world_options = dict(options)
+        if maps:
+            world_options["maps"] = [map_of[s] for s in padded]
+        world = make_world(args.world, batch=batch, device=args.device, **world_options)
+        try:
+            policy = make_policy(args.policy, world.action_spec, batch=batch, seed=chunk[0])
+            play_into_episodes(world, policy, padded, args, out, names, map_of, len(chunk), progress)
+        finally:
+            world.close()
+    progress.close()
+    print(f"wrote {args.episodes} episodes of {args.frames} frames to {out}")
+
+
+def play_into_episodes(world, policy, seeds, args, out, names, map_of, keep, progress) -> None:
+    """Reset ``world`` to ``seeds`` and record its first ``keep`` batch items, ``args.frames`` steps each."""
+    writers = []
+    try:
+        for i, s in enumerate(seeds[:keep]):
+            extra = {"policy": args.policy, "policy_seed": seeds[0], "split": args.split}
+            if map_of[s]:
+                extra["map"] = map_of[s]
+            meta = EpisodeMeta(world.action_spec, world.controller, fps=world.fps, height=world.height,
+                               width=world.width, source=args.world, seed=s, extra=extra)
+            writers.append(EpisodeWriter(out / names[s], meta))
+        step = world.reset(seeds)
+        action = torch.zeros(world.batch, world.action_spec.width)
+        for t in range(args.frames):
+            if t > 0:
+                action = policy(t, step)
+                step = world.step(action)
+            frames, actions = step.frames.cpu(), action.float().cpu()
+            commanded, true = step.commanded_pose.float().cpu(), step.true_pose.float().cpu()
+            for i, w in enumerate(writers):
+                w.append(frames[i], actions[i], commanded[i], true[i], t / world.fps)
+            progress.update(keep)
+    finally:
+        for w in writers:
+            w.close()
+
+
+def contact_sheet(frames: np.ndarray, indices: list[int], cols: int, scale: int) -> Image.Image:
+    """A grid of ``frames[indices]`` (uint8 [T, H, W, 3]), each scaled by ``scale`` and labelled with its index."""
+    h, w = frames.shape[1] * scale, frames.shape[2] * scale
+    rows = math.ceil(len(indices) / cols)
+    sheet = Image.new("RGB", (cols * w, rows * (h + LABEL_HEIGHT)), (0, 0, 0))
+    draw = ImageDraw.Draw(sheet)
+    for n, t in enumerate(indices):
+        x, y = (n % cols) * w, (n // cols) * (h + LABEL_HEIGHT)
+        tile = Image.fromarray(frames[t]).resize((w, h), Image.NEAREST)
+        sheet.paste(tile, (x, y + LABEL_HEIGHT))
+        draw.text((x + 2, y), f"t={t}", fill=(255, 255, 255))
+    return sheet
+
+
+def sheet(args) -> None:
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise CliError(f"--out must be a .png file, got {out}")
+    episode = EpisodeFile(args.episode).read()
+    if len(episode) == 0:
+        raise CliError(f"episode {args.episode} has no readable steps")
+    every = args.every or math.ceil(len(episode) / 64)
+    indices = list(range(0, len(episode), every))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    contact_sheet(episode.frames.numpy(), indices, min(args.cols, len(indices)), args.scale).save(out)
+    print(f"wrote {out}: {len(indices)} of {len(episode)} frames, every {every}")
+
+
+def even_pad(frames: np.ndarray) -> np.ndarray:
+    """Pad uint8 [T, H, W, 3] by repeating the last row/column so H and W are even (needed by H.264)."""
+    h, w = frames.shape[1:3]
+    return np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+
+
+def video(args) -> None:
+    import imageio.v2 as imageio
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".mp4":
+        raise CliError(f"--out must be an .mp4 file, got {out}")
+    episode = EpisodeFile(args.episode).read()
+    if len(episode) == 0:
+        raise CliError(f"episode {args.episode} has no readable steps")
+    frames = episode.frames.numpy()
+    if args.scale > 1:
+        frames = frames.repeat(args.scale, axis=1).repeat(args.scale, axis=2)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with imageio.get_writer(out, fps=episode.meta.fps, codec="libx264", quality=8, macro_block_size=1) as writer:
+        for frame in even_pad(frames):
+            writer.append_data(frame)
+    print(f"wrote {out}: {len(frames)} frames at {episode.meta.fps} fps")
+
+
+def info(args) -> None:
+    episode = EpisodeFile(args.episode)
+    print(f"episode: {episode.path}")
+    print(json.dumps(episode.meta.to_dict(), indent=2))
+    print(f"steps: {len(episode)} ({len(episode) / episode.meta.fps:.2f} s at {episode.meta.fps} fps)")
+    print(f"status: {episode.status}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m worldmodel.data", description="Collect and inspect recordings.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("collect", help="record episodes from a world with an exploration policy")
+    p.add_argument("--world", required=True, choices=["procedural", "doom"])
+    p.add_argument("--episodes", required=True, type=positive_int)
+    p.add_argument("--frames", required=True, type=positive_int, help="frames per episode, the reset frame included")
+    p.add_argument("--out", required=True, help="directory to hold the episodes")
+    p.add_argument("--seed", type=int, default=0, help="index of the first seed within the split")
+    p.add_argument("--policy", default="mix")
+    p.add_argument("--batch", type=positive_int, default=16, help="episodes played at once by one batched world")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--split", choices=SPLITS, default="train")
+    p.add_argument("--size", type=parse_size, default=None, help="frame size HxW (default: the world's)")
+    p.set_defaults(run=collect)
+
+    p = sub.add_parser("sheet", help="write a PNG contact sheet of an episode")
+    p.add_argument("episode")
+    p.add_argument("--out", required=True)
+    p.add_argument("--every", type=positive_int, default=None, help="show every K-th frame (default: at most 64 tiles)")
+    p.add_argument("--cols", type=positive_int, default=8)
+    p.add_argument("--scale", type=positive_int, default=1, help="nearest-neighbour upscale factor")
+    p.set_defaults(run=sheet)
+
+    p = sub.add_parser("video", help="write an mp4 of an episode")
+    p.add_argument("episode")
+    p.add_argument("--out", required=True)
+    p.add_argument("--scale", type=positive_int, default=4, help="nearest-neighbour upscale factor")
+    p.set_defaults(run=video)
+
+    p = sub.add_parser("info", help="print an episode's meta, length and recovery status")
+    p.add_argument("episode")
+    p.set_defaults(run=info)
+    return parser
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        try:
+            args.run(args)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
