@@ -39,7 +39,7 @@ PRESETS = {
     },
     "default": {
         "autoencoder": {},
-        "dit": {"dim": 256, "depth": 8, "heads": 4, "window_frames": 12, "sink_frames": 1},
+        "dit": {"dim": 256, "depth": 6, "heads": 4, "window_frames": 12, "sink_frames": 1},
     },
     "large": {
         "autoencoder": {},

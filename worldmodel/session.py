@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from worldmodel.actions import normalize_actions, validate_actions
-from worldmodel.camera import CameraState, state_to_pose, step_state
+from worldmodel.camera import CameraState, rigid_inverse, state_to_pose, step_state
 from worldmodel.flow import few_step_sample, x0_from_v
 from worldmodel.frames import as_start_frames, to_model, to_uint8
 from worldmodel.model import WorldModel
@@ -70,7 +70,7 @@ class Session:
 
     @property
     def pose(self) -> torch.Tensor:
-        """World-from-camera ``[B, 4, 4]`` of the last frame."""
+        """World-from-camera ``[B, 4, 4]`` (float64, CPU) of the last frame."""
         if self.state is None:
             raise SessionError("call reset() before using the session")
         return state_to_pose(self.state)
@@ -90,6 +90,13 @@ class Session:
         shape = (self.batch, actions.shape[1], cfg.latent_channels, cfg.latent_height, cfg.latent_width)
         noise = torch.randn(shape, generator=self.generator, device=self.device, dtype=self.dtype)
         return few_step_sample(self._x0_fn(actions, poses), noise, sigmas, self.generator)
+
+    def _model_poses(self, poses: list[torch.Tensor]) -> torch.Tensor:
+        """Poses ``[B, 4, 4]`` (float64, CPU) of the frame before a block and the block's frames ->
+        ``[B, Tb + 1, 4, 4]`` on the device, relative to the first: the model is invariant to that
+        rigid transform, and float32 stays exact however far a session walks."""
+        poses = torch.stack(poses, 1)
+        return (rigid_inverse(poses[:, :1]) @ poses).to(self.device, torch.float32)
 
     def commit(self):
         """Write the last sampled (or forced) latents into the KV cache with one t = 0 forward."""
@@ -121,9 +128,8 @@ class Session:
     def _reset(self, start):
         self.cache.reset()
         self._pending = None
-        self.state = CameraState.start(self.batch, self.model.controller, self.device)
-        pose = state_to_pose(self.state)
-        poses = torch.stack([pose, pose], 1)
+        self.state = CameraState.start(self.batch, self.model.controller, dtype=torch.float64)
+        poses = self._model_poses([state_to_pose(self.state)] * 2)
         actions = torch.zeros(self.batch, 1, self.model.action_spec.width, device=self.device, dtype=self.dtype)
         if start is None:
             latents = self._sample(actions, poses, self.first_frame_steps)
@@ -151,7 +157,7 @@ class Session:
     def _step(self, actions, force_frame):
         spec, tb = self.model.action_spec, self.model.dit.cfg.block_size
         try:
-            actions = validate_actions(torch.as_tensor(actions, device=self.device), spec)
+            actions = validate_actions(torch.as_tensor(actions).cpu(), spec)
         except ValueError as e:
             raise SessionError(str(e)) from None
         given, single = tuple(actions.shape), actions.ndim == 2
@@ -164,8 +170,8 @@ class Session:
         for t in range(tb):
             self.state = step_state(self.state, actions[:, t], spec, self.model.controller)
             poses.append(state_to_pose(self.state))
-        poses = torch.stack(poses, 1)
-        model_actions = normalize_actions(actions, spec).to(self.dtype)
+        poses = self._model_poses(poses)
+        model_actions = normalize_actions(actions, spec).to(self.device, self.dtype)
         latents = self._sample(model_actions, poses, self.steps)
         frames = to_uint8(self._decode(latents))
         if force_frame is not None:

@@ -289,7 +289,9 @@ class KVCache:
         overflow = max(0, total - self.capacity)
         if overflow:
             src, dst, end = (sinks + overflow) * n, sinks * n, total * n
-            back = rope_angles(torch.tensor([[-overflow, 0, 0]], device=self.k.device), self.cfg)
+            shift = torch.zeros(1, 3, device=self.k.device)  # built on the device: capturable in a CUDA graph
+            shift[:, 0] = -overflow
+            back = rope_angles(shift, self.cfg)
             self.k[:, :, :, dst : end - overflow * n] = apply_rope(self.k[:, :, :, src:end], back)
             self.v[:, :, :, dst : end - overflow * n] = self.v[:, :, :, src:end].clone()
 
