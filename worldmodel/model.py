@@ -49,12 +49,17 @@ PRESETS = {
 
 
 def model_config(preset: str = "default", world: str = "procedural", action_spec: ActionSpec | None = None,
-                 controller: ControllerSpec | None = None, block_size: int = 1) -> DictConfig:
-    """The full configuration tree of a preset for a world (see the module docstring)."""
+                 controller: ControllerSpec | None = None, block_size: int = 1,
+                 frame_size: tuple[int, int] | None = None) -> DictConfig:
+    """The full configuration tree of a preset for a world (see the module docstring).
+
+    ``frame_size`` (height, width) defaults to the preset's (tiny) or the world's.
+    """
     if preset not in PRESETS:
         raise ConfigError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
     p = copy.deepcopy(PRESETS[preset])
-    height, width = p.pop("frame", None) or WORLD_FRAME_SIZE.get(world, (128, 128))
+    preset_frame = p.pop("frame", None)
+    height, width = frame_size or preset_frame or WORLD_FRAME_SIZE.get(world, (128, 128))
     action_spec = action_spec or ActionSpec()
     ae = AutoencoderConfig(**{**p["autoencoder"], "frame_height": height, "frame_width": width})
     ae_model_shape = ae.latent_shape

@@ -275,8 +275,18 @@ class KVCache:
         self.written = 0
 
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Put a block's (k, v) ``[B, H, Tb * N, hd]`` in the scratch slots; return all (k, v) to attend to."""
+        """Put a block's (k, v) ``[B, H, Tb * N, hd]`` in the scratch slots; return all (k, v) to attend to.
+
+        Under grad mode (a self-forcing exit step) the block is joined by concatenation instead, so
+        later in-place writes to the buffer cannot invalidate the autograd graph; a ``write=True``
+        forward then still commits it through the buffer.
+        """
         start = self.frames * self.cfg.tokens_per_frame
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            held_k, held_v = self.k[layer, :, :, :start], self.v[layer, :, :, :start]
+            self.k[layer, :, :, start : start + k.shape[2]] = k.detach()
+            self.v[layer, :, :, start : start + v.shape[2]] = v.detach()
+            return torch.cat([held_k, k.to(self.k.dtype)], 2), torch.cat([held_v, v.to(self.v.dtype)], 2)
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v

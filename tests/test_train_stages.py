@@ -1,0 +1,370 @@
+"""Every stage runs a few steps on the tiny preset from recordings (CPU), chained as in the real
+pipeline; a run killed between checkpoints and resumed equals an uninterrupted one bit for bit;
+wrong inputs and configs are refused with one clear line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from train import trainer as trainer_module
+from train.__main__ import main
+from train.common import StageInputError, check_same_autoencoder
+from train.trainer import run
+from worldmodel import checkpoint
+from worldmodel.actions import ActionSpec, make_action
+from worldmodel.camera import ControllerSpec, integrate
+from worldmodel.data.episode import EpisodeMeta, EpisodeWriter
+from worldmodel.model import build_model
+from worldmodel.session import Session
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["optim.warmup_steps=1", "optim.lr=1e-3"]  # upstream stages move visibly in 3 steps
+ODE = ["ode.num_batches=2", "ode.grid_steps=8"]
+
+
+def write_episodes(root: Path, count: int = 2, length: int = 12, size: int = 32) -> Path:
+    """Recordings whose frames depend on the camera yaw (so there is something to learn)."""
+    spec, ctrl = ActionSpec(), ControllerSpec()
+    g = torch.Generator().manual_seed(0)
+    xs = torch.linspace(0, 1, size)
+    for e in range(count):
+        keys = (torch.rand(1, length, len(spec.keys), generator=g) < 0.3).float()
+        mouse = torch.randint(-20, 21, (1, length, 2), generator=g).float()
+        actions = torch.cat([keys, mouse], -1)
+        actions[:, 0] = 0
+        poses, _ = integrate(actions, spec, ctrl)
+        meta = EpisodeMeta(action_spec=spec, controller=ctrl, fps=20.0, height=size, width=size, source="synthetic", seed=e)
+        with EpisodeWriter(root / f"ep{e}", meta) as w:
+            for t in range(length):
+                yaw = torch.atan2(poses[0, t, 0, 2], poses[0, t, 2, 2])
+                red = ((xs[None, :] + yaw / math.pi) % 1.0).expand(size, size)
+                image = torch.stack([red, xs[:, None].expand(size, size), torch.full((size, size), e / count)], -1)
+                w.append((image * 255).byte(), actions[0, t], poses[0, t])
+    return root
+
+
+@pytest.fixture(scope="module")
+def episodes(tmp_path_factory) -> Path:
+    return write_episodes(tmp_path_factory.mktemp("episodes"))
+
+
+def args(episodes: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
+    return ["preset=tiny", "data.source=recordings", f"data.recordings={episodes}", f"run.dir={run_dir}",
+            f"run.steps={steps}", *extra]
+
+
+@pytest.fixture(scope="module")
+def chain(episodes, tmp_path_factory) -> dict[str, Path]:
+    """The whole pipeline, a few steps per stage: stage name -> run dir."""
+    root = tmp_path_factory.mktemp("runs")
+    dirs = {}
+
+    def stage(name, key, steps, *extra):
+        dirs[key] = root / key
+        run(name, args(episodes, dirs[key], steps, *extra))
+
+    stage("autoencoder", "autoencoder", 3, *FAST)
+    stage("teacher", "teacher", 3, *FAST, f"init.autoencoder={dirs['autoencoder']}/model.safetensors",
+          "run.sample_every=3", "sample.steps=4")
+    stage("ar_teacher", "ar_teacher", 3, *FAST, f"init.teacher={dirs['teacher']}/model.safetensors",
+          "run.sample_every=3", "sample.steps=4")
+    stage("causal_cd", "causal_cd", 2, f"init.teacher={dirs['ar_teacher']}/model.safetensors", "run.sample_every=2")
+    stage("causal_ode", "causal_ode", 2, f"init.teacher={dirs['ar_teacher']}/model.safetensors", *ODE)
+    stage("causal_ode", "causal_ode_bidirectional", 2, f"init.teacher={dirs['teacher']}/model.safetensors",
+          "ode.trajectories=bidirectional", *ODE)
+    stage("dmd", "dmd", 3, f"init.student={dirs['causal_cd']}/model.safetensors",
+          f"init.teacher={dirs['teacher']}/model.safetensors", "dmd.critic_updates=2", "run.sample_every=3")
+    return dirs
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+EXPECTED_LOSS = {"autoencoder": "loss", "teacher": "loss", "ar_teacher": "loss", "causal_cd": "loss",
+                 "causal_ode": "loss", "causal_ode_bidirectional": "loss", "dmd": "critic_loss"}
+
+
+@pytest.mark.parametrize("key", list(EXPECTED_LOSS))
+def test_every_stage_trains_and_exports_a_loadable_model(chain, key):
+    run_dir = chain[key]
+    model = checkpoint.load(run_dir / "model.safetensors")
+    assert model.config.stage == key.replace("_bidirectional", "")
+    losses = [r[EXPECTED_LOSS[key]] for r in read_log(run_dir) if EXPECTED_LOSS[key] in r]
+    assert losses and all(math.isfinite(v) for v in losses)
+    assert "dit" in (run_dir / "config.yaml").read_text()  # the resolved config, model included
+
+
+def test_autoencoder_export_normalises_latents(chain, episodes):
+    model = checkpoint.load(chain["autoencoder"] / "model.safetensors")
+    assert not torch.equal(model.autoencoder.latent_scale, torch.ones_like(model.autoencoder.latent_scale))
+
+
+def test_dmd_generator_is_updated_on_its_turns_only(chain):
+    records = [r for r in read_log(chain["dmd"]) if "critic_loss" in r]
+    assert ["generator_loss" in r for r in records] == [True, False, True]  # critic_updates=2
+
+
+def test_sample_videos_are_written(chain):
+    import imageio.v3 as iio
+
+    for key in ("teacher", "ar_teacher", "causal_cd", "dmd"):
+        (video,) = (chain[key] / "samples").glob("*.mp4")
+        frames = iio.imread(video)
+        assert frames.shape == (5, 32, 64, 3)  # real | generated, 5 frames
+
+
+def test_distilled_model_plays_in_a_session(chain):
+    model = checkpoint.load(chain["dmd"] / "model.safetensors")
+    session = Session(model)
+    session.reset(torch.zeros(32, 32, 3, dtype=torch.uint8))
+    frame = session.step(make_action(model.action_spec, ["W"], dx=5)[None])
+    assert frame.shape == (1, 32, 32, 3) and frame.dtype == torch.uint8
+
+
+def checkpoint_tensors(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / f"step_{step:09d}.safetensors"))
+
+
+RESUME_CASES = {
+    "teacher": lambda c: ["optim.warmup_steps=1", f"init.autoencoder={c['autoencoder']}/model.safetensors"],
+    "causal_ode": lambda c: [f"init.teacher={c['ar_teacher']}/model.safetensors", "ode.num_batches=3", "ode.grid_steps=8"],
+    "dmd": lambda c: [f"init.student={c['causal_cd']}/model.safetensors",
+                      f"init.teacher={c['teacher']}/model.safetensors", "dmd.critic_updates=2"],
+}
+
+
+@pytest.mark.parametrize("stage", list(RESUME_CASES))
+def test_killed_run_resumes_to_the_same_weights(chain, episodes, tmp_path, monkeypatch, stage):
+    extra = [*RESUME_CASES[stage](chain), "run.checkpoint_every=2"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    run(stage, args(episodes, whole, 4, *extra))
+
+    cls = trainer_module.stage_class(stage)
+    original = cls.train_step
+
+    def dies_at_step_3(self, batch, rng):
+        if rng.step == 3:
+            raise KeyboardInterrupt  # killed after step 3 of 4 ran, one step past the checkpoint at 2
+        return original(self, batch, rng)
+
+    monkeypatch.setattr(cls, "train_step", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(stage, args(episodes, killed, 4, *extra))
+    monkeypatch.setattr(cls, "train_step", original)
+    run(stage, args(episodes, killed, 4, *extra))
+
+    a, b = checkpoint_tensors(whole, 4), checkpoint_tensors(killed, 4)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    losses = lambda log: [{k: v for k, v in r.items() if "second" not in k} for r in log if "critic_loss" in r or "loss" in r]  # noqa: E731
+    assert losses(read_log(whole)) == losses(read_log(killed))
+
+
+def test_two_ranks_match_one_rank_at_the_same_global_batch(chain, episodes, tmp_path):
+    """torchrun with 2 CPU ranks (gloo): the same losses as 1 rank, the same weights to float precision."""
+    extra = ["optim.warmup_steps=1", f"init.autoencoder={chain['autoencoder']}/model.safetensors", "data.batch=4"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "train", "teacher", *args(episodes, one, 2, *extra)], check=True, env=env,
+                   capture_output=True, cwd=REPO)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                           "-m", "train", "teacher", *args(episodes, two, 2, *extra)], env=env, capture_output=True,
+                          text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for r1, r2 in zip(read_log(one), read_log(two)):
+        if "loss" in r1:
+            assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-5, abs=1e-7)
+    a, b = checkpoint_tensors(one, 2), checkpoint_tensors(two, 2)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_batches_are_a_function_of_the_step(episodes):
+    """Resume needs no loader state: the batch of step k is the same from any start, with any
+    number of workers, and two ranks together see the one-rank batch."""
+    from omegaconf import OmegaConf
+
+    from train.data import StepBatches
+
+    cfg = OmegaConf.create({"source": "recordings", "recordings": str(episodes), "clip_len": 5, "batch": 4, "workers": 0})
+    one = StepBatches(cfg, seed=3)
+    from_zero = one.loader(0)
+    expected = [next(from_zero) for _ in range(6)]  # more than one epoch of the 16 clips
+    assert not torch.equal(expected[0]["frames"], expected[1]["frames"])
+    resumed = next(one.loader(4, workers=2))
+    for k in resumed:  # true poses are NaN in these recordings
+        torch.testing.assert_close(resumed[k], expected[4][k], rtol=0, atol=0, equal_nan=True)
+    halves = [next(StepBatches(cfg, seed=3, rank=r, world_size=2).loader(4)) for r in (0, 1)]
+    assert torch.equal(torch.cat([h["frames"] for h in halves]), expected[4]["frames"])
+
+
+class FakeWorld:
+    """A stand-in world (frames from seeds and steps) to test the world batch source on its own."""
+
+    def __init__(self, batch):
+        self.batch, self.action_spec, self.controller = batch, ActionSpec(), ControllerSpec()
+        self.height = self.width = 32
+        self.fps = 20.0
+
+    def _step(self):
+        from types import SimpleNamespace
+
+        frames = (self.seeds[:, None, None, None] * 7 + self.t * 13) % 256 * torch.ones(self.batch, 32, 32, 3)
+        return SimpleNamespace(frames=frames.to(torch.uint8), commanded_pose=torch.eye(4).expand(self.batch, 4, 4),
+                               true_pose=torch.eye(4).expand(self.batch, 4, 4))
+
+    def reset(self, seeds):
+        self.seeds, self.t = torch.tensor(seeds), 0
+        return self._step()
+
+    def step(self, actions):
+        self.t += 1
+        return self._step()
+
+    def close(self):
+        pass
+
+
+def test_world_batches_are_a_function_of_the_step(monkeypatch):
+    from types import ModuleType
+
+    from omegaconf import OmegaConf
+
+    from train.data import StepBatches
+
+    envs, policies = ModuleType("worldmodel.envs"), ModuleType("worldmodel.envs.policies")
+    envs.make_world = lambda name, batch, device="cpu", **options: FakeWorld(batch)
+    policies.make_policy = lambda name, spec, batch, seed: (lambda t, step: torch.zeros(batch, spec.width))
+    monkeypatch.setitem(sys.modules, "worldmodel.envs", envs)
+    monkeypatch.setitem(sys.modules, "worldmodel.envs.policies", policies)
+    cfg = OmegaConf.create({"source": "world", "world": "fake", "world_options": {}, "policy": "mix", "split": "train",
+                            "max_warmup": 3, "clip_len": 4, "batch": 2, "workers": 0})
+    data = StepBatches(cfg, seed=5)
+    assert (data.info.height, data.info.width, data.info.source) == (32, 32, "fake")
+    stream = data.loader(0)
+    expected = [next(stream) for _ in range(4)]
+    assert not torch.equal(expected[2]["frames"], expected[3]["frames"])
+    parallel = data.loader(1, workers=2)  # worker w plays every other step; the loader keeps step order
+    for step in (1, 2, 3):
+        got = next(parallel)
+        assert all(torch.equal(got[k], expected[step][k]) for k in got)
+    assert expected[0]["frames"].shape == (2, 4, 32, 32, 3)
+
+
+def test_differentiable_cache_computes_what_the_cache_computes(chain):
+    """The self-forcing rollout's cache (concatenation under grad) gives the inference cache's numbers."""
+    from train.common import CachedRollout, Clip
+
+    dit = checkpoint.load(chain["causal_cd"] / "model.safetensors").dit
+    g = torch.Generator().manual_seed(0)
+    actions, poses = torch.rand(2, 5, 7, generator=g), integrate(torch.zeros(2, 5, 7), ActionSpec())[0]
+    latents = torch.randn(2, 5, 4, 4, 4, generator=g)
+    ours = CachedRollout(dit, Clip(actions, poses))
+    plain = CachedRollout(dit, Clip(actions, poses))
+    plain.cache = dit.new_cache(2)
+    for b in range(3):
+        ours.commit(latents[:, b : b + 1], b)
+        plain.commit(latents[:, b : b + 1], b)
+    x = latents[:, 3:4].clone().requires_grad_(True)
+    with torch.no_grad():
+        expected = plain.x0(x, 0.7, 3)
+    got = ours.x0(x, 0.7, 3)
+    torch.testing.assert_close(got, expected)
+    ours.commit(got.detach(), 3)  # an in-place write after a forward with grad ...
+    got.sum().backward()  # ... leaves its graph intact
+    assert x.grad is not None
+
+
+def test_guidance_in_one_forward_equals_two_forwards(chain):
+    from train.common import Clip, guided_velocity_fn
+    from worldmodel import flow
+
+    dit = checkpoint.load(chain["ar_teacher"] / "model.safetensors").dit
+    g = torch.Generator().manual_seed(1)
+    clip = Clip(torch.rand(2, 5, 7, generator=g), integrate(torch.zeros(2, 5, 7), ActionSpec())[0])
+    x, clean = torch.randn(2, 5, 4, 4, 4, generator=g), torch.randn(2, 5, 4, 4, 4, generator=g)
+    sigma = torch.rand(2, 5, generator=g)
+    drop = torch.zeros(2, dtype=torch.bool)
+    two_calls = lambda x_, s_, cond: dit(x_, s_, clip.actions, clip.poses, mode="causal", clean=clean,  # noqa: E731
+                                         cond_keep=None if cond else drop)
+    expected = flow.cfg_velocity(two_calls, x, sigma, 3.0)
+    torch.testing.assert_close(guided_velocity_fn(dit, clip, "causal", 3.0, clean=clean)(x, sigma), expected,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_loss_stops_the_run(chain, episodes, tmp_path, monkeypatch):
+    cls = trainer_module.stage_class("teacher")
+    monkeypatch.setattr(cls, "train_step", lambda self, batch, rng: {"loss": torch.tensor(float("nan"))})
+    with pytest.raises(trainer_module.TrainError, match="non-finite at step 1"):
+        run("teacher", args(episodes, tmp_path / "r", 2, f"init.autoencoder={chain['autoencoder']}/model.safetensors"))
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def cli_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err
+
+
+def test_wrong_input_stage_is_refused(chain, episodes, tmp_path, capsys):
+    err = cli_error(capsys, ["ar_teacher", *args(episodes, tmp_path / "r", 1),
+                             f"init.teacher={chain['autoencoder']}/model.safetensors"])
+    assert "produced by stage 'autoencoder'" in err and "'teacher'" in err
+
+
+def test_missing_input_is_refused(episodes, tmp_path, capsys):
+    assert "init.student is required" in cli_error(capsys, ["dmd", *args(episodes, tmp_path / "r", 1)])
+
+
+def test_unknown_key_is_refused(capsys):
+    assert "unknown config key 'optim.lrr'" in cli_error(capsys, ["teacher", "optim.lrr=1"])
+
+
+def test_model_keys_from_the_input_cannot_change(chain, episodes, tmp_path, capsys):
+    err = cli_error(capsys, ["causal_cd", *args(episodes, tmp_path / "r", 1), "model.dit.dim=64",
+                             f"init.teacher={chain['ar_teacher']}/model.safetensors"])
+    assert "model.dit.dim cannot be changed in stage causal_cd" in err
+
+
+def test_data_that_does_not_fit_the_model_is_refused(chain, tmp_path, capsys):
+    big = write_episodes(tmp_path / "big", size=48)
+    err = cli_error(capsys, ["teacher", *args(big, tmp_path / "r", 1), f"init.autoencoder={chain['autoencoder']}/model.safetensors"])
+    assert "32x32 frames but the data has 48x48" in err
+
+
+def test_resume_with_a_changed_config_is_refused(chain, episodes, capsys):
+    err = cli_error(capsys, ["autoencoder", *args(episodes, chain["autoencoder"], 3), *FAST, "optim.lr=5e-4"])
+    assert "config differs from the saved run in ['optim.lr']" in err
+
+
+def test_existing_run_is_not_overwritten(chain, episodes, capsys):
+    err = cli_error(capsys, ["autoencoder", *args(episodes, chain["autoencoder"], 3), *FAST, "run.resume=false"])
+    assert "already holds checkpoints" in err
+
+
+def test_trajectories_of_other_settings_are_not_reused(chain, episodes, tmp_path, capsys):
+    shutil.copytree(chain["causal_ode"] / "trajectories", tmp_path / "r" / "trajectories")
+    err = cli_error(capsys, ["causal_ode", *args(episodes, tmp_path / "r", 1), *ODE, "ode.guidance=2.0",
+                             f"init.teacher={chain['ar_teacher']}/model.safetensors"])
+    assert "generated with other settings" in err
+
+
+def test_models_with_different_autoencoders_are_refused():
+    a, b = build_model("tiny", seed=0), build_model("tiny", seed=1)
+    with pytest.raises(StageInputError, match="different autoencoder weights"):
+        check_same_autoencoder(a, b, "init.student and init.teacher")

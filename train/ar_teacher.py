@@ -1,0 +1,47 @@
+"""Stage 2: the autoregressive teacher, by teacher forcing (Causal Forcing).
+
+Input: ``init.teacher`` (a stage ``teacher`` checkpoint), whose weights it starts from. Output: a
+WorldModel of stage ``ar_teacher``, the frozen teacher of causal CD (3a) and causal ODE (3b).
+
+The same network runs block-causally on the doubled sequence ``[clean | noisy]``: noisy block b
+sees the real clean blocks before it and itself, with one noise level per block. The loss is
+flow matching with condition dropout, as in stage 1. ``model.dit.block_size`` (1 = frame-wise)
+sets the blocks; ``data.clip_len`` must be the start frame plus whole blocks.
+"""
+
+from __future__ import annotations
+
+from train.common import ar_sample_video, check_block_fit, encode, euler_block_sampler, first_clip, rebuilt, velocity_fn
+from train.teacher import FlowMatchingStage
+from worldmodel.transformer import block_ids
+
+
+class ARTeacherStage(FlowMatchingStage):
+    name = "ar_teacher"
+    mode = "causal"
+    inputs = {"teacher": ("teacher",)}
+    model_overrides = ("dit.block_size", "dit.window_frames", "dit.sink_frames", "sampler")
+
+    @classmethod
+    def model_config(cls, cfg, inputs, data_info):
+        return inputs["teacher"].config.copy()
+
+    def __init__(self, trainer, inputs):
+        check_block_fit(int(trainer.cfg.data.clip_len), int(trainer.cfg.model.dit.block_size))
+        super().__init__(trainer, inputs, rebuilt(trainer.cfg.model, inputs["teacher"]))
+
+    def noise_blocks(self, frames):
+        return block_ids(frames, self.dit.cfg.block_size)
+
+    def velocity(self, clip, x0, keep):
+        return velocity_fn(self.dit, clip, "causal", clean=x0, cond_keep=keep)
+
+    def sample(self, batch, generator):
+        """Real clip | the EMA AR teacher generating block by block (guided Euler per block)."""
+        clip = first_clip(batch, self.action_spec, self.device)
+        sampler = euler_block_sampler(self.sample_grid(), float(self.cfg.sample.guidance), generator)
+        return ar_sample_video(self.ae, self.dit_ema, clip, encode(self.ae, clip.frames), sampler,
+                               self.trainer.compute_dtype)
+
+
+STAGE = ARTeacherStage

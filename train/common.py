@@ -1,0 +1,259 @@
+"""Model plumbing shared by the stages: input checkpoints, batches to model inputs, network
+closures for :mod:`train.algorithms`, and block-by-block generation with the KV cache."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from worldmodel import checkpoint, flow
+from worldmodel.actions import ActionSpec, normalize_actions
+from worldmodel.camera import ControllerSpec
+from worldmodel.frames import to_model, to_uint8
+from worldmodel.model import WorldModel
+from worldmodel.transformer import WorldDiT, block_ids
+
+Tensor = torch.Tensor
+
+
+class StageInputError(ValueError):
+    """An input checkpoint that does not fit the stage."""
+
+
+def load_input(path, key: str, accepted: Sequence[str], stage: str) -> WorldModel:
+    """The WorldModel at ``path`` (config key ``key``), which must come from one of the ``accepted`` stages."""
+    try:
+        meta = checkpoint.read_metadata(path)
+    except checkpoint.CheckpointError as e:
+        raise StageInputError(f"{key}: {e}") from None
+    produced = meta["config"].get("stage", "untrained")
+    if produced not in accepted:
+        raise StageInputError(
+            f"{key}: {path} was produced by stage {produced!r}; stage {stage} needs a checkpoint from "
+            f"{' or '.join(repr(a) for a in accepted)}"
+        )
+    try:
+        return checkpoint.load(path)
+    except checkpoint.CheckpointError as e:
+        raise StageInputError(f"{key}: {e}") from None
+
+
+def check_same_autoencoder(a: WorldModel, b: WorldModel, what: str) -> None:
+    """Two models must share one latent space: identical autoencoder config and weights."""
+    if a.config.autoencoder != b.config.autoencoder:
+        raise StageInputError(f"{what} have different autoencoder configs; they must share one latent space")
+    sa, sb = a.autoencoder.state_dict(), b.autoencoder.state_dict()
+    if any(not torch.equal(sa[k], sb[k]) for k in sa):
+        raise StageInputError(f"{what} have different autoencoder weights; they must share one latent space")
+
+
+def check_data_fits(model_cfg, data_info, what: str) -> None:
+    """The data's action spec, controller and frame size must be the model's."""
+    actions = ActionSpec.from_dict(OmegaConf.to_container(model_cfg.actions))
+    if actions != data_info.action_spec:
+        raise StageInputError(f"{what} uses actions {actions.to_dict()} but the data has {data_info.action_spec.to_dict()}")
+    controller = ControllerSpec.from_dict(OmegaConf.to_container(model_cfg.controller))
+    if controller != data_info.controller:
+        raise StageInputError(f"{what} uses controller {controller.to_dict()} but the data has {data_info.controller.to_dict()}")
+    size = (int(model_cfg.autoencoder.frame_height), int(model_cfg.autoencoder.frame_width))
+    if size != (data_info.height, data_info.width):
+        raise StageInputError(
+            f"{what} works on {size[1]}x{size[0]} frames but the data has {data_info.width}x{data_info.height}"
+        )
+
+
+def frozen(module: nn.Module) -> nn.Module:
+    """``module`` in eval mode without gradients (teachers, score networks)."""
+    return module.eval().requires_grad_(False)
+
+
+def trainable_copy(module: nn.Module) -> nn.Module:
+    return copy.deepcopy(module).train().requires_grad_(True)
+
+
+def ema_copy(module: nn.Module) -> nn.Module:
+    return frozen(copy.deepcopy(module))
+
+
+@dataclass
+class Clip:
+    """A batch on the device, as the networks take it: ``actions [B, T, A]`` normalised,
+    ``poses [B, T, 4, 4]``, and ``frames [B, T, 3, H, W]`` in [-1, 1] when the batch has frames."""
+
+    actions: Tensor
+    poses: Tensor
+    frames: Tensor | None = None
+
+
+def to_clip(batch: dict, action_spec: ActionSpec, device) -> Clip:
+    """A data batch (uint8 frames, raw actions) on ``device``."""
+    actions = normalize_actions(batch["actions"].to(device, non_blocking=True).float(), action_spec)
+    frames = to_model(batch["frames"].to(device, non_blocking=True)) if "frames" in batch else None
+    return Clip(actions, batch["poses"].to(device, non_blocking=True).float(), frames)
+
+
+def rebuilt(model_cfg, source: WorldModel) -> WorldModel:
+    """A WorldModel of ``model_cfg`` (e.g. a new block size or sampler) with the weights of ``source``."""
+    model = WorldModel(OmegaConf.create(OmegaConf.to_container(model_cfg, resolve=True)))
+    model.load_state_dict(source.state_dict())
+    return model
+
+
+def bundle(model_cfg, stage: str, autoencoder: nn.Module, dit: WorldDiT) -> WorldModel:
+    """A WorldModel on the CPU holding copies of ``autoencoder`` and ``dit``, marked as made by ``stage``."""
+    cfg = OmegaConf.create(OmegaConf.to_container(model_cfg, resolve=True))
+    cfg.stage = stage
+    model = WorldModel(cfg)
+    model.autoencoder.load_state_dict(autoencoder.state_dict())
+    model.dit.load_state_dict(dit.state_dict())
+    return model.eval()
+
+
+@torch.no_grad()
+def encode(autoencoder: nn.Module, frames: Tensor) -> Tensor:
+    """Latents ``[B, T, C, h, w]`` in float32 (the autoencoder may run under autocast)."""
+    return autoencoder.encode(frames).float()
+
+
+def velocity_fn(dit: WorldDiT, clip: Clip, mode: str, clean: Tensor | None = None, cond_keep: Tensor | None = None) -> Callable:
+    """``(x, sigma [B, T]) -> v`` of ``dit`` on this clip's conditioning."""
+    return lambda x, sigma: dit(x, sigma, clip.actions, clip.poses, mode=mode, clean=clean, cond_keep=cond_keep).float()
+
+
+def guided_velocity_fn(dit: WorldDiT, clip: Clip, mode: str, guidance: float, clean: Tensor | None = None) -> Callable:
+    """``(x, sigma) -> v`` with classifier-free guidance on actions and camera, ``v_u + w (v_c - v_u)``
+    as :func:`worldmodel.flow.cfg_velocity`, with the conditional and unconditional halves in one
+    forward of twice the batch (one launch instead of two for the small networks)."""
+    if guidance == 1.0:
+        return velocity_fn(dit, clip, mode, clean)
+    b = clip.actions.shape[0]
+    twice = lambda t: None if t is None else torch.cat([t, t])  # noqa: E731
+    keep = torch.arange(2 * b, device=clip.actions.device) < b
+    actions, poses, clean2 = twice(clip.actions), twice(clip.poses), twice(clean)
+
+    def guided(x, sigma):
+        v_cond, v_uncond = dit(twice(x), twice(sigma), actions, poses, mode=mode, clean=clean2, cond_keep=keep).float().chunk(2)
+        return v_uncond + guidance * (v_cond - v_uncond)
+
+    return guided
+
+
+def x0_fn(velocity: Callable) -> Callable:
+    """``(x, sigma) -> x0`` from a velocity closure."""
+    return lambda x, sigma: flow.x0_from_v(x, velocity(x, sigma), sigma)
+
+
+def block_ranges(num_frames: int, block_size: int) -> list[tuple[int, int]]:
+    """Frame ranges ``[start, end)`` of the blocks of a clip (the first frame is a block of its own)."""
+    ids = block_ids(num_frames, block_size).tolist()
+    return [(ids.index(b), len(ids) - ids[::-1].index(b)) for b in range(ids[-1] + 1)]
+
+
+class CachedRollout:
+    """Block-by-block generation of one clip with ``dit``'s KV cache, conditioned on ``clip``.
+
+    ``x0(x, sigma, b)`` predicts the clean block ``b`` from ``x [B, Tb, C, h, w]`` at noise ``sigma``
+    given the blocks committed so far; ``commit(latents, b)`` writes a clean block with one t = 0 forward.
+    """
+
+    def __init__(self, dit: WorldDiT, clip: Clip, dtype=torch.float32):
+        self.dit, self.clip = dit, clip
+        self.blocks = block_ranges(clip.actions.shape[1], dit.cfg.block_size)
+        self.cache = dit.new_cache(clip.actions.shape[0], clip.actions.device, dtype)
+
+    def _inputs(self, b: int):
+        start, end = self.blocks[b]
+        poses = self.clip.poses[:, max(start - 1, 0) : end]
+        if start == 0:  # the first frame has no predecessor: no relative motion
+            poses = torch.cat([poses[:, :1], poses], 1)
+        return self.clip.actions[:, start:end], poses
+
+    def velocity(self, x: Tensor, sigma: float, b: int, cond: bool = True) -> Tensor:
+        actions, poses = self._inputs(b)
+        s = torch.full(x.shape[:2], float(sigma), device=x.device)
+        keep = None if cond else torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        return self.dit.forward_cached(x, s, actions, poses, self.cache, write=False, cond_keep=keep).float()
+
+    def x0(self, x: Tensor, sigma: float, b: int) -> Tensor:
+        return flow.x0_from_v(x, self.velocity(x, sigma, b), float(sigma))
+
+    @torch.no_grad()
+    def commit(self, latents: Tensor, b: int) -> None:
+        actions, poses = self._inputs(b)
+        zeros = torch.zeros(latents.shape[:2], device=latents.device)
+        self.dit.forward_cached(latents, zeros, actions, poses, self.cache, write=True)
+
+    def block_shape(self, b: int, like: Tensor) -> tuple[int, ...]:
+        start, end = self.blocks[b]
+        return (like.shape[0], end - start, *like.shape[2:])
+
+
+@torch.no_grad()
+def generate_ar(dit: WorldDiT, clip: Clip, first: Tensor, sample_block: Callable, dtype=torch.float32) -> Tensor:
+    """Latents ``[B, T, C, h, w]``: the given first frame ``first [B, 1, C, h, w]``, then each block from
+    ``sample_block(rollout, b, shape) -> latents``; every block is committed before the next."""
+    rollout = CachedRollout(dit, clip, dtype)
+    rollout.commit(first, 0)
+    out = [first]
+    for b in range(1, len(rollout.blocks)):
+        latents = sample_block(rollout, b, rollout.block_shape(b, first))
+        rollout.commit(latents, b)
+        out.append(latents)
+    return torch.cat(out, 1)
+
+
+def latent_shape(dit: WorldDiT, batch: int, frames: int) -> tuple[int, ...]:
+    cfg = dit.cfg
+    return (batch, frames, cfg.latent_channels, cfg.latent_height, cfg.latent_width)
+
+
+def first_clip(batch: dict, action_spec: ActionSpec, device) -> Clip:
+    """The first clip of a batch, on the device (for sample videos)."""
+    return to_clip({k: v[:1] for k, v in batch.items()}, action_spec, device)
+
+
+def ar_sample_video(autoencoder: nn.Module, dit: WorldDiT, clip: Clip, real_latents: Tensor, sample_block: Callable,
+                    dtype=torch.float32) -> Tensor:
+    """Video: the real clip | ``dit`` generating it block by block from its real first frame, with
+    the same actions and camera. ``real_latents [1, T, C, h, w]``."""
+    latents = generate_ar(dit, clip, real_latents[:, :1], sample_block, dtype)
+    return side_by_side(autoencoder.decode(real_latents), autoencoder.decode(latents))
+
+
+def euler_block_sampler(sigmas: Sequence[float], guidance: float, generator: torch.Generator) -> Callable:
+    """A ``sample_block`` for :func:`generate_ar`: many-step guided Euler (teachers)."""
+
+    def sample(rollout: CachedRollout, b: int, shape) -> Tensor:
+        noise = torch.randn(shape, generator=generator, device=generator.device)
+        fn = lambda x, s, cond: rollout.velocity(x, s, b, cond)  # noqa: E731
+        return flow.euler_sample(fn, noise, sigmas, guidance)
+
+    return sample
+
+
+def few_step_block_sampler(sigmas: Sequence[float], generator: torch.Generator) -> Callable:
+    """A ``sample_block`` for :func:`generate_ar`: the student's few-step sampler (as in play)."""
+
+    def sample(rollout: CachedRollout, b: int, shape) -> Tensor:
+        noise = torch.randn(shape, generator=generator, device=generator.device)
+        return flow.few_step_sample(lambda x, s: rollout.x0(x, s, b), noise, sigmas, generator)
+
+    return sample
+
+
+def check_block_fit(clip_len: int, block_size: int) -> None:
+    """Causal stages train whole blocks: the start frame, then full blocks of ``block_size`` frames."""
+    if clip_len < 2 or (clip_len - 1) % block_size:
+        raise StageInputError(
+            f"data.clip_len {clip_len} must be 1 + a multiple of the block size {block_size} (the start frame, then whole blocks)"
+        )
+
+
+def side_by_side(*frames: Tensor) -> Tensor:
+    """Video uint8 ``[T, H, W * n, 3]``: the first clip of each ``frames [B, T, 3, H, W]``, left to right."""
+    return torch.cat([to_uint8(f[0].float()) for f in frames], dim=2).cpu()

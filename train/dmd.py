@@ -1,0 +1,109 @@
+"""Stage 4: distribution matching distillation with self-forcing rollouts (DMD / Self Forcing).
+
+Inputs: ``init.student`` (a ``causal_cd`` or ``causal_ode`` checkpoint: the generator and its EMA
+start from it) and ``init.teacher`` (a stage ``teacher`` checkpoint: the real score, and the start
+of the critic). Both must share one autoencoder. Output: a WorldModel of stage ``dmd``, the model
+that ships.
+
+Each step: the generator plays the clip from its real first frame block by block with its own KV
+cache, as in play (:func:`train.algorithms.self_forcing_rollout`): per block a random exit step,
+shared by all ranks, is the only denoising step with gradient; the clean block is then written
+into the cache by a t = 0 forward without gradient, so history is detached. The critic (fake
+score) is trained by flow matching on the detached rollout every step; every
+``dmd.critic_updates``-th step the generator is updated too, with the DMD direction
+(:func:`train.algorithms.dmd_loss`) from the real score (the stage-1 teacher with guidance) and
+the critic, on the rollout noised to one level per clip in ``dmd.sigma_low..dmd.sigma_high``
+(shifted by ``dmd.shift``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from train import algorithms as alg
+from train.causal_cd import StudentStage
+from train.common import (
+    CachedRollout,
+    check_same_autoencoder,
+    encode,
+    frozen,
+    guided_velocity_fn,
+    to_clip,
+    trainable_copy,
+    velocity_fn,
+    x0_fn,
+)
+from train.config import TrainConfigError
+
+
+class DMDStage(StudentStage):
+    name = "dmd"
+    inputs = {"student": ("causal_cd", "causal_ode"), "teacher": ("teacher",)}
+
+    @classmethod
+    def model_config(cls, cfg, inputs, data_info):
+        check_same_autoencoder(inputs["student"], inputs["teacher"], "init.student and init.teacher")
+        return inputs["student"].config.copy()
+
+    def __init__(self, trainer, inputs):
+        super().__init__(trainer, inputs, inputs["student"])
+        teacher = inputs["teacher"].dit.to(self.device)
+        self.real_score = frozen(teacher)
+        self.critic = trainable_copy(teacher)
+        if int(self.cfg.dmd.critic_updates) < 1:
+            raise TrainConfigError(f"dmd.critic_updates must be >= 1, got {self.cfg.dmd.critic_updates}")
+
+    def modules(self):
+        return {**super().modules(), "critic": self.critic}
+
+    def optimized(self):
+        return {**super().optimized(), "critic": (self.critic, self.cfg.critic_optim)}
+
+    def rollout(self, clip, first: torch.Tensor, rng) -> torch.Tensor:
+        """The generator's clip ``[B, T, C, h, w]`` from the real first frame ``first [B, 1, C, h, w]``."""
+        rollout = CachedRollout(self.student, clip, self.trainer.compute_dtype)
+        rollout.commit(first, 0)
+        blocks = rollout.blocks[1:]
+        exits = alg.sample_exit_steps(len(blocks), len(self.steps), rng.generator("exit_steps", "cpu"))
+        b, t = clip.actions.shape[:2]
+        noise = rng.randn("rollout_noise", (b, len(self.steps), t, *first.shape[2:]))
+
+        def noise_fn(block, i):
+            start, end = blocks[block]
+            return noise[:, i, start:end]
+
+        outputs = alg.self_forcing_rollout(lambda x, s, block: rollout.x0(x, s, block + 1),
+                                           lambda x, block: rollout.commit(x, block + 1), noise_fn, self.steps, exits)
+        return torch.cat([first, *outputs], 1)
+
+    def _clip_sigma(self, rng, b: int, t: int, tag: str, **distribution):
+        """One noise level per clip ``[b, t]``: the score networks are bidirectional."""
+        blocks = torch.zeros(t, dtype=torch.long)
+        return rng.local(alg.sample_sigmas(rng.global_batch(b), blocks, rng.generator(tag), **distribution))
+
+    def train_step(self, batch, rng):
+        cfg = self.cfg.dmd
+        clip = to_clip(batch, self.action_spec, self.device)
+        first = encode(self.ae, clip.frames[:, :1])
+        generator_turn = rng.step % int(cfg.critic_updates) == 0  # the same on every rank
+        b, t = clip.actions.shape[:2]
+        scalars = {}
+        with torch.set_grad_enabled(generator_turn):
+            generated = self.rollout(clip, first, rng)
+        if generator_turn:
+            sigma = self._clip_sigma(rng, b, t, "dmd_sigma", distribution="uniform", low=float(cfg.sigma_low),
+                                     high=float(cfg.sigma_high), shift=float(cfg.shift))
+            eps = rng.randn("dmd_noise", tuple(generated.shape))
+            real_x0 = x0_fn(guided_velocity_fn(self.real_score, clip, "bidirectional", float(cfg.guidance)))
+            fake_x0 = x0_fn(velocity_fn(self.critic, clip, "bidirectional"))
+            loss, _ = alg.dmd_loss(generated, real_x0, fake_x0, eps, sigma)
+            scalars = {"generator_loss": loss.detach(), **self.trainer.update("student", loss)}
+        c = self.cfg.critic_flow
+        sigma = self._clip_sigma(rng, b, t, "critic_sigma", distribution=str(c.distribution), loc=float(c.loc),
+                                 scale=float(c.scale), shift=float(c.shift))
+        eps = rng.randn("critic_noise", tuple(generated.shape))
+        critic_loss = alg.critic_loss(velocity_fn(self.critic, clip, "bidirectional"), generated, eps, sigma)
+        return {**scalars, "critic_loss": critic_loss.detach(), **self.trainer.update("critic", critic_loss)}
+
+
+STAGE = DMDStage
