@@ -9,3 +9,5 @@ nvidia-smi --query-gpu=name,memory.total --format=csv
 python3 -m pytest -q tests/test_cuda.py tests/test_transformer.py 2>&1 | tail -3
 python3 -m worldmodel.bench --frames 100 2>&1 | tee $OUT/bench_gpu.txt
 python3 -m worldmodel.bench --frames 100 --batch 8 2>&1 | tail -8
+python3 -m worldmodel.envs.bench --world procedural --batch 256 --steps 20 2>&1 | tee -a $OUT/bench_gpu.txt
+python3 -m worldmodel.envs.bench --world procedural --batch 1024 --steps 10 2>&1 | tee -a $OUT/bench_gpu.txt
