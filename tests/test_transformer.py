@@ -3,7 +3,7 @@ import torch
 
 from worldmodel.actions import ActionSpec
 from worldmodel.camera import integrate
-from worldmodel.transformer import ConfigError, DiTConfig, WorldDiT, apply_rope, block_ids, frame_mask, rope_angles
+from worldmodel.transformer import ConfigError, DiTConfig, WorldDiT, apply_rope, block_ids, frame_mask, rope_rotation
 from tests.test_camera import random_rigid
 
 SPEC = ActionSpec()
@@ -117,7 +117,7 @@ def test_rolling_window_equals_recomputation_over_the_same_window():
     history = []  # per frame, per layer: (key without rotation, value)
 
     def rotate(k, slot):
-        return apply_rope(k, rope_angles(torch.tensor([[slot, 0, 0]]), cfg))
+        return apply_rope(k, rope_rotation(torch.tensor([[slot, 0, 0]]), cfg))
 
     for f in range(frames):
         fs = [f]

@@ -1,27 +1,24 @@
-"""CUDA-graph replay of the per-frame path: the cached DiT forward and the decoder.
+"""CUDA-graph replay for the per-frame path (used by the session on CUDA; nothing here runs on CPU).
 
-A cached forward's shapes depend only on how many frames the cache holds (and whether it writes),
-so one graph is captured per (frames held, write, input shape): at most 2 x (capacity + 1)
-graphs, all sharing one memory pool. Warm-up and capture run the real code on the real cache
-buffers; the cache's contents and counters are saved before and restored after, so capturing
-never changes a session. On the CPU nothing here is used.
+A function whose tensor shapes and Python-side decisions depend only on a key (for the session:
+how many frames the KV cache holds, the step list, the block shape) is captured once per key and
+replayed; all graphs share one memory pool. Inputs are copied into static buffers; outputs are
+the graph's static tensors (clone them before the next replay). ``save``/``restore`` hooks keep
+state that warm-up and capture would change (the KV cache) as it was.
 """
 
 from __future__ import annotations
 
 import torch
 
-from worldmodel.transformer import KVCache, WorldDiT
-
 
 class GraphedFunction:
-    """Replays ``fn(*inputs)`` from a CUDA graph per key; inputs are copied into static buffers."""
-
     def __init__(self):
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict = {}
 
     def __call__(self, key, fn, inputs: tuple[torch.Tensor, ...], save=None, restore=None):
+        """``fn(*inputs)`` -> tensor or tuple of tensors, replayed from the graph of ``key``."""
         if key not in self.graphs:
             self.graphs[key] = self._capture(fn, inputs, save, restore)
         graph, static_in, static_out = self.graphs[key]
@@ -36,7 +33,7 @@ class GraphedFunction:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):
+            for _ in range(2):  # warm-up: lazy initialisation must not happen during capture
                 fn(*static_in)
                 if restore:
                     restore(state)
@@ -47,31 +44,3 @@ class GraphedFunction:
         if restore:
             restore(state)
         return graph, static_in, static_out
-
-
-class GraphedDiT:
-    """``forward_cached`` and ``decode`` of a model on CUDA, replayed from graphs."""
-
-    def __init__(self, dit: WorldDiT, decode):
-        self.dit, self.decode_fn = dit, decode
-        self.graphs = GraphedFunction()
-
-    def forward_cached(self, x, sigma, actions, poses, cache: KVCache, write: bool = False):
-        def save():
-            return cache.k.clone(), cache.v.clone(), cache.frames, cache.written
-
-        def restore(state):
-            cache.k.copy_(state[0])
-            cache.v.copy_(state[1])
-            cache.frames, cache.written = state[2], state[3]
-
-        def run(x, sigma, actions, poses):
-            return self.dit.forward_cached(x, sigma, actions, poses, cache, write=write)
-
-        out = self.graphs((cache.frames, write, tuple(x.shape)), run, (x, sigma, actions, poses), save, restore)
-        if write:
-            cache.advance(x.shape[1])
-        return out.clone()
-
-    def decode(self, latents):
-        return self.graphs(("decode", tuple(latents.shape)), self.decode_fn, (latents,)).clone()

@@ -14,6 +14,8 @@ import torch
 
 def _per_frame(sigma, like: torch.Tensor) -> torch.Tensor:
     """Broadcast ``sigma`` (float, [B] or [B, T]) against ``like [B, T, ...]``."""
+    if isinstance(sigma, (int, float)):
+        return float(sigma)  # a Python number: no host-to-device copy (CUDA-graph safe)
     s = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
     while s.ndim < like.ndim:
         s = s.unsqueeze(-1)
@@ -72,17 +74,20 @@ def euler_sample(
 
 
 def few_step_sample(
-    x0_fn: Callable, noise: torch.Tensor, sigmas: Sequence[float], generator: torch.Generator | None = None
+    x0_fn: Callable, noise: torch.Tensor, sigmas: Sequence[float], generator: torch.Generator | None = None,
+    renoise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Few-step student sampler: predict x0, re-noise with fresh noise to the next sigma.
 
     ``x0_fn(x, sigma: float) -> x0``; ``sigmas`` e.g. (1.0, 0.83); ``noise`` is x at ``sigmas[0]``
-    (pure Gaussian noise when it is 1). Returns the last x0 prediction.
+    (pure Gaussian noise when it is 1). The fresh noise is drawn from ``generator``, or taken from
+    ``renoise [len(sigmas) - 1, *noise.shape]`` (drawn in advance, e.g. outside a CUDA graph).
+    Returns the last x0 prediction.
     """
     x, x0 = noise, noise
     for i, s in enumerate(sigmas):
         x0 = x0_fn(x, float(s))
         if i + 1 < len(sigmas):
-            eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            eps = renoise[i] if renoise is not None else torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             x = add_noise(x0, eps, float(sigmas[i + 1]))
     return x0

@@ -45,12 +45,11 @@ class Session:
         if cuda_graphs and self.device.type != "cuda":
             raise SessionError("CUDA graphs need a CUDA device")
         if cuda_graphs:
-            from worldmodel.cuda_graphs import GraphedDiT
+            from worldmodel.cuda_graphs import GraphedFunction
 
-            graphed = GraphedDiT(self.model.dit, self.model.autoencoder.decode)
-            self._forward, self._decode = graphed.forward_cached, graphed.decode
+            self._graphs = GraphedFunction()
         else:
-            self._forward, self._decode = self.model.dit.forward_cached, self.model.autoencoder.decode
+            self._graphs = None
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.state: CameraState | None = None
         self._pending = None
@@ -77,19 +76,25 @@ class Session:
 
     # -- model calls
 
-    def _x0_fn(self, actions, poses):
-        def x0_fn(x, sigma):
-            s = torch.full(x.shape[:2], sigma, device=self.device, dtype=self.dtype)
-            v = self._forward(x, s, actions, poses, self.cache, write=False)
-            return x0_from_v(x, v, sigma)
-
-        return x0_fn
-
     def _sample(self, actions, poses, sigmas):
+        """Latents ``[B, Tb, C, h, w]`` and decoded frames uint8 ``[B, Tb, H, W, 3]`` of the next block."""
         cfg = self.model.dit.cfg
-        shape = (self.batch, actions.shape[1], cfg.latent_channels, cfg.latent_height, cfg.latent_width)
+        shape = (len(sigmas), self.batch, actions.shape[1], cfg.latent_channels, cfg.latent_height, cfg.latent_width)
         noise = torch.randn(shape, generator=self.generator, device=self.device, dtype=self.dtype)
-        return few_step_sample(self._x0_fn(actions, poses), noise, sigmas, self.generator)
+        sigmas = tuple(sigmas)
+
+        def sample(noise, actions, poses):
+            def x0_fn(x, sigma):
+                s = torch.full(x.shape[:2], sigma, device=self.device, dtype=self.dtype)
+                return x0_from_v(x, self.model.dit.forward_cached(x, s, actions, poses, self.cache), sigma)
+
+            latents = few_step_sample(x0_fn, noise[0], sigmas, renoise=noise[1:])
+            return latents, to_uint8(self.model.autoencoder.decode(latents))
+
+        if self._graphs is None:
+            return sample(noise, actions, poses)
+        key = ("sample", self.cache.frames, sigmas, shape)
+        return tuple(t.clone() for t in self._graphs(key, sample, (noise, actions, poses)))
 
     def _model_poses(self, poses: list[torch.Tensor]) -> torch.Tensor:
         """Poses ``[B, 4, 4]`` (float64, CPU) of the frame before a block and the block's frames ->
@@ -103,9 +108,27 @@ class Session:
         if self._pending is None:
             return
         latents, actions, poses = self._pending
-        zeros = torch.zeros(latents.shape[:2], device=self.device, dtype=self.dtype)
-        self._forward(latents, zeros, actions, poses, self.cache, write=True)
         self._pending = None
+        zeros = torch.zeros(latents.shape[:2], device=self.device, dtype=self.dtype)
+        if self._graphs is None:
+            self.model.dit.forward_cached(latents, zeros, actions, poses, self.cache, write=True)
+            return
+        cache = self.cache
+
+        def write(latents, zeros, actions, poses):
+            self.model.dit.forward_cached(latents, zeros, actions, poses, cache, write=True)
+            return ()
+
+        def save():
+            return cache.k.clone(), cache.v.clone(), cache.frames, cache.written
+
+        def restore(state):
+            cache.k.copy_(state[0])
+            cache.v.copy_(state[1])
+            cache.frames, cache.written = state[2], state[3]
+
+        self._graphs(("commit", cache.frames, tuple(latents.shape)), write, (latents, zeros, actions, poses), save, restore)
+        cache.advance(latents.shape[1])
 
     def _timed(self, fn):
         if self.device.type == "cuda":
@@ -132,8 +155,8 @@ class Session:
         poses = self._model_poses([state_to_pose(self.state)] * 2)
         actions = torch.zeros(self.batch, 1, self.model.action_spec.width, device=self.device, dtype=self.dtype)
         if start is None:
-            latents = self._sample(actions, poses, self.first_frame_steps)
-            frames = to_uint8(self._decode(latents))[:, 0]
+            latents, frames = self._sample(actions, poses, self.first_frame_steps)
+            frames = frames[:, 0]
         else:
             frames = as_start_frames(start, self.batch, *self.model.frame_size).to(self.device)
             latents = self.model.autoencoder.encode(to_model(frames[:, None], self.dtype))
@@ -172,8 +195,7 @@ class Session:
             poses.append(state_to_pose(self.state))
         poses = self._model_poses(poses)
         model_actions = normalize_actions(actions, spec).to(self.device, self.dtype)
-        latents = self._sample(model_actions, poses, self.steps)
-        frames = to_uint8(self._decode(latents))
+        latents, frames = self._sample(model_actions, poses, self.steps)
         if force_frame is not None:
             forced = torch.as_tensor(force_frame).to(self.device)
             forced = forced[:, None] if single else forced

@@ -127,24 +127,27 @@ def plucker_rays(poses: torch.Tensor, cfg: DiTConfig) -> torch.Tensor:
     return rearrange(rays, "b t y x c -> b t c y x")
 
 
-def rope_angles(positions: torch.Tensor, cfg: DiTConfig) -> torch.Tensor:
-    """Rotary angles for ``positions [L, 3]`` (time, row, col) -> ``[L, head_dim / 2]``."""
+def rope_rotation(positions: torch.Tensor, cfg: DiTConfig) -> torch.Tensor:
+    """Rotary factors (complex, unit modulus) for ``positions [L, 3]`` (time, row, col) -> ``[L, head_dim / 2]``.
+
+    A quarter of the pairs encode time, the rest rows and columns.
+    """
     half = cfg.head_dim // 2
     s_pairs = (half - half // 4) // 2
     splits = (half - 2 * s_pairs, s_pairs, s_pairs)
-    out = []
+    angles = []
     for axis, n in enumerate(splits):
         freqs = cfg.rope_theta ** (-torch.arange(n, device=positions.device, dtype=torch.float32) / max(n, 1))
-        out.append(positions[:, axis : axis + 1].float() * freqs)
-    return torch.cat(out, -1)
+        angles.append(positions[:, axis : axis + 1].float() * freqs)
+    angles = torch.cat(angles, -1)
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [B, H, L, hd]`` by ``angles [L, hd/2]`` (pairs: first half with second half)."""
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of ``x [B, H, L, hd]`` by ``rotation [L, hd/2]`` (complex), in float32 or better."""
     work = torch.promote_types(x.dtype, torch.float32)
-    x1, x2 = x.to(work).chunk(2, dim=-1)
-    cos, sin = angles.cos().to(work), angles.sin().to(work)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).to(x.dtype)
+    pairs = torch.view_as_complex(x.to(work).unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
 def token_positions(frame_positions: torch.Tensor, cfg: DiTConfig) -> torch.Tensor:
@@ -222,10 +225,10 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
         self.proj = nn.Linear(cfg.dim, cfg.dim)
 
-    def forward(self, x, angles, mask=None, cache=None, layer=0):
+    def forward(self, x, rotation, mask=None, cache=None, layer=0):
         """``x [B, L, D]`` -> ``[B, L, D]``; with ``cache`` the tokens also attend to its frames."""
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
-        q, k = apply_rope(self.q_norm(q), angles), apply_rope(self.k_norm(k), angles)
+        q, k = apply_rope(self.q_norm(q), rotation), apply_rope(self.k_norm(k), rotation)
         if cache is not None:
             k, v = cache.attend(layer, k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -244,10 +247,10 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
 
-    def forward(self, x, cond, angles, mask=None, cache=None, layer=0):
+    def forward(self, x, cond, rotation, mask=None, cache=None, layer=0):
         """``x [B, F*N, D]``, ``cond [B, F, D]`` (per-frame conditioning)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(cond)).chunk(6, -1)
-        x = x + gated(self.attn(modulate(self.norm1(x), shift1, scale1), angles, mask, cache, layer), gate1)
+        x = x + gated(self.attn(modulate(self.norm1(x), shift1, scale1), rotation, mask, cache, layer), gate1)
         return x + gated(self.mlp(modulate(self.norm2(x), shift2, scale2)), gate2)
 
 
@@ -301,7 +304,7 @@ class KVCache:
             src, dst, end = (sinks + overflow) * n, sinks * n, total * n
             shift = torch.zeros(1, 3, device=self.k.device)  # built on the device: capturable in a CUDA graph
             shift[:, 0] = -overflow
-            back = rope_angles(shift, self.cfg)
+            back = rope_rotation(shift, self.cfg)
             self.k[:, :, :, dst : end - overflow * n] = apply_rope(self.k[:, :, :, src:end], back)
             self.v[:, :, :, dst : end - overflow * n] = self.v[:, :, :, src:end].clone()
 
@@ -387,9 +390,9 @@ class WorldDiT(nn.Module):
             frame_pos = torch.cat([frame_pos, frame_pos])
             mode = "teacher_forcing"
         mask = token_mask(frame_mask(mode, t, cfg.block_size, x.device), cfg.tokens_per_frame)
-        angles = rope_angles(token_positions(frame_pos, cfg), cfg)
+        rotation = rope_rotation(token_positions(frame_pos, cfg), cfg)
         for block in self.blocks:
-            tokens = block(tokens, cond, angles, mask)
+            tokens = block(tokens, cond, rotation, mask)
         return self._unpatchify(tokens[:, -t * cfg.tokens_per_frame :], cond[:, -t:], t)
 
     # -- cached, block by block (inference and self-forcing rollouts)
@@ -414,9 +417,9 @@ class WorldDiT(nn.Module):
         rays = plucker_rays(poses.float(), cfg)[:, 1:]
         tokens, cond = self._embed(x, sigma, actions, rays, cond_keep)
         frame_pos = torch.arange(cache.frames, cache.frames + tb, device=x.device)
-        angles = rope_angles(token_positions(frame_pos, cfg), cfg)
+        rotation = rope_rotation(token_positions(frame_pos, cfg), cfg)
         for layer, block in enumerate(self.blocks):
-            tokens = block(tokens, cond, angles, None, cache, layer)
+            tokens = block(tokens, cond, rotation, None, cache, layer)
         if write:
             cache.roll(tb)
             cache.advance(tb)

@@ -55,70 +55,64 @@ def positive_int(text: str) -> int:
     return value
 
 
-def episode_name(world: str, seed: int, map_name: str | None) -> str:
-    return f"{world}-{map_name}-{seed:07d}" if map_name else f"{world}-{seed:07d}"
-
-
 def collect(args) -> None:
-    """Play ``args.episodes`` episodes of ``args.frames`` frames, ``args.batch`` at a time, into ``args.out``."""
+    """Play ``args.episodes`` episodes of ``args.frames`` frames, ``args.batch`` at a time, into ``args.out``.
+
+    Episode i plays the i-th seed of the split from ``--seed``; Doom plays the split's maps.
+    """
     from worldmodel.envs import make_world
     from worldmodel.envs.policies import make_policy
 
     seeds = split_seeds(args.split, args.episodes, args.seed)
-    maps = doom_maps(args.split) if args.world == "doom" else None
-    map_of = {s: maps[i % len(maps)] for i, s in enumerate(seeds)} if maps else {s: None for s in seeds}
     out = Path(args.out)
-    names = {s: episode_name(args.world, s, map_of[s]) for s in seeds}
-    existing = [n for n in names.values() if (out / n).exists()]
+    names = [f"{args.world}-{s:07d}" for s in seeds]
+    existing = [n for n in names if (out / n).exists()]
     if existing:
         raise CliError(f"{out} already holds {len(existing)} of these episodes (e.g. {existing[0]}); "
                        f"choose another --out or --seed")
     options = {}
     if args.size is not None:
         options["height"], options["width"] = args.size
+    if args.world == "doom":
+        options["maps"] = list(doom_maps(args.split))
     batch = min(args.batch, args.episodes)
-    progress = tqdm(total=args.episodes * args.frames, unit="frame", unit_scale=True, desc=f"collect {args.world}")
-    for first in range(0, args.episodes, batch):
-        chunk = seeds[first : first + batch]
-        padded = chunk + [chunk[-1]] * (batch - len(chunk))  # the last batch may be short: extra items are discarded
-        world_options = dict(options)
-        if maps:
-            world_options["maps"] = [map_of[s] for s in padded]
-        world = make_world(args.world, batch=batch, device=args.device, **world_options)
-        try:
-            policy = make_policy(args.policy, world.action_spec, batch=batch, seed=chunk[0])
-            play_into_episodes(world, policy, padded, args, out, names, map_of, len(chunk), progress)
-        finally:
-            world.close()
-    progress.close()
+    world = make_world(args.world, batch=batch, device=args.device, **options)
+    try:
+        with tqdm(total=args.episodes * args.frames, unit="frame", unit_scale=True, desc=f"collect {args.world}") as bar:
+            for first in range(0, args.episodes, batch):
+                chunk = seeds[first : first + batch]
+                padded = chunk + [chunk[-1]] * (batch - len(chunk))  # a short last batch: extra items are dropped
+                policy = make_policy(args.policy, world.action_spec, batch=batch, seed=chunk[0])
+                extra = {"policy": args.policy, "policy_seed": chunk[0], "split": args.split, "world_options": options}
+                metas = [EpisodeMeta(world.action_spec, world.controller, fps=world.fps, height=world.height,
+                                     width=world.width, source=args.world, seed=s, extra=extra) for s in chunk]
+                paths = [out / n for n in names[first : first + batch]]
+                record(world, policy, padded, args.frames, list(zip(paths, metas)), bar)
+    finally:
+        world.close()
     print(f"wrote {args.episodes} episodes of {args.frames} frames to {out}")
 
 
-def play_into_episodes(world, policy, seeds, args, out, names, map_of, keep, progress) -> None:
-    """Reset ``world`` to ``seeds`` and record its first ``keep`` batch items, ``args.frames`` steps each."""
+def record(world, policy, seeds: list[int], frames: int, episodes: list[tuple[Path, EpisodeMeta]], bar) -> None:
+    """Reset ``world`` to ``seeds`` and write its first ``len(episodes)`` batch items, ``frames`` steps each."""
     writers = []
     try:
-        for i, s in enumerate(seeds[:keep]):
-            extra = {"policy": args.policy, "policy_seed": seeds[0], "split": args.split}
-            if map_of[s]:
-                extra["map"] = map_of[s]
-            meta = EpisodeMeta(world.action_spec, world.controller, fps=world.fps, height=world.height,
-                               width=world.width, source=args.world, seed=s, extra=extra)
-            writers.append(EpisodeWriter(out / names[s], meta))
+        for path, meta in episodes:
+            writers.append(EpisodeWriter(path, meta))
         step = world.reset(seeds)
         action = torch.zeros(world.batch, world.action_spec.width)
-        for t in range(args.frames):
+        for t in range(frames):
             if t > 0:
                 action = policy(t, step)
                 step = world.step(action)
-            frames, actions = step.frames.cpu(), action.float().cpu()
+            images, actions = step.frames.cpu(), action.float().cpu()
             commanded, true = step.commanded_pose.float().cpu(), step.true_pose.float().cpu()
-            for i, w in enumerate(writers):
-                w.append(frames[i], actions[i], commanded[i], true[i], t / world.fps)
-            progress.update(keep)
+            for i, writer in enumerate(writers):
+                writer.append(images[i], actions[i], commanded[i], true[i], t / world.fps)
+            bar.update(len(writers))
     finally:
-        for w in writers:
-            w.close()
+        for writer in writers:
+            writer.close()
 
 
 def contact_sheet(frames: np.ndarray, indices: list[int], cols: int, scale: int) -> Image.Image:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import struct
 import warnings
@@ -79,19 +80,25 @@ class EpisodeMeta:
     length: int | None = None  # number of steps, set when the writer closes
 
     def __post_init__(self):
+        for name in ("height", "width", "seed", "length"):  # numpy integers from worlds become plain ints
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                object.__setattr__(self, name, int(value))
+        if isinstance(self.fps, numbers.Real) and not isinstance(self.fps, bool):
+            object.__setattr__(self, "fps", float(self.fps))
         if not isinstance(self.action_spec, ActionSpec):
             raise EpisodeError(f"meta action_spec must be an ActionSpec, got {type(self.action_spec).__name__}")
         if not isinstance(self.controller, ControllerSpec):
             raise EpisodeError(f"meta controller must be a ControllerSpec, got {type(self.controller).__name__}")
-        if not (isinstance(self.fps, (int, float)) and math.isfinite(self.fps) and self.fps > 0):
+        if not (isinstance(self.fps, float) and math.isfinite(self.fps) and self.fps > 0):
             raise EpisodeError(f"meta fps must be a positive number, got {self.fps!r}")
         for name in ("height", "width"):
             value = getattr(self, name)
-            if not (isinstance(value, int) and 0 < value < 65536):
+            if not (isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536):
                 raise EpisodeError(f"meta {name} must be an integer in 1..65535, got {value!r}")
         if not (isinstance(self.source, str) and self.source):
             raise EpisodeError(f"meta source must be a non-empty string, got {self.source!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise EpisodeError(f"meta seed must be an integer or None, got {self.seed!r}")
         if not isinstance(self.extra, dict):
             raise EpisodeError(f"meta extra must be a dict, got {type(self.extra).__name__}")
@@ -477,7 +484,7 @@ def _decode_step(data: bytes, start: int, stop: int, step: int, meta: EpisodeMet
     true = np.frombuffer(data, np.float32, 16, pos + POSE_BYTES).reshape(4, 4)
     pos += 2 * POSE_BYTES
     try:
-        raw = zlib.decompress(data[pos:stop])
+        raw = zlib.decompress(memoryview(data)[pos:stop])
     except zlib.error as e:
         raise EpisodeError(f"episode {path}: step {step} frame does not decompress: {e}") from None
     if len(raw) != h * w * 3:

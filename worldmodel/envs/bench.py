@@ -34,16 +34,19 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"))
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile the procedural renderer")
+    p.add_argument("--chunk", type=int, default=64, help="procedural: batch items rendered at once")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     options = {} if args.size is None else {"height": args.size[0], "width": args.size[1]}
     if args.world == "procedural":
-        options["device"] = args.device
+        options.update(device=args.device, compile=args.compile, chunk=args.chunk)
     world = make_world(args.world, batch=args.batch, **options)
     fps = measure(world, args.steps)
     where = torch.cuda.get_device_name() if args.device == "cuda" and args.world == "procedural" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"{args.world} {world.width}x{world.height} batch {args.batch} on {where}: {fps:,.0f} frames/s")
+    extra = f", compiled, chunk {args.chunk}" if args.compile else f", chunk {args.chunk}"
+    print(f"{args.world} {world.width}x{world.height} batch {args.batch} on {where}{extra if args.world == 'procedural' else ''}: {fps:,.0f} frames/s")
     world.close()
 
 

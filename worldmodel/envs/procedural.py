@@ -201,13 +201,15 @@ class ProceduralWorld(World):
     fps = 20
 
     def __init__(self, batch: int = 1, height: int = 128, width: int = 128, device="cpu", chunk: int = 64,
-                 action_spec: ActionSpec | None = None, controller: ControllerSpec | None = None):
+                 action_spec: ActionSpec | None = None, controller: ControllerSpec | None = None, compile: bool = False):
         super().__init__(batch, height, width, action_spec or ActionSpec(), controller or ControllerSpec())
         self.device = torch.device(device)
         self.chunk = chunk  # batch items rendered at once (bounds memory: about chunk * H * W * 50 * 4 bytes)
         self.rays = camera_rays(height, width, 90.0, self.device)
         self.scene = None
         self.true: CameraState | None = None
+        # torch.compile fuses the renderer's hundreds of elementwise ops (GPU data generation)
+        self._render_fn = torch.compile(render, dynamic=False) if compile else render
 
     def _render(self) -> torch.Tensor:
         eye = self.true.position.to(self.device, torch.float32)
@@ -217,7 +219,7 @@ class ProceduralWorld(World):
         for i in range(0, self.batch, self.chunk):
             sl = slice(i, i + self.chunk)
             part = {k: v[sl] for k, v in self.scene.items()}
-            out.append(render(part, eye[sl], yaw[sl], pitch[sl], self.rays, self.height, self.width))
+            out.append(self._render_fn(part, eye[sl], yaw[sl], pitch[sl], self.rays, self.height, self.width))
         return torch.cat(out).cpu()
 
     def _result(self) -> WorldStep:
