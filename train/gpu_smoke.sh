@@ -20,7 +20,8 @@ PRESET=${SMOKE_PRESET:-default}
 SECONDS_PER_STAGE=${SMOKE_SECONDS:-60}
 DISTILL_STEPS=${SMOKE_DISTILL_STEPS:-300}   # steps of 3a and 3b (the same for both)
 ODE_BATCHES=${SMOKE_ODE_BATCHES:-100}        # stored trajectory batches of 3b (x data.batch clips)
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
+DEVICE=${SMOKE_DEVICE:-cuda}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 DATA="$OUT/episodes"
@@ -29,7 +30,7 @@ COMMON=("preset=$PRESET" data.source=recordings "data.recordings=$DATA" run.log_
 
 record_episodes() {
   [ -d "$DATA" ] && return
-  if ! "$PY" -m worldmodel.data collect --world procedural --episodes 64 --frames 80 --batch 16 --out "$DATA"; then
+  if ! "$PY" -m worldmodel.data collect --world procedural --episodes 64 --frames 80 --batch 64 --device "$DEVICE" --out "$DATA"; then
     echo "no world could run here: writing synthetic 128x128 episodes instead"
     rm -rf "$DATA"
     "$PY" - "$DATA" <<'EOF'
