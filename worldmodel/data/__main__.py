@@ -6,6 +6,7 @@
     python -m worldmodel.data sheet EPISODE --out sheet.png [--every K] [--cols C] [--scale S]
     python -m worldmodel.data video EPISODE --out video.mp4 [--scale S]
     python -m worldmodel.data info EPISODE
+    python -m worldmodel.data bench EPISODE      (write/read frames/s and bytes/frame of a copy)
 
 Bad inputs print one line ``error: ...`` and exit with status 2.
 """
@@ -24,7 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from worldmodel.data.episode import EpisodeFile, EpisodeMeta, EpisodeWriter
+from worldmodel.data.episode import STEPS_NAME, EpisodeFile, EpisodeMeta, EpisodeWriter
 from worldmodel.data.splits import SPLITS, doom_maps, split_seeds
 
 LABEL_HEIGHT = 12
@@ -78,7 +79,7 @@ def collect(args) -> None:
     batch = min(args.batch, args.episodes)
     world = make_world(args.world, batch=batch, device=args.device, **options)
     try:
-        with tqdm(total=args.episodes * args.frames, unit="frame", unit_scale=True, desc=f"collect {args.world}") as bar:
+        with tqdm(total=args.episodes * args.frames, unit="frame", desc=f"collect {args.world}") as bar:
             for first in range(0, args.episodes, batch):
                 chunk = seeds[first : first + batch]
                 padded = chunk + [chunk[-1]] * (batch - len(chunk))  # a short last batch: extra items are dropped
@@ -176,6 +177,33 @@ def info(args) -> None:
     print(f"status: {episode.status}")
 
 
+def bench(args) -> None:
+    """Print write and read throughput and bytes per frame, re-writing ``args.episode`` into a temporary copy."""
+    import tempfile
+    import time
+
+    source = EpisodeFile(args.episode).read()
+    if len(source) == 0:
+        raise CliError(f"episode {args.episode} has no readable steps")
+    frames, actions = source.frames.numpy(), source.actions.numpy()
+    commanded, true = source.commanded_poses.numpy(), source.true_poses.numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        with EpisodeWriter(Path(tmp) / "copy", source.meta) as writer:
+            for t in range(len(source)):
+                writer.append(frames[t], actions[t], commanded[t], true[t], float(source.timestamps[t]))
+        write_s = time.perf_counter() - start
+        start = time.perf_counter()
+        copy = EpisodeFile(Path(tmp) / "copy").read()
+        read_s = time.perf_counter() - start
+        if not torch.equal(copy.frames, source.frames):
+            raise CliError("the re-written copy does not read back bit-exact")
+        size = (Path(tmp) / "copy" / STEPS_NAME).stat().st_size
+    n, m = len(source), source.meta
+    print(f"{n} frames {m.height}x{m.width}: write {n / write_s:.0f} frames/s, read {n / read_s:.0f} frames/s "
+          f"({read_s:.3f} s for all), {size / n:.0f} bytes/frame on disk ({size / frames.nbytes:.1%} of raw)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m worldmodel.data", description="Collect and inspect recordings.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -207,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=positive_int, default=4, help="nearest-neighbour upscale factor")
     p.set_defaults(run=video)
 
+    p = sub.add_parser("bench", help="measure write/read speed and size on disk with a copy of an episode")
+    p.add_argument("episode")
+    p.set_defaults(run=bench)
+
     p = sub.add_parser("info", help="print an episode's meta, length and recovery status")
     p.add_argument("episode")
     p.set_defaults(run=info)
@@ -226,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print("interrupted; episodes written so far are closed and readable", file=sys.stderr)
+            return 130
     return 0
 
 

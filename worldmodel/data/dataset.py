@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from worldmodel.data.episode import META_NAME, EpisodeError, EpisodeFile
-from worldmodel.data.splits import HELDOUT_SEED_START, SPLITS, SplitError
+from worldmodel.data.episode import META_NAME, EpisodeFile
+from worldmodel.data.splits import HELDOUT_SEED_START, SPLITS, SplitError, doom_maps
 
 
 class DatasetError(ValueError):
@@ -133,7 +133,7 @@ def world_seeds(rng: np.random.Generator, split: str, n: int) -> list[int]:
 class WorldClipStream(IterableDataset):
     """Endless batches of clips ``[B, T, ...]`` played out in a world by an exploration policy.
 
-    Each batch resets the world to ``batch`` fresh seeds of ``split``, runs a random warm-up of
+    Each batch resets the world to ``batch`` fresh seeds of ``split`` (Doom: plays the split's maps), runs a random warm-up of
     0..``max_warmup`` steps (so clips do not all start at a reset), then records ``clip_len`` frames.
     A clip that starts at the reset has an all-zero first action. Seeded: every DataLoader worker
     and distributed rank draws its own stream (see :func:`stream_seed`). Use ``batch_size=None`` in
@@ -168,7 +168,10 @@ class WorldClipStream(IterableDataset):
 
         seed = stream_seed(self.seed)
         rng = np.random.default_rng(seed)
-        world = make_world(self.world_name, batch=self.batch, device=self.device, **self.world_options)
+        options = dict(self.world_options)
+        if self.world_name == "doom":
+            options.setdefault("maps", list(doom_maps(self.split)))
+        world = make_world(self.world_name, batch=self.batch, device=self.device, **options)
         try:
             batches = itertools.count() if self.num_batches is None else range(self.num_batches)
             for b in batches:

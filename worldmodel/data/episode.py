@@ -189,6 +189,8 @@ class Episode:
             "true_poses": (t, 4, 4),
             "timestamps": (t,),
         }
+        if self.frames.dtype != torch.uint8:
+            raise EpisodeError(f"episode frames must be uint8, got {self.frames.dtype}")
         for name, shape in expected.items():
             got = tuple(getattr(self, name).shape)
             if got != shape:
@@ -246,7 +248,7 @@ class EpisodeWriter:
     an existing episode. Not thread-safe: one writer per thread.
     """
 
-    def __init__(self, path, meta: EpisodeMeta, fsync_every: int = 100, compress_level: int = 1):
+    def __init__(self, path, meta: EpisodeMeta, fsync_every: int = 100, compress_level: int = 6):
         self.path = Path(path)
         if meta.length is not None:
             meta = replace(meta, length=None)
