@@ -140,6 +140,13 @@ def test_checkpoint_round_trip(tiny, tmp_path):
     checkpoint.save(half, tiny, dtype=torch.float16)
     assert half.stat().st_size < path.stat().st_size * 0.6
     checkpoint.load(half)
+    sharded = tmp_path / "shipped" / "model.safetensors"
+    files = checkpoint.save(sharded, tiny, max_shard_mib=path.stat().st_size / 3 / 2**20)
+    assert len(files) >= 3 and not sharded.exists() and all(f.stat().st_size < path.stat().st_size / 2 for f in files)
+    assert all(torch.equal(a, b) for a, b in zip(checkpoint.load(sharded).state_dict().values(), tiny.state_dict().values()))
+    files[1].unlink()
+    with pytest.raises(CheckpointError, match="missing shard"):
+        checkpoint.load(sharded)
 
 
 def test_bad_checkpoints_give_clear_errors(tiny, tmp_path):

@@ -1,7 +1,10 @@
-"""WorldModel checkpoints: one safetensors file, the configuration in its metadata.
+"""WorldModel checkpoints: safetensors, the configuration in the metadata.
 
-Writes are atomic (temp file + rename). Loading checks the file, the format, the configuration
-and every tensor's shape, and raises :class:`CheckpointError` with one line naming the problem.
+A checkpoint is one file ``NAME.safetensors``, or, when saved with ``max_shard_mib``, shards
+``NAME-01-of-03.safetensors``... beside each other (each with the full metadata); ``load`` takes
+``NAME.safetensors`` either way. Writes are atomic (temp file + rename). Loading checks the
+files, the format, the configuration and every tensor's shape, and raises
+:class:`CheckpointError` with one line naming the problem.
 """
 
 from __future__ import annotations
@@ -39,8 +42,15 @@ def atomic_save_file(tensors: dict, path: str | os.PathLike, metadata: dict[str,
         tmp.unlink(missing_ok=True)
 
 
-def save(path: str | os.PathLike, model: WorldModel, dtype: torch.dtype | None = None, extra: dict | None = None) -> None:
-    """Write ``model`` (weights cast to ``dtype`` if given, e.g. torch.float16 for shipping)."""
+def shard_paths(path: str | os.PathLike, count: int) -> list[Path]:
+    path = Path(path)
+    return [path.with_name(f"{path.stem}-{k:02d}-of-{count:02d}{path.suffix}") for k in range(1, count + 1)]
+
+
+def save(path: str | os.PathLike, model: WorldModel, dtype: torch.dtype | None = None, extra: dict | None = None,
+         max_shard_mib: float | None = None) -> list[Path]:
+    """Write ``model`` (weights cast to ``dtype`` if given, e.g. torch.float16 for shipping), as
+    shards of at most ``max_shard_mib`` if given and needed. Returns the files written."""
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in model.state_dict().items()}
     metadata = {
         "format": FORMAT,
@@ -48,14 +58,42 @@ def save(path: str | os.PathLike, model: WorldModel, dtype: torch.dtype | None =
         "config": json.dumps(OmegaConf.to_container(model.config, resolve=True)),
         "extra": json.dumps(extra or {}),
     }
-    atomic_save_file(state, path, metadata)
+    limit = None if max_shard_mib is None else max_shard_mib * 2**20
+    shards, size = [{}], 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if limit is not None and size + nbytes > limit and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        atomic_save_file(state, path, metadata)
+        return [Path(path)]
+    paths = shard_paths(path, len(shards))
+    for shard_path, shard in zip(paths, shards):
+        atomic_save_file(shard, shard_path, metadata)
+    return paths
+
+
+def checkpoint_files(path: str | os.PathLike) -> list[Path]:
+    """The file(s) of the checkpoint ``path``: itself, or its complete set of shards."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    found = sorted(path.parent.glob(f"{path.stem}-*-of-*{path.suffix}"))
+    if not found:
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    count = int(found[0].stem.rsplit("-of-", 1)[1])
+    missing = [p.name for p in shard_paths(path, count) if not p.is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is missing shard(s) {missing}")
+    return shard_paths(path, count)
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The checkpoint's metadata (format, version, config dict, extra dict), validated."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    path = checkpoint_files(path)[0]
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -78,10 +116,12 @@ def load(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float
         model = WorldModel(OmegaConf.create(meta["config"]))
     except ValueError as e:
         raise CheckpointError(f"{path}: bad model config: {e}") from None
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a valid safetensors checkpoint (corrupt or truncated): {e}") from None
+    state = {}
+    for file in checkpoint_files(path):
+        try:
+            state.update(load_file(str(file)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file} is not a valid safetensors checkpoint (corrupt or truncated): {e}") from None
     check_state(model.state_dict(), state, path)
     model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
     return model.to(device).eval()
