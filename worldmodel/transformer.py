@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
+from kernels.norm_modulate import norm_modulate
 from worldmodel.camera import relative_motion
 
 
@@ -238,9 +239,7 @@ class Attention(nn.Module):
 class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
         hidden = int(cfg.dim * cfg.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, cfg.dim))
         self.ada = nn.Linear(cfg.dim, 6 * cfg.dim)
@@ -250,8 +249,8 @@ class DiTBlock(nn.Module):
     def forward(self, x, cond, rotation, mask=None, cache=None, layer=0):
         """``x [B, F*N, D]``, ``cond [B, F, D]`` (per-frame conditioning)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(cond)).chunk(6, -1)
-        x = x + gated(self.attn(modulate(self.norm1(x), shift1, scale1), rotation, mask, cache, layer), gate1)
-        return x + gated(self.mlp(modulate(self.norm2(x), shift2, scale2)), gate2)
+        x = x + gated(self.attn(norm_modulate(x, shift1, scale1), rotation, mask, cache, layer), gate1)
+        return x + gated(self.mlp(norm_modulate(x, shift2, scale2)), gate2)
 
 
 class KVCache:
@@ -323,7 +322,6 @@ class WorldDiT(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
         self.action_embed = nn.Sequential(nn.Linear(cfg.action_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
-        self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Linear(d, 2 * d)
         self.final = nn.Linear(d, c * p * p)
         for zero in (self.camera_embed, self.action_embed[-1], self.final_ada, self.final):
@@ -349,7 +347,7 @@ class WorldDiT(nn.Module):
     def _unpatchify(self, tokens, cond, frames):
         cfg = self.cfg
         shift, scale = self.final_ada(F.silu(cond)).chunk(2, -1)
-        out = self.final(modulate(self.final_norm(tokens), shift, scale))
+        out = self.final(norm_modulate(tokens, shift, scale))
         gh, gw = cfg.latent_height // cfg.patch_size, cfg.latent_width // cfg.patch_size
         return rearrange(
             out, "b (t y x) (c p q) -> b t c (y p) (x q)", t=frames, y=gh, x=gw, p=cfg.patch_size, q=cfg.patch_size

@@ -1,0 +1,151 @@
+"""Synchronous frame source of the client: a model session, a ground-truth world, or both side by side.
+
+Every reset and step returns a :class:`Generated` with the panels to show (left to right: world,
+model) and what the recorder needs. Seeds make runs reproducible: a reset with seed ``s`` reseeds
+the session's sampler and resets the world with ``s``, so the same seed and actions give the
+same frames (this is what replay relies on).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from worldmodel.flow import sigma_grid
+
+START_FRAMES = Path(__file__).resolve().parent.parent / "assets" / "start_frames"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass
+class Generated:
+    """One frame of the client. ``panels``: uint8 [H, W, 3] arrays, left to right; ``frame`` is the one
+    recorded (the model's, or the world's without a model). ``action`` [A] (zeros after a reset),
+    ``commanded_pose`` [4, 4], ``true_pose`` [4, 4] or None, ``generate_s`` the wall time it took."""
+
+    index: int
+    panels: list[np.ndarray]
+    frame: np.ndarray
+    action: torch.Tensor
+    commanded_pose: torch.Tensor
+    true_pose: torch.Tensor | None
+    seed: int
+    start: str
+    steps: int
+    generate_s: float
+
+
+def steps_schedule(n: int, default: list[float]) -> list[float]:
+    """``n`` noise levels for the few-step sampler: ``default`` itself when it has ``n``; otherwise the
+    points of a shifted uniform grid (``flow.sigma_grid``) whose shift reproduces ``default``'s second level."""
+    if n < 1:
+        raise ValueError(f"steps per frame must be at least 1, got {n}")
+    if n == len(default):
+        return list(default)
+    shift = 1.0
+    if len(default) >= 2:
+        u, s = 1.0 - 1.0 / len(default), default[1]  # unshifted and shifted second level
+        shift = s * (1.0 - u) / (u * (1.0 - s))
+    return [float(v) for v in sigma_grid(n, shift)[:-1]]
+
+
+def start_images(world: str, directory: Path = START_FRAMES) -> list[Path]:
+    """Shipped start frames for ``world``: ``assets/start_frames/<world>/*.png`` (sorted), else none."""
+    folder = directory / world
+    return sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+
+
+class FrameGenerator:
+    """Drives ``session`` (a worldmodel Session, batch 1) and/or ``world`` (a worldmodel World, batch 1)."""
+
+    def __init__(self, session=None, world=None, start_frames: list[Path] = ()):
+        if session is None and world is None:
+            raise ValueError("a frame generator needs a session, a world, or both")
+        self.session = session
+        self.world = world
+        self.start_frames = list(start_frames)
+        self.default_steps = list(session.steps) if session is not None else []
+        self.steps = len(self.default_steps)
+        self.spec = session.model.action_spec if session is not None else world.action_spec
+        self.controller = session.model.controller if session is not None else world.controller
+        if session is not None:
+            self.height, self.width = session.model.frame_size
+        else:
+            self.height, self.width = world.height, world.width
+        if session is not None and world is not None and (world.height, world.width) != (self.height, self.width):
+            raise ValueError(
+                f"world {world.name} makes {world.width}x{world.height} frames but the model makes "
+                f"{self.width}x{self.height}; they cannot run side by side"
+            )
+
+    @property
+    def panel_count(self) -> int:
+        return (self.world is not None) + (self.session is not None)
+
+    @property
+    def mode(self) -> str:
+        return " | ".join(n for n, on in (("world", self.world), ("model", self.session)) if on is not None)
+
+    def use_steps(self, sigmas: list[float]) -> None:
+        """Sample with exactly these noise levels (e.g. a recording's)."""
+        if self.session is not None:
+            self.session.steps = sigmas
+            self.steps = len(sigmas)
+
+    def set_steps(self, n: int) -> None:
+        if self.session is not None and n != self.steps:
+            self.session.steps = steps_schedule(n, self.default_steps)
+            self.steps = n
+
+    def commit(self) -> None:
+        """Let the session write its last frame into the KV cache now (idle time), not at the next step."""
+        if self.session is not None:
+            self.session.commit()
+
+    def start_for(self, seed: int) -> Path | None:
+        """The shipped start frame for ``seed`` (they take turns), or None when none ship."""
+        return self.start_frames[seed % len(self.start_frames)] if self.start_frames else None
+
+    def reset(self, seed: int, start=None) -> Generated:
+        """A new world from ``seed``. ``start``: an image path, uint8 [H, W, 3], or None (the model
+        generates the first frame). With a world, the world's first frame is the start."""
+        t0 = time.perf_counter()
+        panels, true_pose, commanded = [], None, None
+        kind = "generated"
+        if self.world is not None:
+            ws = self.world.reset([seed])
+            panels.append(ws.frames[0].numpy())
+            true_pose, commanded = ws.true_pose[0], ws.commanded_pose[0]
+            start, kind = ws.frames[0], "world"
+        if self.session is not None:
+            if kind != "world":
+                kind = "generated" if start is None else ("image" if isinstance(start, (str, Path)) else "frame")
+            self.session.generator.manual_seed(seed)
+            panels.append(self.session.reset(start)[0].numpy())
+            if commanded is None:
+                commanded = self.session.pose[0].cpu()
+        self.seed, self.index = seed, 0
+        self.start = f"image:{start}" if kind == "image" else kind
+        return Generated(0, panels, panels[-1], torch.zeros(self.spec.width), commanded, true_pose, seed,
+                         self.start, self.steps, time.perf_counter() - t0)
+
+    def step(self, action: torch.Tensor) -> Generated:
+        """The next frame after ``action`` [A]."""
+        t0 = time.perf_counter()
+        panels, true_pose, commanded = [], None, None
+        batch_action = action[None].float()
+        if self.world is not None:
+            ws = self.world.step(batch_action)
+            panels.append(ws.frames[0].numpy())
+            true_pose, commanded = ws.true_pose[0], ws.commanded_pose[0]
+        if self.session is not None:
+            panels.append(self.session.step(batch_action)[0].numpy())
+            if commanded is None:
+                commanded = self.session.pose[0].cpu()
+        self.index += 1
+        return Generated(self.index, panels, panels[-1], action.clone(), commanded, true_pose, self.seed, self.start,
+                         self.steps, time.perf_counter() - t0)
