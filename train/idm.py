@@ -88,6 +88,24 @@ def sample_batch(data: dict, batch: int, generator: torch.Generator, device) -> 
     return prev, cur, targets
 
 
+def mirror(prev: torch.Tensor, cur: torch.Tensor, targets: dict, flip: torch.Tensor, keys: tuple[str, ...]) -> tuple:
+    """Left-right mirror the pairs where ``flip [N]`` (bool): images flipped, strafe keys A and D swapped,
+    horizontal mouse motion, yaw change and sideways translation negated. A mirrored world is as
+    plausible as the original, so this doubles the variety of training pairs."""
+    sign = torch.where(flip, -1.0, 1.0).to(prev.device)[:, None]
+    f = flip.to(prev.device)[:, None, None, None]
+    prev, cur = torch.where(f, prev.flip(-1), prev), torch.where(f, cur.flip(-1), cur)
+    out = {name: value.clone() for name, value in targets.items()}
+    if "A" in keys and "D" in keys:
+        a, d = keys.index("A"), keys.index("D")
+        swapped = out["keys"].clone()
+        swapped[:, [a, d]] = out["keys"][:, [d, a]]
+        out["keys"] = torch.where(flip.to(prev.device)[:, None], swapped, out["keys"])
+    for name, column in (("mouse", 0), ("yaw_pitch", 0), ("translation", 0)):
+        out[name][:, column] = out[name][:, column] * sign[:, 0]
+    return prev, cur, out
+
+
 def train(idm: InverseDynamics, data: dict, steps: int, batch: int, lr: float, seed: int, device) -> list[float]:
     """AdamW with a cosine learning-rate decay; returns the loss every step."""
     idm.to(device).train()
@@ -96,8 +114,10 @@ def train(idm: InverseDynamics, data: dict, steps: int, batch: int, lr: float, s
     generator = torch.Generator().manual_seed(seed)
     losses = []
     bar = tqdm(range(steps), desc="train IDM")
+    keys = idm.cfg.action_spec.keys
     for _ in bar:
         prev, cur, targets = sample_batch(data, batch, generator, device)
+        prev, cur, targets = mirror(prev, cur, targets, torch.rand(batch, generator=generator) < 0.5, keys)
         loss, parts = idm_loss(idm(prev, cur), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -106,6 +126,16 @@ def train(idm: InverseDynamics, data: dict, steps: int, batch: int, lr: float, s
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}", keys=f"{parts['keys']:.3f}")
     return losses
+
+
+def prior_predictions(idm: InverseDynamics, data: dict, batch: int, pairs: int) -> dict[str, torch.Tensor]:
+    """The best constant guess ``[batch, pairs, ...]`` in physical units (as :meth:`InverseDynamics.predict`):
+    the majority of each key, the mean mouse motion, turn and translation of the training pairs."""
+    scales = idm.scales()
+    guess = {"keys": (data["keys"].flatten(0, 1).mean(0) > 0.5).float() * 20 - 10}
+    for name in ("mouse", "yaw_pitch", "translation"):
+        guess[name] = data[name].flatten(0, 1).mean(0) * scales[name]
+    return {k: v.expand(batch, pairs, -1) for k, v in guess.items()}
 
 
 def parse_args(argv):
@@ -152,6 +182,9 @@ def main(argv=None) -> int:
                                       args.seed + 1)
             scores[split] = controllability(idm.predict(episodes["frames"]), episodes["actions"], episodes["poses"],
                                             len(spec.keys))
+            if split == "heldout":
+                prior = prior_predictions(idm, data, *episodes["actions"][:, 1:].shape[:2])
+                scores["heldout_constant_guess"] = controllability(prior, episodes["actions"], episodes["poses"], len(spec.keys))
         idm.cfg = replace(cfg, extra={
             "steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed,
             "train_pairs": args.episodes * (args.episode_len - 1),

@@ -205,13 +205,6 @@ def token_mask(frames: torch.Tensor | None, tokens_per_frame: int) -> torch.Tens
 # ----------------------------------------------------------------------------- network
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x [B, F*N, D]`` modulated per frame by ``shift, scale [B, F, D]``."""
-    f = shift.shape[1]
-    x = rearrange(x, "b (f n) d -> b f n d", f=f)
-    return rearrange(x * (1 + scale[:, :, None]) + shift[:, :, None], "b f n d -> b (f n) d")
-
-
 def gated(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``x [B, F*N, D]`` times the per-frame ``gate [B, F, D]``."""
     return (rearrange(x, "b (f n) d -> b f n d", f=gate.shape[1]) * gate[:, :, None]).flatten(1, 2)

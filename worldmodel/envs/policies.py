@@ -1,94 +1,172 @@
 """Seeded exploration policies whose actions look like play, not per-frame noise.
 
-A policy is a sequence of segments (hold some keys and turn at some rate for 5-80 frames): walk,
-turn while walking, stop and look around, strafe, sprint, back up, turn round and walk back (a
-revisit). Mouse motion follows each segment's target rate through a low-pass filter, so turns
-start and end smoothly. Each policy name is a different mix of segment kinds; ``mix`` gives every
-batch item one of them, chosen by its seed.
+A policy strings together segments of 5-90 frames, each holding a set of keys and a mouse
+profile: walk (with a little wobble), walk while turning, sprint, stop, look around (turn out and
+back again: the view is revisited), look up/down, strafe, circle-strafe, back up, and turn round
+followed by walking back the way it came (a revisit). Mouse motion follows each segment's
+profile through a low-pass filter, in integer counts like a real mouse, so turns start and end
+smoothly; pitch is pulled back towards level. When the world blocks the walk (the true pose
+barely moves while the commanded one walks on, e.g. against a wall), the segment ends and the
+policy turns away, like a player would.
+
+Each policy name weighs the segment kinds differently; ``mix`` gives every batch item one policy,
+chosen from its own seed. Item i of ``make_policy(name, spec, batch, seed)`` depends only on
+(name, seed, i) and on what its world shows it, not on the batch size.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 
 from worldmodel.actions import ActionSpec
 
-SEGMENTS = ("walk", "walk_turn", "look", "strafe", "sprint", "back", "turn_around", "stop")
+SEGMENTS = ("walk", "walk_turn", "sprint", "stop", "look_around", "look_vertical", "strafe", "circle", "back",
+            "turn_around")
 POLICIES = {
-    "walker": {"walk": 4, "walk_turn": 3, "sprint": 1, "stop": 1, "turn_around": 1},
-    "looker": {"look": 4, "walk": 2, "walk_turn": 1, "stop": 1},
-    "strafer": {"strafe": 4, "walk": 2, "look": 1, "back": 1},
-    "explorer": {"walk": 3, "walk_turn": 3, "sprint": 2, "back": 1, "turn_around": 2, "look": 1, "strafe": 1},
+    "walker": {"walk": 5, "walk_turn": 3, "sprint": 1, "stop": 1, "look_around": 1, "turn_around": 1},
+    "looker": {"look_around": 4, "look_vertical": 2, "walk": 2, "walk_turn": 1, "stop": 2, "turn_around": 1},
+    "strafer": {"strafe": 4, "circle": 2, "walk": 2, "back": 1, "look_around": 1, "stop": 1},
+    "explorer": {"walk": 3, "walk_turn": 3, "sprint": 2, "back": 1, "turn_around": 2, "look_around": 2,
+                 "look_vertical": 1, "strafe": 1, "circle": 1, "stop": 1},
 }
+CONSTANT, OUT_AND_BACK, BUMP = 0, 1, 2  # mouse profiles: steady rate; sine (nets to zero); sin^2 bump to a target angle
+SMOOTHING = 0.3  # low-pass factor of the mouse towards its target each frame
+LEVEL_PULL = 0.04  # fraction of the accumulated pitch (in counts) pulled back per frame
+STUCK_WINDOW = 8  # frames over which a blocked walk is detected
+STUCK_RATIO = 0.25  # true displacement below this fraction of the commanded one means blocked
 
 
 class PolicyError(ValueError):
-    """An unknown policy name."""
+    """An unknown policy name or a bad argument."""
 
 
-def _segment(kind: str, rng: np.random.Generator) -> dict:
-    """Keys held, target mouse rates (counts/frame) and length of one segment."""
-    turn = rng.choice([-1, 1]) * rng.uniform(3, 25)
-    seg = {
-        "walk": ({"W"}, 0.0, 0.0, (20, 80)),
-        "walk_turn": ({"W"}, turn, 0.0, (10, 40)),
-        "look": (set(), turn * 1.5, rng.normal(0, 6), (10, 40)),
-        "strafe": ({rng.choice(["A", "D"])} | ({"W"} if rng.random() < 0.4 else set()), turn * 0.3, 0.0, (10, 40)),
-        "sprint": ({"W", "SHIFT"}, turn * 0.3, 0.0, (15, 50)),
-        "back": ({"S"}, 0.0, 0.0, (5, 20)),
-        "turn_around": (set(), 0.0, 0.0, (18, 22)),  # rate set below: half a turn, then walking back
-        "stop": (set(), 0.0, 0.0, (5, 30)),
-    }[kind]
-    keys, dx, dy, (lo, hi) = seg
-    return {"kind": kind, "keys": keys, "dx": dx, "dy": dy, "left": int(rng.integers(lo, hi + 1))}
+def draw_segment(kind: str, rng: np.random.Generator, mouse_scale: float) -> dict:
+    """Keys held, mouse profile (counts/frame) and length of one segment of ``kind``."""
+    counts = lambda radians: radians / mouse_scale  # noqa: E731
+    side = float(rng.choice([-1.0, 1.0]))
+    turn = side * counts(rng.uniform(0.012, 0.06))  # radians per frame -> counts per frame
+    seg = {"keys": (), "dx": 0.0, "dy": 0.0, "profile": CONSTANT, "length": 20}
+    if kind == "walk":
+        seg.update(keys=("W",), dx=0.15 * turn, length=rng.integers(20, 91))
+    elif kind == "walk_turn":
+        seg.update(keys=("W",), dx=turn, length=rng.integers(10, 41))
+    elif kind == "sprint":
+        seg.update(keys=("W", "SHIFT"), dx=0.3 * turn, length=rng.integers(15, 51))
+    elif kind == "stop":
+        seg.update(length=rng.integers(5, 31))
+    elif kind == "look_around":  # turn out by up to ~100 degrees and back again
+        length = int(rng.integers(16, 51))
+        peak = counts(rng.uniform(0.5, 1.8)) * math.pi / (2 * length)  # peak rate of a sine that turns out this far
+        seg.update(dx=side * peak, profile=OUT_AND_BACK, length=length)
+    elif kind == "look_vertical":
+        length = int(rng.integers(16, 41))
+        peak = counts(rng.uniform(0.3, 0.9)) * math.pi / (2 * length)
+        seg.update(dy=side * peak, dx=0.2 * turn, profile=OUT_AND_BACK, length=length)
+    elif kind == "strafe":
+        keys = (str(rng.choice(["A", "D"])),) + (("W",) if rng.random() < 0.35 else ())
+        seg.update(keys=keys, dx=0.2 * turn, length=rng.integers(10, 41))
+    elif kind == "circle":  # strafe round something while turning towards it
+        key = str(rng.choice(["A", "D"]))
+        seg.update(keys=(key,), dx=(1.0 if key == "A" else -1.0) * abs(turn), length=rng.integers(20, 61))
+    elif kind == "back":
+        seg.update(keys=("S",), length=rng.integers(5, 21))
+    elif kind == "turn_around":
+        length = int(rng.integers(12, 26))
+        total = counts(math.pi + rng.uniform(-0.35, 0.35))
+        seg.update(dx=side * total * 2 / length, profile=BUMP, length=length)  # mean of sin^2 is 1/2
+    else:
+        raise PolicyError(f"unknown segment kind {kind!r}")
+    seg["length"] = int(seg["length"])
+    return seg
 
 
 class Policy:
-    """Actions ``[B, A]`` for each step; ``policy(step_index, world_step=None)``."""
+    """Actions ``[B, A]`` for each step: ``policy(step_index, world_step=None)``.
+
+    ``world_step`` (the world's last WorldStep) is optional; with it, blocked walks end early.
+    """
 
     def __init__(self, names: list[str], action_spec: ActionSpec, seeds: list[int]):
-        self.spec = action_spec
-        self.names = names
+        b = len(names)
+        self.spec, self.names = action_spec, names
         self.rngs = [np.random.default_rng(s) for s in seeds]
-        self.segments = [None] * len(seeds)
-        self.mouse = np.zeros((len(seeds), 2))
-        self.pitch_counts = np.zeros(len(seeds))  # mouse dy integrated, to keep the gaze near level
+        self.weights = [(list(POLICIES[n]), np.array(list(POLICIES[n].values()), float)) for n in names]
+        self.keys = np.zeros((b, len(action_spec.keys)), np.float32)
+        self.rate = np.zeros((b, 2))  # the segment's mouse rate (dx, dy), counts/frame
+        self.profile = np.zeros(b, np.int64)
+        self.length = np.ones(b, np.int64)
+        self.age = np.ones(b, np.int64)  # frames into the current segment; >= length: draw a new one
+        self.walked = np.zeros(b, np.int64)  # frames walked forward since the last turn round
+        self.forced: list[str | None] = [None] * b  # the kind the next segment must have
+        self.mouse = np.zeros((b, 2))  # low-passed mouse (counts/frame)
+        self.pitch = np.zeros(b)  # accumulated dy counts (to pull the gaze back to level)
+        self.history: list[tuple[np.ndarray, np.ndarray]] = []  # (commanded, true) xz positions per step
 
-    def _next_segment(self, i: int) -> dict:
-        weights = POLICIES[self.names[i]]
-        kinds = list(weights)
-        p = np.array([weights[k] for k in kinds], dtype=float)
-        seg = _segment(kinds[self.rngs[i].choice(len(kinds), p=p / p.sum())], self.rngs[i])
-        if seg["kind"] == "turn_around":
-            seg["dx"] = np.pi / (self.spec.mouse_scale * seg["left"]) * self.rngs[i].choice([-1, 1])
-        return seg
+    def _start_segment(self, i: int, kind: str | None = None):
+        """Begin a new segment for item i: ``kind``, else a forced follow-up, else a weighted draw."""
+        rng = self.rngs[i]
+        walk_back = kind is None and self.forced[i] == "walk"
+        if kind is None:
+            kind, self.forced[i] = self.forced[i], None
+        if kind is None:
+            kinds, w = self.weights[i]
+            kind = kinds[rng.choice(len(kinds), p=w / w.sum())]
+        seg = draw_segment(kind, rng, self.spec.mouse_scale)
+        if walk_back:  # after turning round, walk back about as far as it came
+            seg["length"] = int(np.clip(self.walked[i], 10, 90))
+            self.walked[i] = 0
+        if kind == "turn_around":
+            self.forced[i] = "walk"
+        self.keys[i] = [1.0 if k in seg["keys"] else 0.0 for k in self.spec.keys]
+        self.rate[i] = seg["dx"], seg["dy"]
+        self.profile[i], self.length[i], self.age[i] = seg["profile"], seg["length"], 0
+
+    def _blocked(self, world_step) -> np.ndarray:
+        """Items whose walk has been blocked for the last STUCK_WINDOW frames."""
+        b = len(self.names)
+        if world_step is None:
+            return np.zeros(b, bool)
+        commanded = world_step.commanded_pose[:, [0, 2], 3].double().cpu().numpy()
+        true = world_step.true_pose[:, [0, 2], 3].double().cpu().numpy()
+        self.history = (self.history + [(commanded, true)])[-(STUCK_WINDOW + 1):]
+        if len(self.history) <= STUCK_WINDOW:
+            return np.zeros(b, bool)
+        (c0, t0), (c1, t1) = self.history[0], self.history[-1]
+        wanted, got = np.linalg.norm(c1 - c0, axis=1), np.linalg.norm(t1 - t0, axis=1)
+        return (wanted > 1e-6) & (got < STUCK_RATIO * wanted) & (self.age >= STUCK_WINDOW)
 
     def __call__(self, step_index: int, world_step=None) -> torch.Tensor:
-        actions = torch.zeros(len(self.rngs), self.spec.width)
-        for i, rng in enumerate(self.rngs):
-            seg = self.segments[i]
-            if seg is None or seg["left"] <= 0:
-                seg = self.segments[i] = self._next_segment(i)
-            seg["left"] -= 1
-            level = -0.05 * self.pitch_counts[i]  # drift back towards a level gaze
-            target = np.array([seg["dx"], seg["dy"] + level]) + rng.normal(0, 0.8, 2)
-            smooth = 1.0 if seg["kind"] == "turn_around" else 0.25
-            self.mouse[i] += smooth * (target - self.mouse[i])
-            dx, dy = np.round(self.mouse[i])
-            self.pitch_counts[i] += dy
-            for key in seg["keys"]:
-                if key in self.spec.keys:
-                    actions[i, self.spec.key_index(key)] = 1.0
-            actions[i, -2], actions[i, -1] = float(dx), float(dy)
-        return actions
+        blocked = self._blocked(world_step)
+        for i in np.flatnonzero((self.age >= self.length) | blocked):
+            if blocked[i]:  # turn away from what blocks the walk, then walk a little
+                self.walked[i] = 0
+            self._start_segment(i, "turn_around" if blocked[i] else None)
+        phase = (self.age + 0.5) / self.length
+        shape = np.select([self.profile == OUT_AND_BACK, self.profile == BUMP],
+                          [np.sin(2 * np.pi * phase), 2 * np.sin(np.pi * phase) ** 2], 1.0)
+        target = self.rate * shape[:, None]
+        target[:, 1] -= LEVEL_PULL * self.pitch
+        self.mouse += SMOOTHING * (target - self.mouse)
+        mouse = np.round(self.mouse)
+        self.pitch += mouse[:, 1]
+        if "W" in self.spec.keys:
+            self.walked += self.keys[:, self.spec.key_index("W")].astype(np.int64)
+        self.age += 1
+        return torch.from_numpy(np.concatenate([self.keys, mouse.astype(np.float32)], 1))
 
 
 def make_policy(name: str, action_spec: ActionSpec, batch: int = 1, seed: int = 0) -> Policy:
     """``name``: one of POLICIES, or "mix" (each batch item draws one from its own seed)."""
-    seeds = [seed * 1_000_003 + i for i in range(batch)]
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise PolicyError(f"batch must be a positive integer, got {batch!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise PolicyError(f"seed must be a non-negative integer, got {seed!r}")
+    seeds = [[int(seed), i] for i in range(batch)]  # SeedSequence entropy: independent streams per item
     if name == "mix":
-        names = [list(POLICIES)[np.random.default_rng(s).integers(len(POLICIES))] for s in seeds]
+        names = [list(POLICIES)[np.random.default_rng([int(seed), i, 1]).integers(len(POLICIES))] for i in range(batch)]
     elif name in POLICIES:
         names = [name] * batch
     else:
