@@ -21,15 +21,21 @@ stage() { local name=$1 seconds=$2; shift 2
 stage autoencoder "${AE_S:-70}" optim.lr=3e-4
 stage teacher "${TEACHER_S:-150}" optim.lr=3e-4 "init.autoencoder=$RUNS/autoencoder/model.safetensors"
 stage ar_teacher "${AR_S:-90}" "init.teacher=$RUNS/teacher/model.safetensors"
-stage causal_cd "${CD_S:-70}" "init.teacher=$RUNS/ar_teacher/model.safetensors"
-stage dmd "${DMD_S:-90}" "init.student=$RUNS/causal_cd/model.safetensors" "init.teacher=$RUNS/teacher/model.safetensors"
-for run in autoencoder teacher ar_teacher causal_cd dmd; do
-  tail -1 "$RUNS/$run/log.jsonl" | python3 -c "import json,sys; r=json.load(sys.stdin); print('$run', {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})" || true
-done | tee "$OUT/stages.txt"
-python3 - "$RUNS/dmd/model.safetensors" "$OUT/model.safetensors" <<'PY'
+export_student() {  # export_student RUN: the run's model as fp16 shards in $OUT, with the stage logs
+  for run in autoencoder teacher ar_teacher causal_cd dmd; do
+    [ -f "$RUNS/$run/log.jsonl" ] && tail -1 "$RUNS/$run/log.jsonl" | python3 -c "import json,sys; r=json.load(sys.stdin); print('$run', {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})"
+  done > "$OUT/stages.txt"
+  python3 - "$RUNS/$1/model.safetensors" "$OUT/$MODEL_NAME.safetensors" <<'PY'
 import sys, torch
 from worldmodel import checkpoint
 model = checkpoint.load(sys.argv[1])
 for f in checkpoint.save(sys.argv[2], model, dtype=torch.float16, max_shard_mib=15):
     print("wrote", f, f.stat().st_size // 2**20, "MiB")
 PY
+}
+MODEL_NAME=${MODEL_NAME:-procedural}
+stage causal_cd "${CD_S:-70}" "init.teacher=$RUNS/ar_teacher/model.safetensors"
+export_student causal_cd  # a usable 2-step student even if the DMD stage does not finish in time
+stage dmd "${DMD_S:-90}" "init.student=$RUNS/causal_cd/model.safetensors" "init.teacher=$RUNS/teacher/model.safetensors"
+export_student dmd
+cat "$OUT/stages.txt"
