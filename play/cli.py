@@ -151,12 +151,14 @@ def load_model(args):
     if args.untrained:
         model = build_model(preset=args.preset, world=args.world or DEFAULT_WORLD, seed=args.model_seed)
         return model, f"untrained:{args.preset}", args.model_seed
-    from worldmodel.checkpoint import load
+    from worldmodel.checkpoint import CheckpointError, checkpoint_files, load
 
     path = args.checkpoint
     if path is None:
         path = SHIPPED_MODELS / f"{args.world or DEFAULT_WORLD}.safetensors"
-        if not path.is_file():
+        try:
+            checkpoint_files(path)  # one file or a complete set of shards
+        except CheckpointError:
             raise PlayError(f"no shipped model at {path}; pass --checkpoint PATH, or --untrained to play a "
                             f"randomly initialised model (--preset tiny|default)")
     return load(path, device=args.device), str(path), None

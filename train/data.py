@@ -138,8 +138,12 @@ class StepBatches:
 
     def _info(self) -> DataInfo:
         if self.dataset is not None:
+            from worldmodel.envs import WORLDS
+
+            sources = {e.meta.source for e in self.dataset.episodes}
             meta = self.dataset.episodes[0].meta
-            return DataInfo("custom", meta.action_spec, meta.controller, meta.height, meta.width, float(meta.fps))
+            source = meta.source if len(sources) == 1 and meta.source in WORLDS else "custom"
+            return DataInfo(source, meta.action_spec, meta.controller, meta.height, meta.width, float(meta.fps))
         from worldmodel.envs import make_world
 
         try:

@@ -469,6 +469,8 @@ class Trainer:
         self.updates[name] += 1
         if name in self.stage.ema():
             ema_module, decay = self.stage.ema()[name]
+            # warm-up: the EMA averages over at most the updates made so far (short runs stay usable)
+            decay = min(decay, (1 + self.updates[name]) / (10 + self.updates[name]))
             alg.ema_update(list(ema_module.parameters()) + list(ema_module.buffers()),
                            list(module.parameters()) + list(module.buffers()), decay)
         return {f"{name}/grad_norm": norm.detach(), f"{name}/lr": torch.tensor(lr)}
