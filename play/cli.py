@@ -24,6 +24,7 @@ from play.backend import BACKENDS, BackendError, display_problem, open_backend
 from play.generator import FrameGenerator, start_images
 from play.recorder import Recorder, play_meta
 from play.renderer import FILTERS, PANEL_GAP
+from worldmodel.cli_args import parse_size, positive_int
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHIPPED_MODELS = ASSETS / "models"
@@ -34,22 +35,6 @@ WINDOW_HEIGHT = 512  # default window height in pixels; the width follows the fr
 
 class PlayError(ValueError):
     """Options that cannot be used together, or a missing file."""
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like WIDTHxHEIGHT (e.g. 960x540), got {text!r}") from None
-    if w < 1 or h < 1:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    return w, h
-
-
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
 
 
 def positive_float(text: str) -> float:

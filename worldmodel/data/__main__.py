@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from worldmodel.cli_args import parse_size, positive_int
 from worldmodel.data.episode import STEPS_NAME, EpisodeFile, EpisodeMeta, EpisodeWriter
 from worldmodel.data.splits import SPLITS, doom_maps, split_seeds
 
@@ -33,27 +34,6 @@ LABEL_HEIGHT = 12
 
 class CliError(ValueError):
     """A command-line argument that cannot be used."""
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``"HxW"`` -> (H, W)."""
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like HxW (e.g. 64x64), got {text!r}") from None
-    if h < 1 or w < 1:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    return h, w
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def collect(args) -> None:
@@ -73,7 +53,7 @@ def collect(args) -> None:
                        f"choose another --out or --seed")
     options = {}
     if args.size is not None:
-        options["height"], options["width"] = args.size
+        options["width"], options["height"] = args.size
     if args.world == "doom":
         options["maps"] = list(doom_maps(args.split))
     batch = min(args.batch, args.episodes)
@@ -218,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=positive_int, default=16, help="episodes played at once by one batched world")
     p.add_argument("--device", default="cpu")
     p.add_argument("--split", choices=SPLITS, default="train")
-    p.add_argument("--size", type=parse_size, default=None, help="frame size HxW (default: the world's)")
+    p.add_argument("--size", type=parse_size, default=None, help="frame size WIDTHxHEIGHT (default: the world's)")
     p.set_defaults(run=collect)
 
     p = sub.add_parser("sheet", help="write a PNG contact sheet of an episode")
