@@ -106,9 +106,9 @@ def heldout_episodes(settings: EvalSettings, which: str, count: int, length: int
 
     block = (settings.seed * len(SEED_BLOCKS) + SEED_BLOCKS[which]) * 10_000
     seeds = heldout_seeds(count, start=block)
-    world = make_world(settings.world, batch=count, **heldout_options(settings))
+    world = make_world(settings.world, batch=count, device=settings.device, **heldout_options(settings))
     try:
-        policy = make_policy("mix", world.action_spec, batch=count, seed=block + settings.seed)
+        policy = make_policy("mix", world.action_spec, batch=count, seed=block)
         clip = play_clip(world, policy, seeds, 0, length)
     finally:
         world.close()
@@ -134,7 +134,7 @@ def replay(settings: EvalSettings, seeds: list[int], actions: torch.Tensor) -> t
     """Frames uint8 ``[B, T, H, W, 3]`` the world shows for ``seeds`` under ``actions [B, T, A]`` (open loop)."""
     from worldmodel.envs import make_world
 
-    world = make_world(settings.world, batch=len(seeds), **heldout_options(settings))
+    world = make_world(settings.world, batch=len(seeds), device=settings.device, **heldout_options(settings))
     try:
         frames = [world.reset(seeds).frames]
         frames += [world.step(actions[:, t]).frames for t in range(1, actions.shape[1])]
@@ -436,6 +436,11 @@ def markdown(report: dict, title: str) -> str:
             for name, r in fid["rows"].items()]
     out += [table(header, rows), "", "![fidelity](fidelity.png)", ""]
     out += ["## Controllability (inverse-dynamics model; errors are mean absolute, translation in world units)", ""]
+    idm_heldout = report["idm"].get("accuracy", {}).get("heldout")
+    if idm_heldout:
+        out += [f"The IDM ({report['idm']['world']}, {report['idm']['frame_size'][0]}x{report['idm']['frame_size'][1]}) "
+                f"scored key accuracy {fmt(idm_heldout['key_accuracy'])}, yaw error {fmt(idm_heldout['yaw_error_deg'])} deg, "
+                f"translation error {fmt(idm_heldout['translation_error'])} on its own held-out episodes.", ""]
     out += [table(["frames"] + list(CONTROL_COLUMNS),
                   [[name] + [r[c] for c in CONTROL_COLUMNS] for name, r in report["controllability"].items()]), ""]
     out += ["## Swap test (rollout under own actions closer to ground truth than under another clip's)", ""]

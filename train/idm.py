@@ -2,11 +2,12 @@
 held-out worlds and store it with its config and held-out accuracy in the safetensors metadata.
 
     python -m train.idm --world procedural --out assets/idm/procedural.safetensors
-        [--steps 1500 --batch 64 --episodes 128 --episode-len 40 --heldout-episodes 32 --seed 0 --device cpu]
+        [--steps 2000 --batch 64 --episodes 256 --episode-len 40 --heldout-episodes 32 --seed 0 --device cpu]
 
 Episodes come from training seeds (procedural) or training maps (Doom), played by the "mix"
-exploration policy from a reset; held-out accuracy uses held-out seeds / maps. Frames are
-downsampled to the IDM's internal size once, when collected (the model would do the same).
+exploration policy from a reset; held-out accuracy uses held-out seeds / maps (next to the accuracy
+of the best constant guess). Frames are downsampled to the IDM's internal size once, when collected
+(the model would do the same); half of each batch is mirrored left-right (:func:`mirror`).
 """
 
 from __future__ import annotations
@@ -142,10 +143,10 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m train.idm", description="Train the inverse-dynamics model for evaluation.")
     p.add_argument("--world", required=True, choices=["procedural", "doom"])
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--episodes", type=int, default=128, help="training episodes")
+    p.add_argument("--episodes", type=int, default=256, help="training episodes")
     p.add_argument("--episode-len", type=int, default=40)
     p.add_argument("--heldout-episodes", type=int, default=32)
     p.add_argument("--world-batch", type=int, default=16, help="episodes played at once")

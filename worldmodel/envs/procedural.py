@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange
@@ -61,7 +62,6 @@ KIND_SLICES = {  # objects are stored in kind blocks along N
     CYLINDER: slice(N_BOXES + N_WALLS + N_SPHERES, N_BOXES + N_WALLS + N_SPHERES + N_PILLARS + N_LANDMARKS),
 }
 N_OBJECTS = KIND_SLICES[CYLINDER].stop
-OP_COST = {BOX: 22, SPHERE: 9, CYLINDER: 20}  # rough elementwise ops per ray and object of each kind
 KINDS = torch.tensor([BOX] * (N_BOXES + N_WALLS) + [SPHERE] * N_SPHERES + [CYLINDER] * (N_PILLARS + N_LANDMARKS))
 
 
@@ -148,14 +148,43 @@ def stack_scenes(seeds: list[int], device) -> dict[str, torch.Tensor]:
     return {k: torch.stack([s[k] for s in scenes]).to(device) for k in scenes[0]}
 
 
-def camera_rays(height: int, width: int, fov_degrees: float = FOV_DEGREES, device=None) -> torch.Tensor:
-    """Unit ray directions ``[H*W, 3]`` through pixel centres, camera axes (OpenCV: x right, y down, z forward)."""
-    focal = (width / 2) / math.tan(math.radians(fov_degrees) / 2)  # pixels, square pixels
-    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5 - width / 2) / focal
-    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5 - height / 2) / focal
-    y, x = torch.meshgrid(ys, xs, indexing="ij")
-    d = rearrange(torch.stack([x, y, torch.ones_like(x)], -1), "h w c -> (h w) c")
-    return d / d.norm(dim=-1, keepdim=True)
+def tile_size(n: int, most: int = 32) -> int:
+    """The largest divisor of ``n`` that is at most ``most`` (screen tiles are this many pixels)."""
+    return max(d for d in range(1, min(n, most) + 1) if n % d == 0)
+
+
+@dataclass
+class RayTiles:
+    """Pixel rays grouped in screen tiles: ``rays [T, R, 3]`` (unit, camera axes, row-major within a tile),
+    ``bounds [T, 4]`` (x_lo, x_hi, y_lo, y_hi: the tile's extent as tangents x/z and y/z), tile grid and sizes."""
+
+    rays: torch.Tensor
+    bounds: torch.Tensor
+    grid: tuple[int, int]  # tiles down, tiles across
+    size: tuple[int, int]  # pixels per tile: height, width
+    pixel_angle: float  # radians per pixel at the centre
+
+    @classmethod
+    def make(cls, height: int, width: int, fov_degrees: float = FOV_DEGREES, device=None) -> "RayTiles":
+        focal = (width / 2) / math.tan(math.radians(fov_degrees) / 2)  # pixels (square pixels)
+        th, tw = tile_size(height), tile_size(width)
+        xs = (torch.arange(width, dtype=torch.float64) + 0.5 - width / 2) / focal
+        ys = (torch.arange(height, dtype=torch.float64) + 0.5 - height / 2) / focal
+        y, x = torch.meshgrid(ys, xs, indexing="ij")
+        d = torch.stack([x, y, torch.ones_like(x)], -1)
+        d = d / d.norm(dim=-1, keepdim=True)
+        rays = rearrange(d, "(ty th) (tx tw) c -> (ty tx) (th tw) c", th=th, tw=tw)
+        edge_x = (torch.arange(0, width + 1, tw, dtype=torch.float64) - width / 2) / focal
+        edge_y = (torch.arange(0, height + 1, th, dtype=torch.float64) - height / 2) / focal
+        ty, tx = height // th, width // tw
+        bounds = torch.stack([edge_x[:-1].repeat(ty), edge_x[1:].repeat(ty),
+                              edge_y[:-1].repeat_interleave(tx), edge_y[1:].repeat_interleave(tx)], -1)
+        return cls(rays.float().to(device), bounds.float().to(device), (ty, tx), (th, tw), 1.0 / focal)
+
+    def image(self, colour: torch.Tensor) -> torch.Tensor:
+        """``colour [B, T, R, C]`` -> ``[B, H, W, C]``."""
+        (ty, tx), (th, tw) = self.grid, self.size
+        return rearrange(colour, "b (ty tx) (th tw) c -> b (ty th) (tx tw) c", ty=ty, tx=tx, th=th, tw=tw)
 
 
 def nearest_copies(center: torch.Tensor, period: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
@@ -165,78 +194,61 @@ def nearest_copies(center: torch.Tensor, period: torch.Tensor, origin: torch.Ten
     return origin[:, None] + torch.cat([wrapped[..., :1], offset[..., 1:2], wrapped[..., 2:]], -1)
 
 
-def visible_objects(center: torch.Tensor, size: torch.Tensor, fog_scale: torch.Tensor, rotation: torch.Tensor,
-                    origin: torch.Tensor, tan_x: float, tan_y: float) -> torch.Tensor:
-    """Bool ``[B, N]``: the object's bounding sphere meets the view frustum within the fog distance."""
-    rel = center - origin[:, None]
-    cam = torch.einsum("bij,bni->bnj", rotation, rel)  # R^T rel: centres in camera axes
-    x, y, z = cam.unbind(-1)
-    radius = size.norm(dim=-1)
-    side_x, side_y = radius * math.sqrt(1 + tan_x**2), radius * math.sqrt(1 + tan_y**2)
-    in_frustum = (z > -radius) & (x.abs() - tan_x * z < side_x) & (y.abs() - tan_y * z < side_y)
-    return in_frustum & (rel.norm(dim=-1) - radius < FOG_END / fog_scale)
+def visible_in_tiles(centers, size, fog_scale, rotation, origin, bounds) -> torch.Tensor:
+    """Bool ``[B, T, N]``: the object's bounding sphere meets tile t's frustum within the fog distance.
 
-
-def gather_visible(visible: torch.Tensor, offset: int):
-    """Indices ``[B, K]`` (plus ``offset``) of the visible objects of one kind and their validity ``[B, K]``."""
-    count = visible.sum(1)
-    k = int(count.max())
-    order = torch.argsort(visible.to(torch.int32), dim=1, descending=True, stable=True)[:, :k]
-    valid = torch.arange(k, device=visible.device) < count[:, None]
-    return order + offset, valid
-
-
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x [B, N, C]`` at ``index [B, M]`` -> ``[B, M, C]``."""
-    return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
-
-
-def box_hits(origin, inv_dir, center, half):
-    """Distances ``[B, R, K]`` to axis-aligned boxes (slab test; inf where missed or behind).
-
-    origin ``[B, 3]``, inv_dir ``[B, R, 3]`` (1 / ray direction), center and half ``[B, K, 3]``.
+    centers ``[B, N, 3]`` (world), size ``[B, N, 3]`` half extents, rotation ``[B, 3, 3]`` world-from-camera,
+    origin ``[B, 3]``, bounds ``[T, 4]`` tile tangents (see RayTiles). Conservative: never drops a visible object.
     """
-    lo = (center - half - origin[:, None])[:, None]  # [B, 1, K, 3]
-    hi = (center + half - origin[:, None])[:, None]
-    t0, t1 = lo * inv_dir[:, :, None], hi * inv_dir[:, :, None]  # [B, R, K, 3]
+    rel = centers - origin[:, None]
+    x, y, z = (v[:, None] for v in torch.einsum("bij,bni->bnj", rotation, rel).unbind(-1))  # camera axes [B, 1, N]
+    radius = size.norm(dim=-1)[:, None]
+    x_lo, x_hi, y_lo, y_hi = (v[None, :, None] for v in bounds.unbind(-1))  # [1, T, 1]
+    inside = ((x - x_hi * z < radius * (1 + x_hi * x_hi).sqrt()) & (x_lo * z - x < radius * (1 + x_lo * x_lo).sqrt())
+              & (y - y_hi * z < radius * (1 + y_hi * y_hi).sqrt()) & (y_lo * z - y < radius * (1 + y_lo * y_lo).sqrt()))
+    near = (z > -radius) & (rel.norm(dim=-1) - size.norm(dim=-1) < FOG_END / fog_scale)[:, None]
+    return inside & near
+
+
+def box_hits(origin, direction, center, half):
+    """Distances ``[P, R]`` along rays ``direction [P, R, 3]`` (unit) from ``origin [P, 3]`` to the axis-aligned
+    boxes ``center, half [P, 3]`` (slab test); inf where missed, behind, or with the origin inside."""
+    inv = 1.0 / torch.where(direction.abs() < 1e-9, torch.full_like(direction, 1e-9), direction)
+    t0 = (center - half - origin)[:, None] * inv
+    t1 = (center + half - origin)[:, None] * inv
     t_in = torch.minimum(t0, t1).amax(-1)
     t_out = torch.maximum(t0, t1).amin(-1)
     return torch.where((t_in <= t_out) & (t_in > EPS), t_in, math.inf)
 
 
 def sphere_hits(origin, direction, center, radius):
-    """Distances ``[B, R, K]`` to spheres (front surface only); direction ``[B, R, 3]`` unit, radius ``[B, K]``."""
-    oc = origin[:, None] - center  # [B, K, 3]
-    half_b = torch.bmm(direction, oc.transpose(1, 2))  # [B, R, K]
-    c = ((oc * oc).sum(-1) - radius * radius)[:, None]
-    disc = half_b * half_b - c
+    """Distances ``[P, R]`` to spheres ``center [P, 3]``, ``radius [P]`` (front surface; inf where missed)."""
+    oc = origin - center
+    half_b = torch.bmm(direction, oc[:, :, None])[..., 0]
+    disc = half_b * half_b - ((oc * oc).sum(-1) - radius * radius)[:, None]
     t = -half_b - disc.clamp_min(0).sqrt()
     return torch.where((disc > 0) & (t > EPS), t, math.inf)
 
 
-def cylinder_hits(origin, direction, inv_dir_y, center, radius, half_height, caps: bool = True):
-    """Distances ``[B, R, K]`` to vertical capped cylinders seen from outside.
-
-    center ``[B, K, 3]`` (mid-height), radius and half_height ``[B, K]``; inv_dir_y ``[B, R, 1]``;
-    ``caps=False`` skips the top caps (right when no camera is above any of these cylinders).
-    """
-    oc = (origin[:, None] - center)[..., [0, 2]]  # [B, K, 2]
-    d_xz = direction[..., [0, 2]]  # [B, R, 2]
-    a = (d_xz * d_xz).sum(-1, keepdim=True).clamp_min(1e-12)  # [B, R, 1]
-    half_b = torch.bmm(d_xz, oc.transpose(1, 2))  # [B, R, K]
-    c = ((oc * oc).sum(-1) - radius * radius)[:, None]
-    disc = half_b * half_b - a * c
+def cylinder_hits(origin, direction, center, radius, half_height, caps: bool = True):
+    """Distances ``[P, R]`` to vertical capped cylinders seen from outside: ``center [P, 3]`` (mid-height),
+    ``radius, half_height [P]``. ``caps=False`` skips the top caps (right when no origin is above a top)."""
+    oc = (origin - center)[:, [0, 2]]
+    d_xz = direction[..., [0, 2]]
+    a = (d_xz * d_xz).sum(-1).clamp_min(1e-12)
+    half_b = torch.bmm(d_xz, oc[:, :, None])[..., 0]
+    disc = half_b * half_b - a * ((oc * oc).sum(-1) - radius * radius)[:, None]
     t_side = (-half_b - disc.clamp_min(0).sqrt()) / a
-    y_rel = (origin[:, 1:2] - center[..., 1])[:, None] + t_side * direction[..., 1:2]  # hit height vs the middle
+    y_rel = (origin[:, 1] - center[:, 1])[:, None] + t_side * direction[..., 1]  # hit height from the middle
     t_side = torch.where((disc > 0) & (t_side > EPS) & (y_rel.abs() <= half_height[:, None]), t_side, math.inf)
-    top = center[..., 1] - half_height  # [B, K]; y points down, so the top cap has the smaller y
     if not caps:
         return t_side
-    above = (origin[:, 1:2] < top)[:, None]  # only the top cap can face a camera outside the cylinder
-    t_cap = (top - origin[:, 1:2])[:, None] * inv_dir_y
-    px = oc[..., 0][:, None] + t_cap * direction[..., 0:1]
-    pz = oc[..., 1][:, None] + t_cap * direction[..., 2:3]
-    cap = above & (t_cap > EPS) & (px * px + pz * pz <= (radius * radius)[:, None])
+    top = center[:, 1] - half_height  # y points down: the top cap has the smaller y
+    dy = direction[..., 1]
+    t_cap = (top - origin[:, 1])[:, None] / torch.where(dy.abs() < 1e-9, torch.full_like(dy, 1e-9), dy)
+    px = oc[:, 0:1] + t_cap * direction[..., 0]
+    pz = oc[:, 1:2] + t_cap * direction[..., 2]
+    cap = (origin[:, 1] < top)[:, None] & (t_cap > EPS) & (px * px + pz * pz <= (radius * radius)[:, None])
     return torch.where(cap, torch.minimum(t_cap, t_side), t_side)
 
 
@@ -245,90 +257,68 @@ def smoothstep(x: torch.Tensor) -> torch.Tensor:
     return x * x * (3 - 2 * x)
 
 
-def shade(scene, origin, direction, t_obj, index, centers, pixel_angle: float) -> torch.Tensor:
-    """Colours ``[B, R, 3]`` in [0, 1] for rays ``direction [B, R, 3]`` from ``origin [B, 3]``.
+def fogged(colour, t, fog_scale, horizon):
+    """``colour [M, 3]`` seen at distance ``t [M]`` through fog (``fog_scale`` times as dense) of colour ``horizon``."""
+    fog = smoothstep((t * fog_scale - FOG_START) / (FOG_END - FOG_START))[:, None]
+    return colour + (horizon - colour) * fog
 
-    ``t_obj, index [B, R]``: distance to and index of the nearest object (inf where none);
-    ``centers [B, N, 3]``: the object copies that were intersected.
+
+def shade_sky(direction, origin, sun, zenith, horizon, clouds):
+    """Sky colours ``[M, 3]``: horizon-to-zenith gradient, sun disc and glow, clouds on a plane 40 units up.
+
+    direction, origin, sun, zenith, horizon ``[M, 3]``; clouds ``[M, 3]`` (cover, u offset, v offset).
     """
-    dx, dy, dz = direction.unbind(-1)
-    ox, oy, oz = (v[:, None] for v in origin.unbind(-1))
-    sun, horizon, zenith = scene["sun"][:, None], scene["horizon"][:, None], scene["zenith"][:, None]
-    ambient = 0.3 + 0.3 * zenith  # sky-tinted ambient light [B, 1, 3]
+    up = (-direction[:, 1]).clamp(0, 1)
+    sky = horizon + (zenith - horizon) * up.pow(0.6)[:, None]
+    to_sun = (direction * sun).sum(-1).clamp(0, 1)
+    sky = sky + torch.tensor([1.0, 0.92, 0.75], device=sky.device) * (3 * to_sun.pow(900) + 0.3 * to_sun.pow(12))[:, None]
+    reach = 40.0 / up.clamp_min(0.02)
+    cu = (origin[:, 0] + reach * direction[:, 0]) * 0.02 + clouds[:, 1]
+    cv = (origin[:, 2] + reach * direction[:, 2]) * 0.02 + clouds[:, 2]
+    pattern = torch.sin(cu * 1.7) * torch.sin(cv * 1.3) + 0.5 * torch.sin((cu + cv) * 3.1) + 0.25 * torch.sin((cu - cv) * 6.3)
+    cover = smoothstep((pattern - 1 + 2 * clouds[:, 0]) * 1.5) * smoothstep(up * 6)
+    return sky + (0.95 - sky) * (0.85 * cover)[:, None]
 
-    # ground plane y = 0: checker (faded where a pixel covers many cells) and slow colour waves
-    t_ground = torch.where(dy > 1e-6, -oy / dy.clamp_min(1e-6), math.inf)
-    t_g = torch.where(torch.isfinite(t_ground), t_ground, 0.0)
-    gx, gz = ox + t_g * dx, oz + t_g * dz
-    cell = scene["checker"][:, None]
-    parity = torch.remainder(torch.floor(gx / cell) + torch.floor(gz / cell), 2) * 2 - 1
-    footprint = t_g * pixel_angle / (dy.clamp_min(1e-3) * cell)
-    checker = 1 + 0.13 * parity * (1 - footprint).clamp(0, 1)
-    k = scene["waves"]  # [B, 3, 3]: kx, kz, phase
-    waves = sum(torch.sin(gx * k[:, i, 0:1] + gz * k[:, i, 1:2] + k[:, i, 2:3]) for i in range(3)) / 3
-    ground_a, ground_b = scene["ground"][:, None, 0], scene["ground"][:, None, 1]
-    ground_light = ambient + 0.75 * (-sun[..., 1:2])  # the ground faces up (-y)
-    ground = (ground_a + (ground_b - ground_a) * (0.5 + 0.5 * waves)[..., None]) * (checker[..., None] * ground_light)
 
-    # objects: normal from the hit point and the object's kind, a 3D checker texture, contact darkening
-    t_o = torch.where(torch.isfinite(t_obj), t_obj, 0.0)
-    hit = origin[:, None] + t_o[..., None] * direction
-    c = gather_rows(centers, index)
-    half = gather_rows(scene["size"], index).clamp_min(1e-6)
-    kind = KINDS.to(index.device)[index]
-    q = (hit - c) / half  # [B, R, 3]; on the surface: max |q| = 1 (box), |q| = 1 (sphere), ...
+def shade_ground(direction, origin, t, sun, zenith, horizon, ground, waves, checker, pixel_angle: float):
+    """Ground colours ``[M, 3]`` at distance ``t [M]``: a checker (faded where a pixel spans many cells) over
+    slow colour waves, lit by the sun, fogged. ground ``[M, 2, 3]``, waves ``[M, 3, 3]`` (kx, kz, phase),
+    checker ``[M]`` cell size."""
+    gx = origin[:, 0] + t * direction[:, 0]
+    gz = origin[:, 2] + t * direction[:, 2]
+    parity = torch.remainder(torch.floor(gx / checker) + torch.floor(gz / checker), 2) * 2 - 1
+    footprint = t * pixel_angle / (direction[:, 1].clamp_min(1e-3) * checker)
+    shade = 1 + 0.13 * parity * (1 - footprint).clamp(0, 1)
+    wave = (torch.sin(gx[:, None] * waves[..., 0] + gz[:, None] * waves[..., 1] + waves[..., 2])).mean(-1)
+    base = ground[:, 0] + (ground[:, 1] - ground[:, 0]) * (0.5 + 0.5 * wave)[:, None]
+    light = 0.3 + 0.3 * zenith + 0.75 * (-sun[:, 1:2])  # sky-tinted ambient + sun on an upward face
+    return fogged(base * light * shade[:, None], t, 1.0, horizon)
+
+
+def shade_objects(direction, origin, t, center, half, color, kind, fog_scale, sun, zenith, horizon):
+    """Object colours ``[M, 3]`` at distance ``t [M]`` on the objects ``center, half, color [M, 3]`` of ``kind [M]``:
+    Lambert from the sun plus sky-tinted ambient, a 3D checker texture, darkening near the ground, fog."""
+    hit = origin + t[:, None] * direction
+    q = (hit - center) / half.clamp_min(1e-6)  # on the surface: max |q| = 1 (box), |q| = 1 (sphere), ...
     qa = q.abs()
     n_box = torch.where(qa >= qa.amax(-1, keepdim=True), torch.sign(q), 0.0)
-    n_sphere = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     radial = q * torch.tensor([1.0, 0.0, 1.0], device=q.device)
-    on_cap = (qa[..., 1:2] > 1 - 1e-3) & (radial.norm(dim=-1, keepdim=True) < 1 - 1e-3)
+    radial_len = radial.norm(dim=-1, keepdim=True)
+    on_cap = qa[:, 1:2] > radial_len  # |q_y| = 1 on a cap, radial length 1 on the side
     n_cyl = torch.where(on_cap, torch.sign(q) * torch.tensor([0.0, 1.0, 0.0], device=q.device),
-                        radial / radial.norm(dim=-1, keepdim=True).clamp_min(1e-6))
-    kind = kind[..., None]
-    normal = torch.where(kind == BOX, n_box, torch.where(kind == SPHERE, n_sphere, n_cyl))
+                        radial / radial_len.clamp_min(1e-6))
+    kind = kind[:, None]
+    normal = torch.where(kind == BOX, n_box, torch.where(kind == SPHERE, q / q.norm(dim=-1, keepdim=True), n_cyl))
     lambert = (normal * sun).sum(-1, keepdim=True).clamp_min(0)
-    light = ambient * (0.85 - 0.15 * normal[..., 1:2]) + 0.75 * lambert
-    cells = torch.floor((hit - c) * 2).sum(-1, keepdim=True)
-    texture = 1 - 0.08 * torch.remainder(cells, 2)
-    contact = 1 - 0.35 * torch.exp(3 * hit[..., 1:2])  # darker near the ground (height = -y)
-    obj = gather_rows(scene["color"], index) * light * texture * contact
-
-    # nearest surface, fog into the horizon colour, sky with sun and clouds
-    is_obj = t_obj < t_ground
-    fog_scale = torch.where(is_obj, torch.gather(scene["fog_scale"], 1, index), 1.0)
-    t_surface = torch.where(is_obj, t_o, t_g)
-    fog = smoothstep((t_surface * fog_scale - FOG_START) / (FOG_END - FOG_START))[..., None]
-    surface = torch.where(is_obj[..., None], obj, ground)
-    surface = surface + (horizon - surface) * fog
-    up = (-dy).clamp(0, 1)
-    sky = horizon + (zenith - horizon) * up.pow(0.6)[..., None]
-    to_sun = (direction * sun).sum(-1).clamp(0, 1)
-    sky = sky + torch.tensor([1.0, 0.92, 0.75], device=sky.device) * (3 * to_sun.pow(900) + 0.3 * to_sun.pow(12))[..., None]
-    reach = 40.0 / up.clamp_min(0.02)  # clouds on a plane 40 units up
-    cover, u0, v0 = scene["clouds"][:, 0:1], scene["clouds"][:, 1:2], scene["clouds"][:, 2:3]
-    cu, cv = (ox + reach * dx) * 0.02 + u0, (oz + reach * dz) * 0.02 + v0
-    pattern = torch.sin(cu * 1.7) * torch.sin(cv * 1.3) + 0.5 * torch.sin((cu + cv) * 3.1) + 0.25 * torch.sin((cu - cv) * 6.3)
-    clouds = (smoothstep((pattern - 1 + 2 * cover) * 1.5) * smoothstep(up * 6))[..., None]
-    sky = sky + (0.95 - sky) * 0.85 * clouds
-    return torch.where(torch.isfinite(t_ground)[..., None] | is_obj[..., None], surface, sky)
+    light = (0.3 + 0.3 * zenith) * (0.85 - 0.15 * normal[:, 1:2]) + 0.75 * lambert
+    texture = 1 - 0.08 * torch.remainder(torch.floor((hit - center) * 2).sum(-1, keepdim=True), 2)
+    contact = 1 - 0.35 * torch.exp(3 * hit[:, 1:2])  # height above the ground is -y
+    return fogged(color * light * texture * contact, t, fog_scale, horizon)
 
 
-
-def nearest_box(origin, inv_dir, center, half):
-    """Distance ``[B, R]`` to and slot ``[B, R]`` of the nearest box hit (see box_hits)."""
-    return box_hits(origin, inv_dir, center, half).min(-1)
-
-
-def nearest_sphere(origin, direction, center, radius):
-    return sphere_hits(origin, direction, center, radius).min(-1)
-
-
-def nearest_cylinder(origin, direction, inv_dir_y, center, radius, half_height, caps: bool):
-    return cylinder_hits(origin, direction, inv_dir_y, center, radius, half_height, caps).min(-1)
-
-
-KERNELS = {"box": nearest_box, "sphere": nearest_sphere, "cylinder": nearest_cylinder, "shade": shade}
-"""The per-ray work (everything over [b, rays, ...]); ``compile=True`` runs these through torch.compile."""
+KERNELS = {"box": box_hits, "sphere": sphere_hits, "cylinder": cylinder_hits,
+           "sky": shade_sky, "ground": shade_ground, "objects": shade_objects}
+"""The per-ray work; ``compile=True`` runs these through torch.compile."""
 
 
 class CompiledOrEager:
@@ -347,42 +337,75 @@ class CompiledOrEager:
         return self.fn(*args)
 
 
-def trace(scene, rotation, origin, rays, tan_x: float, tan_y: float, kernels=KERNELS):
-    """Nearest object hit for each ray: directions ``[B, R, 3]``, distance ``[B, R]`` (inf: none), index ``[B, R]``,
-    and the object copies ``[B, N, 3]`` that were tested."""
-    direction = torch.einsum("bij,rj->bri", rotation, rays)
+def trace(scene, rotation, origin, tiles: RayTiles, kernels=KERNELS):
+    """Nearest object along every ray: directions ``[B, T, R, 3]``, distance ``[B, T, R]`` (inf: none),
+    object index ``[B, T, R]`` (-1: none) and the object copies ``[B, N, 3]`` that were tested.
+
+    Only (tile, object) pairs that pass culling are intersected: ``[P, R]`` per kind, then a scatter-min per ray.
+    """
+    b, t_count, r = origin.shape[0], *tiles.rays.shape[:2]
+    direction = torch.einsum("bij,trj->btri", rotation, tiles.rays)
     centers = nearest_copies(scene["center"], scene["period"], origin)
-    visible = visible_objects(centers, scene["size"], scene["fog_scale"], rotation, origin, tan_x, tan_y)
-    safe = torch.where(direction.abs() < 1e-9, torch.full_like(direction, 1e-9), direction)
-    inv_dir = 1.0 / safe
-    best_t = torch.full(direction.shape[:2], math.inf, device=direction.device)
-    best_i = torch.zeros(direction.shape[:2], dtype=torch.long, device=direction.device)
-    parking = origin * torch.tensor([1.0, 0.0, 1.0], device=origin.device) + torch.tensor([0.0, 1e4, 0.0], device=origin.device)
+    visible = visible_in_tiles(centers, scene["size"], scene["fog_scale"], rotation, origin, tiles.bounds)
+    hits, units, objects = [], [], []
     for kind, part in KIND_SLICES.items():
-        index, valid = gather_visible(visible[:, part], part.start)
-        if index.shape[1] == 0:
+        item, tile, obj = visible[:, :, part].nonzero(as_tuple=True)
+        if item.numel() == 0:
             continue
-        # invisible slots become empty objects far below the ground, so the ground always hides them
-        c = torch.where(valid[..., None], gather_rows(centers, index), parking[:, None])
-        s = torch.where(valid[..., None], gather_rows(scene["size"], index), 0.0)
+        obj = obj + part.start
+        o, d = origin[item], direction[item, tile]
+        c, s = centers[item, obj], scene["size"][item, obj]
         if kind == BOX:
-            t_kind, slot = kernels["box"](origin, inv_dir, c, s)
+            hits.append(kernels["box"](o, d, c, s))
         elif kind == SPHERE:
-            t_kind, slot = kernels["sphere"](origin, direction, c, s[..., 0])
-        else:  # caps matter only where a camera is above a cylinder's top (never, for eye height < 1.5)
-            caps = bool((valid & (origin[:, 1:2] < c[..., 1] - s[..., 1])).any())
-            t_kind, slot = kernels["cylinder"](origin, direction, inv_dir[..., 1:2], c, s[..., 0], s[..., 1], caps)
-        closer = t_kind < best_t
-        best_t = torch.where(closer, t_kind, best_t)
-        best_i = torch.where(closer, torch.gather(index, 1, slot), best_i)
-    return direction, best_t, best_i, centers
+            hits.append(kernels["sphere"](o, d, c, s[:, 0]))
+        else:  # caps matter only where a camera is above a cylinder's top (never at eye height < 1.5)
+            caps = bool((o[:, 1] < c[:, 1] - s[:, 1]).any())
+            hits.append(kernels["cylinder"](o, d, c, s[:, 0], s[:, 1], caps))
+        units.append(item * t_count + tile)
+        objects.append(obj)
+    best_t = torch.full((b * t_count, r), math.inf, device=origin.device)
+    best_i = torch.full((b * t_count, r), -1, dtype=torch.long, device=origin.device)
+    if hits:
+        hits, units, objects = torch.cat(hits), torch.cat(units), torch.cat(objects)
+        where = units[:, None].expand(-1, r)
+        best_t = best_t.scatter_reduce(0, where, hits, "amin")
+        nearest = (hits == best_t[units]) & torch.isfinite(hits)
+        best_i = best_i.scatter_reduce(0, where, torch.where(nearest, objects[:, None], -1), "amax")
+    return direction, best_t.view(b, t_count, r), best_i.view(b, t_count, r), centers
 
 
-def render_rays(scene, rotation, origin, rays, tan_x: float, tan_y: float, pixel_angle: float,
-                kernels=KERNELS) -> torch.Tensor:
-    """Colours ``[B, R, 3]`` in [0, 1] seen from cameras ``rotation [B, 3, 3]`` (world-from-camera), ``origin [B, 3]``."""
-    direction, t_obj, index, centers = trace(scene, rotation, origin, rays, tan_x, tan_y, kernels)
-    return kernels["shade"](scene, origin, direction, t_obj, index, centers, pixel_angle)
+def render_rays(scene, rotation, origin, tiles: RayTiles, kernels=KERNELS) -> torch.Tensor:
+    """Colours ``[B, T, R, 3]`` in [0, 1] seen from cameras ``rotation [B, 3, 3]`` (world-from-camera), ``origin [B, 3]``.
+
+    Rays are sorted into sky, ground and object rays, and each class is shaded on its own rays only.
+    """
+    direction, t_obj, index, centers = trace(scene, rotation, origin, tiles, kernels)
+    dy = direction[..., 1]
+    t_ground = torch.where(dy > 1e-6, -origin[:, 1, None, None] / dy.clamp_min(1e-6), math.inf)
+    is_obj = t_obj < t_ground
+    is_ground = ~is_obj & torch.isfinite(t_ground)
+    colour = torch.empty(*direction.shape, device=origin.device)
+    flat_colour, flat_direction = colour.view(-1, 3), direction.reshape(-1, 3)
+    per_item = direction.shape[1] * direction.shape[2]
+    for name, mask in (("objects", is_obj), ("ground", is_ground), ("sky", ~(is_obj | is_ground))):
+        rays = mask.flatten().nonzero()[:, 0]
+        if rays.numel() == 0:
+            continue
+        item = rays // per_item
+        d, o = flat_direction[rays], origin[item]
+        sun, zenith, horizon = scene["sun"][item], scene["zenith"][item], scene["horizon"][item]
+        if name == "sky":
+            flat_colour[rays] = kernels["sky"](d, o, sun, zenith, horizon, scene["clouds"][item])
+        elif name == "ground":
+            flat_colour[rays] = kernels["ground"](d, o, t_ground.flatten()[rays], sun, zenith, horizon, scene["ground"][item],
+                                                  scene["waves"][item], scene["checker"][item], tiles.pixel_angle)
+        else:
+            obj = index.flatten()[rays]
+            flat_colour[rays] = kernels["objects"](d, o, t_obj.flatten()[rays], centers[item, obj], scene["size"][item, obj],
+                                                   scene["color"][item, obj], KINDS.to(obj.device)[obj],
+                                                   scene["fog_scale"][item, obj], sun, zenith, horizon)
+    return colour
 
 
 def push_out(scene: dict, xz: torch.Tensor, iterations: int = 3) -> torch.Tensor:
@@ -429,16 +452,12 @@ class ProceduralWorld(World):
             torch.empty(0, device=self.device)
         except (RuntimeError, AssertionError) as e:
             raise WorldError(f"cannot render on device {device!r}: {e}") from None
-        rays = height * width
-        budget = 2**27 if self.device.type == "cuda" else 2**23  # elements of the largest [b, rays, K, 3] tensor
-        self.chunk = chunk or max(1, budget // (rays * (N_BOXES + N_WALLS) * 3))
-        if self.chunk < 1:
-            raise WorldError(f"chunk must be >= 1, got {chunk}")
+        budget = 2**28 if self.device.type == "cuda" else 2**20  # rays x visible objects per render call
+        self.chunk = max(1, budget // (height * width * 16)) if chunk is None else chunk
+        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1:
+            raise WorldError(f"chunk must be a positive integer, got {chunk!r}")
         self.collisions = collisions
-        self.rays = camera_rays(height, width, FOV_DEGREES, self.device)
-        self.tan_x = math.tan(math.radians(FOV_DEGREES) / 2)
-        self.tan_y = self.tan_x * height / width
-        self.pixel_angle = 2 * self.tan_x / width
+        self.tiles = RayTiles.make(height, width, FOV_DEGREES, self.device)
         self.kernels = {k: CompiledOrEager(fn) for k, fn in KERNELS.items()} if compile else KERNELS
         self.scene: dict | None = None
         self.true: CameraState | None = None
@@ -450,29 +469,17 @@ class ProceduralWorld(World):
         if tuple(poses.shape) != (self.batch, 4, 4):
             raise WorldError(f"poses must be [{self.batch}, 4, 4], got {tuple(poses.shape)}")
         poses = poses.to(self.device, torch.float32)
-        rotation, origin = poses[:, :3, :3], poses[:, :3, 3]
-        frames = torch.empty(self.batch, self.height * self.width, 3, dtype=torch.uint8, device=self.device)
-        for idx in self.chunks(rotation, origin):
-            scene = {k: v[idx] for k, v in self.scene.items()}
-            colour = render_rays(scene, rotation[idx], origin[idx], self.rays, self.tan_x, self.tan_y, self.pixel_angle,
-                                 self.kernels)
-            frames[idx] = (colour.clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+        frames = []
+        for i in range(0, self.batch, self.chunk):
+            part = slice(i, i + self.chunk)
+            scene = {k: v[part] for k, v in self.scene.items()}
+            colour = render_rays(scene, poses[part, :3, :3], poses[part, :3, 3], self.tiles, self.kernels)
+            frames.append((colour.clamp(0, 1) * 255 + 0.5).to(torch.uint8))
         out = torch.empty(self.batch, self.height, self.width, 3, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        out.copy_(rearrange(frames, "b (h w) c -> b h w c", h=self.height), non_blocking=True)
+        out.copy_(self.tiles.image(torch.cat(frames)), non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         return out
-
-    def chunks(self, rotation: torch.Tensor, origin: torch.Tensor) -> list[torch.Tensor]:
-        """Batch indices rendered together, ``chunk`` at a time. With several chunks, items with similar
-        numbers of visible objects go together, so few rays are tested against padding slots."""
-        if self.chunk >= self.batch:
-            return [torch.arange(self.batch, device=self.device)]
-        centers = nearest_copies(self.scene["center"], self.scene["period"], origin)
-        visible = visible_objects(centers, self.scene["size"], self.scene["fog_scale"], rotation, origin, self.tan_x, self.tan_y)
-        cost = sum(OP_COST[kind] * visible[:, part].sum(1) for kind, part in KIND_SLICES.items())
-        order = torch.argsort(cost, stable=True)
-        return list(order.split(self.chunk))
 
     def _result(self) -> WorldStep:
         true_pose = state_to_pose(self.true).float()
