@@ -59,11 +59,11 @@ def draw_segment(kind: str, rng: np.random.Generator, mouse_scale: float) -> dic
         seg.update(length=rng.integers(5, 31))
     elif kind == "look_around":  # turn out by up to ~100 degrees and back again
         length = int(rng.integers(16, 51))
-        peak = counts(rng.uniform(0.5, 1.8)) * math.pi / (2 * length)  # peak rate of a sine that turns out this far
+        peak = counts(rng.uniform(0.5, 1.8)) * math.pi / length  # peak rate of a sine that turns out this far
         seg.update(dx=side * peak, profile=OUT_AND_BACK, length=length)
     elif kind == "look_vertical":
         length = int(rng.integers(16, 41))
-        peak = counts(rng.uniform(0.3, 0.9)) * math.pi / (2 * length)
+        peak = counts(rng.uniform(0.3, 0.9)) * math.pi / length
         seg.update(dy=side * peak, dx=0.2 * turn, profile=OUT_AND_BACK, length=length)
     elif kind == "strafe":
         keys = (str(rng.choice(["A", "D"])),) + (("W",) if rng.random() < 0.35 else ())
@@ -76,7 +76,7 @@ def draw_segment(kind: str, rng: np.random.Generator, mouse_scale: float) -> dic
     elif kind == "turn_around":
         length = int(rng.integers(12, 26))
         total = counts(math.pi + rng.uniform(-0.35, 0.35))
-        seg.update(dx=side * total * 2 / length, profile=BUMP, length=length)  # mean of sin^2 is 1/2
+        seg.update(dx=side * total / length, profile=BUMP, length=length)  # the bump 2 sin^2 has mean 1
     else:
         raise PolicyError(f"unknown segment kind {kind!r}")
     seg["length"] = int(seg["length"])

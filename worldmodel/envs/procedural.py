@@ -5,19 +5,24 @@ the same world on every device): a ground plane with a checker and slow colour w
 gradient, a sun and clouds, and a layout of axis-aligned boxes and walls, spheres (resting or
 floating), pillars and a few tall landmark towers, in seeded sizes and colours around a seeded
 palette. Shading is Lambert from the seed's sun plus a sky-tinted ambient term, a per-object
-texture, contact darkening near the ground, and distance fog into the horizon colour.
+texture, contact darkening near the ground, and distance fog into the sky seen along each ray.
 
 Endless world. The layout of ordinary objects repeats with period ``TILE`` in x and z, the
 landmarks with period ``LANDMARK_TILE``; only the copy of each object nearest to the camera is
-drawn, and fog hides everything before a copy can switch (fog is complete at ``FOG_END``,
-landmarks fog ``LANDMARK_FOG`` times slower), so walking anywhere never runs out of world.
+drawn. Fog fades every surface into the sky seen along its ray and is complete at ``FOG_END``
+(landmarks fog ``LANDMARK_FOG`` times slower); a surface beyond that is not there at all (it
+neither shows nor hides anything), so a copy can switch without a visible change and walking
+anywhere never runs out of world.
 
-Speed. Per batch item, objects outside the view frustum or beyond the fog are culled first; per
-kind, the visible ones are gathered into ``[b, K]`` (K: the most visible in the chunk) and every
-ray is intersected with them in one broadcast op chain over ``[b, rays, K]``, with bounded memory
-(``chunk`` batch items at a time). Everything is float32 tensor code, identical on CPU and CUDA;
-``compile=True`` runs the intersection and shading through ``torch.compile`` (falls back to eager
-with a warning if compilation fails).
+Speed. The image is cut into screen tiles of up to 32x32 pixels; per tile, objects whose
+bounding sphere misses the tile's frustum or lies beyond the fog are culled, and only the
+surviving (tile, object) pairs are intersected, ``[pairs, rays per tile]`` per kind, with a
+scatter-min giving each ray its nearest object. Rays are then split into sky, ground and object
+rays and each class is shaded on its own rays. So the work follows what is on screen, with no
+padding to the busiest view in the batch. Everything is float32 tensor code, the same on CPU and
+CUDA; ``chunk`` bounds how many batch items are rendered at once (memory), and ``compile=True``
+runs the per-ray kernels through ``torch.compile`` (falling back to eager, with a warning, if
+compilation fails).
 
 Collisions (on by default): the camera is a vertical body of radius ``BODY_RADIUS``; after each
 step the true position takes the commanded displacement and is then pushed out of every solid
@@ -134,7 +139,7 @@ def make_scene(seed: int) -> dict[str, torch.Tensor]:
     waves = torch.stack([wave_angle.cos() * 2 * math.pi / wave_length, wave_angle.sin() * 2 * math.pi / wave_length,
                          uniform(0, 2 * math.pi, 3)], -1)
     return {
-        "center": center, "size": size, "color": color.clamp(0.03, 1.0), "solid": solid,
+        "center": center, "size": size, "color": color.clamp(0.03, 1.0), "solid": solid, "kind": KINDS.clone(),
         "period": torch.where(landmark, LANDMARK_TILE, TILE),
         "fog_scale": torch.where(landmark, LANDMARK_FOG, 1.0),
         "sun": sun, "zenith": zenith, "horizon": horizon, "ground": ground, "waves": waves,
@@ -190,8 +195,8 @@ class RayTiles:
 def nearest_copies(center: torch.Tensor, period: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
     """Centres ``[B, N, 3]`` of the copies of each tiled object nearest to ``origin [B, 3]`` (x and z wrapped)."""
     offset = center - origin[:, None]
-    wrapped = torch.remainder(offset + period[..., None] / 2, period[..., None]) - period[..., None] / 2
-    return origin[:, None] + torch.cat([wrapped[..., :1], offset[..., 1:2], wrapped[..., 2:]], -1)
+    wrapped = torch.remainder(offset + period[..., None] / 2, period[..., None]) - period[..., None] / 2 + origin[:, None]
+    return torch.cat([wrapped[..., :1], center[..., 1:2], wrapped[..., 2:]], -1)
 
 
 def visible_in_tiles(centers, size, fog_scale, rotation, origin, bounds) -> torch.Tensor:
@@ -210,29 +215,31 @@ def visible_in_tiles(centers, size, fog_scale, rotation, origin, bounds) -> torc
     return inside & near
 
 
-def box_hits(origin, direction, center, half):
+def box_hits(origin, direction, center, half, far):
     """Distances ``[P, R]`` along rays ``direction [P, R, 3]`` (unit) from ``origin [P, 3]`` to the axis-aligned
-    boxes ``center, half [P, 3]`` (slab test); inf where missed, behind, or with the origin inside."""
+    boxes ``center, half [P, 3]`` (slab test); inf where missed, behind, beyond ``far [P]``, or from inside."""
     inv = 1.0 / torch.where(direction.abs() < 1e-9, torch.full_like(direction, 1e-9), direction)
     t0 = (center - half - origin)[:, None] * inv
     t1 = (center + half - origin)[:, None] * inv
     t_in = torch.minimum(t0, t1).amax(-1)
     t_out = torch.maximum(t0, t1).amin(-1)
-    return torch.where((t_in <= t_out) & (t_in > EPS), t_in, math.inf)
+    return torch.where((t_in <= t_out) & (t_in > EPS) & (t_in < far[:, None]), t_in, math.inf)
 
 
-def sphere_hits(origin, direction, center, radius):
-    """Distances ``[P, R]`` to spheres ``center [P, 3]``, ``radius [P]`` (front surface; inf where missed)."""
+def sphere_hits(origin, direction, center, radius, far):
+    """Distances ``[P, R]`` to spheres ``center [P, 3]``, ``radius [P]`` (front surface; inf where missed or
+    beyond ``far [P]``)."""
     oc = origin - center
     half_b = torch.bmm(direction, oc[:, :, None])[..., 0]
     disc = half_b * half_b - ((oc * oc).sum(-1) - radius * radius)[:, None]
     t = -half_b - disc.clamp_min(0).sqrt()
-    return torch.where((disc > 0) & (t > EPS), t, math.inf)
+    return torch.where((disc > 0) & (t > EPS) & (t < far[:, None]), t, math.inf)
 
 
-def cylinder_hits(origin, direction, center, radius, half_height, caps: bool = True):
+def cylinder_hits(origin, direction, center, radius, half_height, far, caps: bool = True):
     """Distances ``[P, R]`` to vertical capped cylinders seen from outside: ``center [P, 3]`` (mid-height),
-    ``radius, half_height [P]``. ``caps=False`` skips the top caps (right when no origin is above a top)."""
+    ``radius, half_height, far [P]`` (inf beyond far). ``caps=False`` skips the top caps (right when no origin
+    is above a top)."""
     oc = (origin - center)[:, [0, 2]]
     d_xz = direction[..., [0, 2]]
     a = (d_xz * d_xz).sum(-1).clamp_min(1e-12)
@@ -240,7 +247,8 @@ def cylinder_hits(origin, direction, center, radius, half_height, caps: bool = T
     disc = half_b * half_b - a * ((oc * oc).sum(-1) - radius * radius)[:, None]
     t_side = (-half_b - disc.clamp_min(0).sqrt()) / a
     y_rel = (origin[:, 1] - center[:, 1])[:, None] + t_side * direction[..., 1]  # hit height from the middle
-    t_side = torch.where((disc > 0) & (t_side > EPS) & (y_rel.abs() <= half_height[:, None]), t_side, math.inf)
+    t_side = torch.where((disc > 0) & (t_side > EPS) & (t_side < far[:, None]) & (y_rel.abs() <= half_height[:, None]),
+                         t_side, math.inf)
     if not caps:
         return t_side
     top = center[:, 1] - half_height  # y points down: the top cap has the smaller y
@@ -248,7 +256,8 @@ def cylinder_hits(origin, direction, center, radius, half_height, caps: bool = T
     t_cap = (top - origin[:, 1])[:, None] / torch.where(dy.abs() < 1e-9, torch.full_like(dy, 1e-9), dy)
     px = oc[:, 0:1] + t_cap * direction[..., 0]
     pz = oc[:, 1:2] + t_cap * direction[..., 2]
-    cap = (origin[:, 1] < top)[:, None] & (t_cap > EPS) & (px * px + pz * pz <= (radius * radius)[:, None])
+    cap = ((origin[:, 1] < top)[:, None] & (t_cap > EPS) & (t_cap < far[:, None])
+           & (px * px + pz * pz <= (radius * radius)[:, None]))
     return torch.where(cap, torch.minimum(t_cap, t_side), t_side)
 
 
@@ -257,21 +266,28 @@ def smoothstep(x: torch.Tensor) -> torch.Tensor:
     return x * x * (3 - 2 * x)
 
 
-def fogged(colour, t, fog_scale, horizon):
-    """``colour [M, 3]`` seen at distance ``t [M]`` through fog (``fog_scale`` times as dense) of colour ``horizon``."""
+def fogged(colour, t, fog_scale, sky):
+    """``colour [M, 3]`` seen at distance ``t [M]`` through fog (``fog_scale`` times as dense) that fades it into
+    ``sky [M, 3]``, the sky along the same ray: a fully fogged surface is exactly what culling it would show."""
     fog = smoothstep((t * fog_scale - FOG_START) / (FOG_END - FOG_START))[:, None]
-    return colour + (horizon - colour) * fog
+    return colour + (sky - colour) * fog
+
+
+def sun_glow(direction, sun):
+    """Warm light ``[M, 3]`` around the sun: a small disc and a wide glow."""
+    to_sun = (direction * sun).sum(-1).clamp(0, 1)
+    glow = (3 * to_sun.pow(900) + 0.3 * to_sun.pow(12))[:, None]
+    return torch.cat([glow, 0.92 * glow, 0.75 * glow], -1)  # built from the data: no device constants, no host sync
 
 
 def shade_sky(direction, origin, sun, zenith, horizon, clouds):
     """Sky colours ``[M, 3]``: horizon-to-zenith gradient, sun disc and glow, clouds on a plane 40 units up.
 
     direction, origin, sun, zenith, horizon ``[M, 3]``; clouds ``[M, 3]`` (cover, u offset, v offset).
+    Below the horizon this is exactly ``horizon + sun_glow`` (what ground rays fade into).
     """
     up = (-direction[:, 1]).clamp(0, 1)
-    sky = horizon + (zenith - horizon) * up.pow(0.6)[:, None]
-    to_sun = (direction * sun).sum(-1).clamp(0, 1)
-    sky = sky + torch.tensor([1.0, 0.92, 0.75], device=sky.device) * (3 * to_sun.pow(900) + 0.3 * to_sun.pow(12))[:, None]
+    sky = horizon + (zenith - horizon) * up.pow(0.6)[:, None] + sun_glow(direction, sun)
     reach = 40.0 / up.clamp_min(0.02)
     cu = (origin[:, 0] + reach * direction[:, 0]) * 0.02 + clouds[:, 1]
     cv = (origin[:, 2] + reach * direction[:, 2]) * 0.02 + clouds[:, 2]
@@ -282,8 +298,8 @@ def shade_sky(direction, origin, sun, zenith, horizon, clouds):
 
 def shade_ground(direction, origin, t, sun, zenith, horizon, ground, waves, checker, pixel_angle: float):
     """Ground colours ``[M, 3]`` at distance ``t [M]``: a checker (faded where a pixel spans many cells) over
-    slow colour waves, lit by the sun, fogged. ground ``[M, 2, 3]``, waves ``[M, 3, 3]`` (kx, kz, phase),
-    checker ``[M]`` cell size."""
+    slow colour waves, lit by the sun, fogged into the sky below the horizon. ground ``[M, 2, 3]``,
+    waves ``[M, 3, 3]`` (kx, kz, phase), checker ``[M]`` cell size."""
     gx = origin[:, 0] + t * direction[:, 0]
     gz = origin[:, 2] + t * direction[:, 2]
     parity = torch.remainder(torch.floor(gx / checker) + torch.floor(gz / checker), 2) * 2 - 1
@@ -292,28 +308,28 @@ def shade_ground(direction, origin, t, sun, zenith, horizon, ground, waves, chec
     wave = (torch.sin(gx[:, None] * waves[..., 0] + gz[:, None] * waves[..., 1] + waves[..., 2])).mean(-1)
     base = ground[:, 0] + (ground[:, 1] - ground[:, 0]) * (0.5 + 0.5 * wave)[:, None]
     light = 0.3 + 0.3 * zenith + 0.75 * (-sun[:, 1:2])  # sky-tinted ambient + sun on an upward face
-    return fogged(base * light * shade[:, None], t, 1.0, horizon)
+    return fogged(base * light * shade[:, None], t, 1.0, horizon + sun_glow(direction, sun))
 
 
-def shade_objects(direction, origin, t, center, half, color, kind, fog_scale, sun, zenith, horizon):
+def shade_objects(direction, origin, t, center, half, color, kind, fog_scale, sun, zenith, sky):
     """Object colours ``[M, 3]`` at distance ``t [M]`` on the objects ``center, half, color [M, 3]`` of ``kind [M]``:
-    Lambert from the sun plus sky-tinted ambient, a 3D checker texture, darkening near the ground, fog."""
+    Lambert from the sun plus sky-tinted ambient, a 3D checker texture, darkening near the ground, fog into ``sky``."""
     hit = origin + t[:, None] * direction
     q = (hit - center) / half.clamp_min(1e-6)  # on the surface: max |q| = 1 (box), |q| = 1 (sphere), ...
     qa = q.abs()
     n_box = torch.where(qa >= qa.amax(-1, keepdim=True), torch.sign(q), 0.0)
-    radial = q * torch.tensor([1.0, 0.0, 1.0], device=q.device)
+    zero = torch.zeros_like(q[:, :1])
+    radial = torch.cat([q[:, :1], zero, q[:, 2:]], -1)
     radial_len = radial.norm(dim=-1, keepdim=True)
     on_cap = qa[:, 1:2] > radial_len  # |q_y| = 1 on a cap, radial length 1 on the side
-    n_cyl = torch.where(on_cap, torch.sign(q) * torch.tensor([0.0, 1.0, 0.0], device=q.device),
-                        radial / radial_len.clamp_min(1e-6))
+    n_cyl = torch.where(on_cap, torch.cat([zero, torch.sign(q[:, 1:2]), zero], -1), radial / radial_len.clamp_min(1e-6))
     kind = kind[:, None]
     normal = torch.where(kind == BOX, n_box, torch.where(kind == SPHERE, q / q.norm(dim=-1, keepdim=True), n_cyl))
     lambert = (normal * sun).sum(-1, keepdim=True).clamp_min(0)
     light = (0.3 + 0.3 * zenith) * (0.85 - 0.15 * normal[:, 1:2]) + 0.75 * lambert
     texture = 1 - 0.08 * torch.remainder(torch.floor((hit - center) * 2).sum(-1, keepdim=True), 2)
     contact = 1 - 0.35 * torch.exp(3 * hit[:, 1:2])  # height above the ground is -y
-    return fogged(color * light * texture * contact, t, fog_scale, horizon)
+    return fogged(color * light * texture * contact, t, fog_scale, sky)
 
 
 KERNELS = {"box": box_hits, "sphere": sphere_hits, "cylinder": cylinder_hits,
@@ -355,13 +371,14 @@ def trace(scene, rotation, origin, tiles: RayTiles, kernels=KERNELS):
         obj = obj + part.start
         o, d = origin[item], direction[item, tile]
         c, s = centers[item, obj], scene["size"][item, obj]
+        far = FOG_END / scene["fog_scale"][item, obj]  # fully fogged surfaces are not there (culling drops them too)
         if kind == BOX:
-            hits.append(kernels["box"](o, d, c, s))
+            hits.append(kernels["box"](o, d, c, s, far))
         elif kind == SPHERE:
-            hits.append(kernels["sphere"](o, d, c, s[:, 0]))
+            hits.append(kernels["sphere"](o, d, c, s[:, 0], far))
         else:  # caps matter only where a camera is above a cylinder's top (never at eye height < 1.5)
             caps = bool((o[:, 1] < c[:, 1] - s[:, 1]).any())
-            hits.append(kernels["cylinder"](o, d, c, s[:, 0], s[:, 1], caps))
+            hits.append(kernels["cylinder"](o, d, c, s[:, 0], s[:, 1], far, caps))
         units.append(item * t_count + tile)
         objects.append(obj)
     best_t = torch.full((b * t_count, r), math.inf, device=origin.device)
@@ -395,16 +412,18 @@ def render_rays(scene, rotation, origin, tiles: RayTiles, kernels=KERNELS) -> to
         item = rays // per_item
         d, o = flat_direction[rays], origin[item]
         sun, zenith, horizon = scene["sun"][item], scene["zenith"][item], scene["horizon"][item]
-        if name == "sky":
-            flat_colour[rays] = kernels["sky"](d, o, sun, zenith, horizon, scene["clouds"][item])
-        elif name == "ground":
+        if name == "ground":
             flat_colour[rays] = kernels["ground"](d, o, t_ground.flatten()[rays], sun, zenith, horizon, scene["ground"][item],
                                                   scene["waves"][item], scene["checker"][item], tiles.pixel_angle)
+            continue
+        sky = kernels["sky"](d, o, sun, zenith, horizon, scene["clouds"][item])  # objects fog into it
+        if name == "sky":
+            flat_colour[rays] = sky
         else:
             obj = index.flatten()[rays]
             flat_colour[rays] = kernels["objects"](d, o, t_obj.flatten()[rays], centers[item, obj], scene["size"][item, obj],
-                                                   scene["color"][item, obj], KINDS.to(obj.device)[obj],
-                                                   scene["fog_scale"][item, obj], sun, zenith, horizon)
+                                                   scene["color"][item, obj], scene["kind"][item, obj],
+                                                   scene["fog_scale"][item, obj], sun, zenith, sky)
     return colour
 
 

@@ -1,0 +1,365 @@
+import json
+import math
+
+import pytest
+import torch
+
+from train import evaluate as ev
+from train.idm import idm_loss, training_pairs
+from worldmodel import metrics
+from worldmodel.actions import ActionSpec
+from worldmodel.camera import ControllerSpec, integrate
+from worldmodel.idm import IDMConfig, IDMError, InverseDynamics, controllability, load_idm, save_idm
+
+SPEC, CTRL = ActionSpec(), ControllerSpec()
+
+
+# ---------------------------------------------------------------- fake models (test fixtures)
+
+
+def shifted(start: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``start [B, H, W, 3]`` rolled sideways by ``shift [B]`` pixels each."""
+    return torch.stack([torch.roll(s, int(k), dims=1) for s, k in zip(start, shift)])
+
+
+def toy_world(start: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """A toy ground truth: the view pans by the rounded mouse dx / 4 pixels each frame -> ``[B, T, H, W, 3]``."""
+    pan = torch.cumsum((actions[..., -2] / 4).round(), 1)
+    return torch.stack([shifted(start, pan[:, t]) for t in range(actions.shape[1])], 1)
+
+
+class CopySession:
+    """Repeats the last frame in its cache."""
+
+    def __init__(self, batch, seed):
+        self.batch = batch
+
+    def reset(self, start):
+        self.last = start.clone()
+        return start.clone()
+
+    def step(self, actions, force_frame=None):
+        out = self.last.clone()
+        self.last = out if force_frame is None else force_frame.clone()
+        return out
+
+
+class ActionBlindSession(CopySession):
+    """Pans one pixel per frame whatever the actions."""
+
+    def reset(self, start):
+        self.start, self.t = start.clone(), 0
+        return start.clone()
+
+    def step(self, actions, force_frame=None):
+        self.t += 1
+        return shifted(self.start, torch.full((self.batch,), self.t))
+
+
+class ToyOracleSession(CopySession):
+    """Follows the toy world exactly."""
+
+    def reset(self, start):
+        self.start, self.pan = start.clone(), torch.zeros(self.batch)
+        return start.clone()
+
+    def step(self, actions, force_frame=None):
+        self.pan = self.pan + (actions[:, -2] / 4).round()
+        return shifted(self.start, self.pan)
+
+
+class BlockSession(CopySession):
+    """Block size 3: frame t is filled with the value t; records the forced frames it saw."""
+
+    def reset(self, start):
+        self.t, self.forced = 0, []
+        return torch.zeros_like(start)
+
+    def step(self, actions, force_frame=None):
+        assert actions.shape[1] == 3
+        self.forced.append(force_frame)
+        frames = [torch.full((self.batch, 4, 4, 3), self.t + i + 1, dtype=torch.uint8) for i in range(3)]
+        self.t += 3
+        return torch.stack(frames, 1)
+
+
+def random_actions(batch, length, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    keys = (torch.rand(batch, length, len(SPEC.keys), generator=gen) < 0.3).float()
+    mouse = torch.randint(-12, 13, (batch, length, 2), generator=gen).float()
+    actions = torch.cat([keys, mouse], -1)
+    actions[:, 0] = 0
+    return actions
+
+
+def toy_starts(seeds, size=16):
+    """One random start frame per world seed ``[B, size, size, 3]``."""
+    return torch.stack([torch.randint(0, 256, (size, size, 3), generator=torch.Generator().manual_seed(s), dtype=torch.uint8)
+                        for s in seeds])
+
+
+def toy_episodes(batch=3, length=9, size=16, seed=0):
+    seeds = [1000 * seed + i for i in range(batch)]
+    actions = random_actions(batch, length, seed)
+    frames = toy_world(toy_starts(seeds, size), actions)
+    return {"frames": frames, "actions": actions, "poses": integrate(actions, SPEC, CTRL)[0], "seeds": seeds}
+
+
+@pytest.fixture
+def toy_ground_truth(monkeypatch):
+    """evaluate() with the toy world in place of the held-out worlds."""
+    blocks = {"clips": 1, "long": 2, "reference": 3}
+    monkeypatch.setattr(ev, "heldout_episodes", lambda settings, which, count, length: toy_episodes(count, length, seed=blocks[which]))
+    monkeypatch.setattr(ev, "replay", lambda settings, seeds, actions: toy_world(toy_starts(seeds), actions))
+
+
+def tiny_idm(size=16, seed=0):
+    torch.manual_seed(seed)
+    return InverseDynamics(IDMConfig("procedural", SPEC, CTRL, (size, size), size=(16, 16), channels=(8, 8), feature_dim=8)).eval()
+
+
+# ---------------------------------------------------------------- rollouts and baselines
+
+
+def test_copying_model_scores_exactly_like_repeat_last_frame():
+    ep = toy_episodes()
+    truth, start = ep["frames"], ep["frames"][:, 0]
+    ar = ev.rollout(CopySession(3, 0), start, ep["actions"])
+    tf = ev.rollout(CopySession(3, 0), start, ep["actions"], forced=truth)
+    assert torch.equal(ar, ev.repeat_first(truth)) and torch.equal(tf, ev.repeat_previous(truth))
+    fid = ev.fidelity_report({"copy": (ar, truth), "repeat": (ev.repeat_first(truth), truth),
+                              "copy tf": (tf, truth), "repeat tf": (ev.repeat_previous(truth), truth)}, [1, 4, 8])
+    assert fid["rows"]["copy"] == fid["rows"]["repeat"]
+    assert fid["rows"]["copy tf"] == fid["rows"]["repeat tf"]
+    idm = tiny_idm()
+    control = ev.control_report(idm, ep, {"copy": ar, "repeat": ev.repeat_first(truth)})
+    assert control["copy"] == control["repeat"]
+
+
+def test_ground_truth_rows_are_perfect_and_shifted_videos_are_not():
+    ep = toy_episodes()
+    truth = ep["frames"]
+    fid = ev.fidelity_report({"gt": (truth, truth), "shift": (ev.repeat_previous(truth), truth)}, [1, 8])
+    assert fid["rows"]["gt"]["psnr"] == {"1": math.inf, "8": math.inf}
+    assert fid["rows"]["gt"]["ssim"]["8"] == pytest.approx(1.0, abs=1e-6)
+    mse = metrics.mean_squared_error(metrics.uint8_to_frames(truth[:, 7]), metrics.uint8_to_frames(truth[:, 8]))
+    assert fid["rows"]["shift"]["psnr"]["8"] == pytest.approx(10 * math.log10(4 / float(mse.mean())), rel=1e-12)
+    ssim = metrics.ssim(metrics.uint8_to_frames(truth[:, 7]), metrics.uint8_to_frames(truth[:, 8])).mean()
+    assert fid["rows"]["shift"]["ssim"]["8"] == pytest.approx(float(ssim), rel=1e-6)
+
+
+def test_swap_test_fails_for_a_model_that_ignores_actions_and_passes_for_an_oracle():
+    ep = toy_episodes(batch=4, length=10)
+    truth, start, actions = ep["frames"], ep["frames"][:, 0], ep["actions"]
+    swapped_actions = torch.roll(actions, 1, 0)
+    rows = {}
+    for name, cls in (("blind", ActionBlindSession), ("oracle", ToyOracleSession), ("copy", CopySession)):
+        rows[name] = (ev.rollout(cls(4, 0), start, actions), ev.rollout(cls(4, 0), start, swapped_actions))
+    report = ev.swap_report(truth, *rows["oracle"], rows)
+    assert report["blind"]["pass_fraction"] == 0.0
+    assert report["copy"]["pass_fraction"] == 0.0
+    assert report["oracle"]["pass_fraction"] == 1.0
+    assert report["oracle"]["mse_own"] == 0.0
+
+
+def test_rollout_in_blocks_pads_the_last_block_and_forces_frames():
+    actions = random_actions(2, 8)
+    forced = torch.randint(0, 256, (2, 8, 4, 4, 3), dtype=torch.uint8)
+    session = BlockSession(2, 0)
+    frames = ev.rollout(session, torch.zeros(2, 4, 4, 3, dtype=torch.uint8), actions, block_size=3, forced=forced)
+    assert frames.shape == (2, 8, 4, 4, 3)
+    assert [int(frames[0, t, 0, 0, 0]) for t in range(8)] == list(range(8))
+    assert torch.equal(session.forced[0], forced[:, 1:4])
+    assert torch.equal(session.forced[2], torch.cat([forced[:, 7:8]] * 3, 1))  # frames 7, then padding
+
+
+# ---------------------------------------------------------------- stability, speed and report
+
+
+def test_stability_report_on_ground_truth_has_zero_frechet_distance():
+    ep = toy_episodes(batch=2, length=13)
+    idm = tiny_idm()
+    report = ev.stability_report(idm, ep, ep["frames"], ep["frames"], window=4)
+    assert [w["frames"] for w in report["windows"]] == [[1, 5], [5, 9], [9, 13]]
+    for w in report["windows"]:
+        assert w["frechet"]["model"] == pytest.approx(0.0, abs=1e-9)
+        assert w["frechet"]["ground_truth_reference"] == pytest.approx(0.0, abs=1e-9)
+        assert w["frechet"]["repeat_last_frame"] > 0
+        assert w["frames_stats"]["model"] == w["frames_stats"]["ground_truth"]
+        assert w["controllability"]["model"] == w["controllability"]["ground_truth"]
+    # window stats in 0..255 units
+    stats = ev.window_stats(torch.full((1, 2, 8, 8, 3), 200, dtype=torch.uint8))
+    assert stats["colour_mean"] == pytest.approx([200.0] * 3) and stats["colour_std"] == pytest.approx([0.0] * 3)
+    assert stats["sharpness"] == 0.0
+
+
+def test_plain_and_markdown_helpers():
+    assert ev.plain({"a": [math.inf, -math.inf, 1.5], "b": math.nan}) == {"a": ["inf", "-inf", 1.5], "b": "nan"}
+    assert ev.fmt(math.inf) == "inf" and ev.fmt(0.12345) == "0.123"
+    ticks = ev.nice_ticks(0.13, 0.92)
+    assert ticks[0] >= 0.13 and ticks[-1] <= 0.92 and 3 <= len(ticks) <= 9
+    with pytest.raises(ev.EvalError, match="clips"):
+        ev.EvalSettings(world="procedural", clips=1)
+    with pytest.raises(ev.EvalError, match="window"):
+        ev.EvalSettings(world="procedural", long_frames=10, window=20)
+
+
+def toy_settings():
+    return ev.EvalSettings(world="procedural", clips=3, horizon=6, horizons=(1, 4), long_frames=9, long_clips=2,
+                           window=4, speed_frames=3)
+
+
+def test_full_evaluation_of_a_copying_model_equals_the_baseline(toy_ground_truth, tmp_path):
+    report = ev.evaluate(lambda b, s: CopySession(b, s), tiny_idm(), toy_settings())
+    fid = report["fidelity"]["rows"]
+    assert report["fidelity"]["horizons"] == [1, 4, 6]
+    assert fid["model (autoregressive)"] == fid["repeat last frame (autoregressive)"]
+    assert fid["model (teacher-forced)"] == fid["repeat last frame (teacher-forced)"]
+    control = report["controllability"]
+    assert control["model (autoregressive)"] == control["repeat last frame"]
+    swap = report["swap_test"]
+    assert swap["model"]["pass_fraction"] == 0.0 and swap["ground truth"]["pass_fraction"] == 1.0
+    for w in report["stability"]["windows"]:
+        assert w["frechet"]["model"] == w["frechet"]["repeat_last_frame"]
+        assert w["frames_stats"]["model"] == w["frames_stats"]["repeat_last_frame"]
+    ev.write_report(report, tmp_path, "copy")
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["fidelity"]["rows"]["ground truth"]["psnr"]["1"] == "inf"
+    assert "| model (autoregressive) |" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "fidelity.png").stat().st_size > 1000 and (tmp_path / "stability.png").stat().st_size > 1000
+
+
+def test_full_evaluation_of_an_oracle_is_perfect(toy_ground_truth):
+    report = ev.evaluate(lambda b, s: ToyOracleSession(b, s), tiny_idm(), toy_settings())
+    assert all(math.isinf(v) for v in report["fidelity"]["rows"]["model (autoregressive)"]["psnr"].values())
+    assert report["swap_test"]["model"]["pass_fraction"] == 1.0
+    assert report["controllability"]["model (autoregressive)"] == report["controllability"]["ground truth"]
+    for w in report["stability"]["windows"]:
+        assert w["frechet"]["model"] == pytest.approx(0.0, abs=1e-9)
+
+
+# ---------------------------------------------------------------- the IDM
+
+
+def test_idm_save_load_round_trip_and_errors(tmp_path):
+    idm = tiny_idm()
+    path = tmp_path / "idm.safetensors"
+    save_idm(path, idm)
+    loaded = load_idm(path)
+    assert loaded.cfg == idm.cfg
+    frames = toy_episodes(batch=2, length=4)["frames"]
+    a, b = idm.predict(frames), loaded.predict(frames)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(IDMError, match="do not exist"):
+        load_idm(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(IDMError, match="not a readable"):
+        load_idm(tmp_path / "junk.safetensors")
+
+
+def test_idm_predictions_are_scaled_forward_outputs():
+    idm = tiny_idm()
+    frames = toy_episodes(batch=2, length=3)["frames"]
+    pred = idm.predict(frames)
+    prev, cur = idm.prepare(frames[:, :-1].flatten(0, 1)), idm.prepare(frames[:, 1:].flatten(0, 1))
+    raw = idm(prev, cur)
+    scale = idm.scales()
+    torch.testing.assert_close(pred["mouse"].flatten(0, 1), raw["mouse"] * scale["mouse"])
+    torch.testing.assert_close(pred["translation"].flatten(0, 1), raw["translation"] * scale["translation"])
+    torch.testing.assert_close(pred["keys"].flatten(0, 1), raw["keys"])
+
+
+def test_controllability_of_perfect_predictions_is_perfect():
+    ep = toy_episodes(batch=2, length=6)
+    idm = tiny_idm()
+    targets = idm.targets(ep["actions"], ep["poses"])
+    scale = idm.scales()
+    perfect = {k: targets[k] * scale.get(k, 1.0) for k in ("mouse", "yaw_pitch", "translation")}
+    perfect["keys"] = targets["keys"] * 20 - 10
+    scores = controllability(perfect, ep["actions"], ep["poses"], len(SPEC.keys))
+    assert scores["key_accuracy"] == 1.0 and scores["key_exact"] == 1.0
+    for name in ("mouse_error", "yaw_error_deg", "pitch_error_deg", "rotation_error_deg", "translation_error"):
+        assert scores[name] == pytest.approx(0.0, abs=1e-3), name
+    loss, parts = idm_loss({**{k: targets[k] for k in perfect}, "keys": perfect["keys"]}, targets)
+    assert parts["mouse"] == 0.0 and parts["translation"] == 0.0 and parts["keys"] < 1e-4
+
+
+def test_mirror_swaps_strafe_keys_and_negates_sideways_motion():
+    from train.idm import mirror
+
+    idm = tiny_idm()
+    ep = toy_episodes(batch=2, length=5)
+    targets = {k: v.flatten(0, 1) for k, v in idm.targets(ep["actions"], ep["poses"]).items()}
+    prev, cur = idm.prepare(ep["frames"][:, :-1].flatten(0, 1)), idm.prepare(ep["frames"][:, 1:].flatten(0, 1))
+    flip = torch.arange(8) % 2 == 0
+    p2, c2, t2 = mirror(prev, cur, targets, flip, SPEC.keys)
+    assert torch.equal(p2[0], prev[0].flip(-1)) and torch.equal(p2[1], prev[1]) and torch.equal(c2[2], cur[2].flip(-1))
+    a, d = SPEC.key_index("A"), SPEC.key_index("D")
+    assert torch.equal(t2["keys"][flip][:, [a, d]], targets["keys"][flip][:, [d, a]])
+    assert torch.equal(t2["keys"][~flip], targets["keys"][~flip])
+    for name in ("mouse", "yaw_pitch", "translation"):
+        assert torch.equal(t2[name][flip, 0], -targets[name][flip, 0]) and torch.equal(t2[name][:, 1:], targets[name][:, 1:])
+    back = mirror(p2, c2, t2, flip, SPEC.keys)
+    assert torch.equal(back[0], prev) and all(torch.equal(back[2][k], targets[k]) for k in targets)
+    # the toy world pans by the mouse: a mirrored pair is the pair of the mirrored start under -dx
+    start = toy_starts([7])
+    pair = toy_world(start, torch.tensor([[[0.0] * 7, [0, 0, 0, 0, 0, 8.0, 0]]]))
+    mirrored = toy_world(start.flip(2), torch.tensor([[[0.0] * 7, [0, 0, 0, 0, 0, -8.0, 0]]]))
+    assert torch.equal(pair.flip(3), mirrored)
+
+
+def brightness_episodes(batch, length, seed):
+    """Toy frames whose left half brightens and right half darkens with the mouse dx of the action that led
+    to them (mirror-consistent: a mirrored frame shows the negated dx)."""
+    gen = torch.Generator().manual_seed(seed)
+    actions = random_actions(batch, length, seed)
+    texture = torch.randint(0, 40, (batch, 1, 16, 16, 3), generator=gen)
+    side = torch.cat([torch.ones(8), -torch.ones(8)]).view(1, 1, 1, 16, 1)
+    frames = (texture + 108 + 8 * side * actions[..., -2, None, None, None]).clamp(0, 255).to(torch.uint8)
+    return {"frames": frames, "actions": actions, "poses": integrate(actions, SPEC, CTRL)[0]}
+
+
+def test_idm_training_learns_a_visible_action():
+    from train.idm import train
+
+    idm = tiny_idm(seed=1)
+    data = training_pairs(idm, brightness_episodes(24, 8, seed=2))
+    losses = train(idm, data, steps=120, batch=64, lr=3e-3, seed=0, device="cpu")
+    idm.eval()
+    held = brightness_episodes(8, 8, seed=3)
+    dx_error = (idm.predict(held["frames"])["mouse"][..., 0] - held["actions"][:, 1:, -2]).abs().mean()
+    predicting_zero = held["actions"][:, 1:, -2].abs().mean()
+    assert sum(losses[-10:]) < sum(losses[:10])
+    assert dx_error < 0.5 * predicting_zero
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_cli_evaluates_a_tiny_checkpoint_on_the_procedural_world(tmp_path):
+    from worldmodel.checkpoint import save
+    from worldmodel.model import build_model
+
+    ckpt, idm_path = tmp_path / "tiny.safetensors", tmp_path / "idm.safetensors"
+    save(ckpt, build_model("tiny", world="procedural"))
+    save_idm(idm_path, tiny_idm(size=32))
+    common = [str(ckpt), "--world", "procedural", "--clips", "2", "--horizon", "3", "--horizons", "1,2",
+              "--long-frames", "6", "--long-clips", "1", "--window", "3", "--speed-frames", "2", "--idm", str(idm_path)]
+    assert ev.main(common + ["--out", str(tmp_path / "a")]) == 0
+    assert ev.main(common + ["--out", str(tmp_path / "b")]) == 0
+    first, second = (json.loads((tmp_path / d / "report.json").read_text()) for d in "ab")
+    for report in (first, second):
+        report.pop("speed")
+    assert first == second  # reproducible for a seed
+    assert first["fidelity"]["horizons"] == [1, 2, 3]
+    assert first["fidelity"]["rows"]["ground truth"]["psnr"]["3"] == "inf"
+    assert first["protocol"]["clip_seeds"][0] >= 1_000_000  # held-out worlds
+    text = (tmp_path / "a" / "report.md").read_text()
+    assert "## Swap test" in text and "## Speed" in text
+    assert (tmp_path / "a" / "stability.png").is_file()
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    assert ev.main([str(tmp_path / "missing.safetensors"), "--world", "procedural", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "missing.safetensors" in err and "\n" not in err

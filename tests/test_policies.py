@@ -1,0 +1,114 @@
+"""Exploration policies: seeded, valid, play-like (held keys, smooth mouse, turn-rounds), reacting to walls."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from worldmodel.actions import ActionSpec, validate_actions
+from worldmodel.camera import ControllerSpec, integrate
+from worldmodel.envs.policies import POLICIES, PolicyError, draw_segment, make_policy
+
+SPEC = ActionSpec()
+
+
+def roll(policy, steps, world_steps=None):
+    """Actions ``[B, T, A]`` of ``steps`` calls (no world feedback unless ``world_steps`` gives one per call)."""
+    return torch.stack([policy(t, None if world_steps is None else world_steps[t]) for t in range(steps)], 1)
+
+
+def runs(values: np.ndarray) -> list[int]:
+    """Lengths of the runs of equal consecutive rows of ``values [T, ...]``."""
+    change = np.any(values[1:] != values[:-1], axis=tuple(range(1, values.ndim)))
+    edges = np.flatnonzero(change) + 1
+    return np.diff(np.concatenate([[0], edges, [len(values)]])).tolist()
+
+
+def test_policies_are_seeded_and_items_do_not_depend_on_the_batch():
+    a = roll(make_policy("mix", SPEC, batch=6, seed=3), 200)
+    b = roll(make_policy("mix", SPEC, batch=6, seed=3), 200)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, roll(make_policy("mix", SPEC, batch=6, seed=4), 200))
+    bigger = roll(make_policy("mix", SPEC, batch=9, seed=3), 200)
+    assert torch.equal(a, bigger[:6])
+    assert not torch.equal(a[0], a[1])
+
+
+@pytest.mark.parametrize("name", ["mix", *POLICIES])
+def test_actions_are_valid_play_like_and_move_the_camera(name):
+    actions = roll(make_policy(name, SPEC, batch=8, seed=1), 400)
+    validate_actions(actions, SPEC)
+    keys = actions[..., :-2]
+    assert set(keys.unique().tolist()) <= {0.0, 1.0} and actions.dtype == torch.float32
+    assert torch.equal(actions[..., -2:], actions[..., -2:].round())  # integer mouse counts, like a real mouse
+    lengths = [runs(item)[:-1] for item in keys.numpy()]  # the last run of each item is cut off by the end
+    assert min(min(r, default=400) for r in lengths) >= 5  # keys are held for whole segments, never flicker
+    assert 16 <= sum(map(len, lengths)) <= 8 * 80  # but they do change
+    dx = actions[..., -2]
+    assert (dx.abs().sum(1) > 0).all()  # everyone turns
+    lag1 = [np.corrcoef(row[:-1], row[1:])[0, 1] for row in dx.numpy() if row.std() > 0]
+    assert np.mean(lag1) > 0.8  # smooth: this frame's mouse is much like the last one (noise would give ~0)
+    poses, _ = integrate(actions, SPEC, ControllerSpec())
+    assert poses[..., :3, 3].norm(dim=-1).amax(1).min() > 1.0 or name == "looker"  # they go places
+    assert poses[..., 1, 3].eq(-1.0).all()
+
+
+def test_mix_spreads_policies_over_items():
+    policy = make_policy("mix", SPEC, batch=32, seed=0)
+    assert len(set(policy.names)) == len(POLICIES)
+
+
+def test_explorers_turn_round_and_walk_back_over_their_path():
+    actions = roll(make_policy("walker", SPEC, batch=6, seed=2), 600)
+    poses, _ = integrate(actions, SPEC, ControllerSpec())
+    yaw = np.unwrap(torch.atan2(poses[..., 0, 2], poses[..., 2, 2]).numpy(), axis=1)
+    turned = [np.max(np.abs(y[25:] - y[:-25])) for y in yaw]  # the largest turn within 25 frames
+    assert max(turned) > math.radians(150)
+    # revisit: the camera walks over 3 units away from a spot and later comes back within 0.6 of it
+    came_back = False
+    for path in poses[..., [0, 2], 3]:
+        d = torch.cdist(path, path)
+        for i, j in torch.triu(d < 0.6, diagonal=60).nonzero().tolist():
+            came_back |= bool(d[i, i:j].max() > 3.0)
+    assert came_back
+
+
+def test_turn_round_segment_turns_about_half_a_circle():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        seg = draw_segment("turn_around", rng, SPEC.mouse_scale)
+        phase = (np.arange(seg["length"]) + 0.5) / seg["length"]
+        total = np.sum(seg["dx"] * 2 * np.sin(np.pi * phase) ** 2) * SPEC.mouse_scale
+        assert abs(abs(total) - math.pi) <= 0.36
+
+
+def test_a_blocked_walk_makes_the_policy_turn_away():
+    policy = make_policy("walker", SPEC, batch=1, seed=5)
+    w = SPEC.key_index("W")
+    pose = torch.eye(4)[None]
+    for t in range(200):  # find a walk, fed a world that follows the commanded pose
+        a = policy(t, SimpleNamespace(commanded_pose=pose, true_pose=pose))
+        if a[0, w] == 1 and policy.age[0] == 1 and policy.length[0] > 20:
+            break
+    walked = policy.length[0]
+    stuck = torch.eye(4)[None]  # the true pose never moves while the commanded one walks on
+    turned = False
+    for t in range(12):
+        moved = torch.eye(4)[None].clone()
+        moved[0, 2, 3] = 0.12 * (t + 1)
+        a = policy(t, SimpleNamespace(commanded_pose=moved, true_pose=stuck))
+        turned |= bool(a[0, -2].abs() > 10)
+    assert turned and policy.length[0] != walked  # gave up the walk and turned
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(PolicyError, match="unknown policy"):
+        make_policy("wander", SPEC)
+    with pytest.raises(PolicyError, match="batch"):
+        make_policy("mix", SPEC, batch=0)
+    with pytest.raises(PolicyError, match="seed"):
+        make_policy("mix", SPEC, seed=-1)
