@@ -165,6 +165,17 @@ def test_hits_beyond_far_are_misses():
     assert torch.equal(limited, torch.where(unlimited < cut, unlimited, math.inf))
 
 
+def test_the_sky_below_the_horizon_is_what_the_ground_fogs_into():
+    g = torch.Generator().manual_seed(6)
+    m = 50
+    d = torch.randn(m, 3, generator=g)
+    d[:, 1] = d[:, 1].abs() + 0.01  # below the horizon (y down)
+    d = d / d.norm(dim=-1, keepdim=True)
+    sun, zenith, horizon = torch.randn(m, 3, generator=g), torch.rand(m, 3, generator=g), torch.rand(m, 3, generator=g)
+    sky = P.shade_sky(d, torch.randn(m, 3, generator=g), sun, zenith, horizon, torch.rand(m, 3, generator=g))
+    assert torch.allclose(sky, horizon + P.sun_glow(d, sun), atol=1e-6)
+
+
 def test_tile_culling_never_drops_a_visible_object(monkeypatch):
     world = make_world("procedural", batch=4, height=64, width=64)
     _, steps = play(world, [11, 12, 13, 14], 25)
@@ -397,6 +408,25 @@ def test_doom_workers_match_in_process_games(doom):
         _, remote_steps = play(remote, [9, 10], 6)
     for a, b in zip(local_steps, remote_steps):
         assert torch.equal(a.frames, b.frames) and torch.equal(a.true_pose, b.true_pose)
+
+
+def test_doom_level_exit_restarts_the_item_anchored_at_its_commanded_pose(doom, monkeypatch):
+    doom.reset([1, 2])
+    turn_and_walk = torch.stack([make_action(SPEC, ["W"], dx=30)] * 2)
+    for _ in range(5):
+        doom.step(turn_and_walk)
+    act = doom.games.act
+
+    def exit_item_1(items, buttons):  # as if item 1 had walked over an exit line
+        out = act(items, buttons)
+        return [(None, None, True) if i == 1 else o for i, o in zip(items, out)]
+
+    monkeypatch.setattr(doom.games, "act", exit_item_1)
+    step = doom.step(turn_and_walk)
+    assert step.restarted.tolist() == [False, True] and step.frames.shape == (2, 120, 160, 3)
+    assert torch.allclose(step.true_pose[1], step.commanded_pose[1], atol=1e-4)  # re-anchored where it was commanded
+    monkeypatch.setattr(doom.games, "act", act)
+    assert doom.step(turn_and_walk).restarted.tolist() == [False, False]
 
 
 def test_doom_bad_options_fail_fast():

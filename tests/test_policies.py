@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from worldmodel.actions import ActionSpec, validate_actions
-from worldmodel.camera import ControllerSpec, integrate
+from worldmodel.camera import CameraState, ControllerSpec, integrate, state_to_pose, step_state
 from worldmodel.envs.policies import POLICIES, PolicyError, draw_segment, make_policy
 
 SPEC = ActionSpec()
@@ -103,6 +103,21 @@ def test_a_blocked_walk_makes_the_policy_turn_away():
         a = policy(t, SimpleNamespace(commanded_pose=moved, true_pose=stuck))
         turned |= bool(a[0, -2].abs() > 10)
     assert turned and policy.length[0] != walked  # gave up the walk and turned
+
+
+def test_the_gaze_returns_to_level_even_when_the_world_clamps_pitch():
+    ctrl = ControllerSpec(max_pitch=0.3)  # a world that clamps pitch harder than the policy knows
+    policy = make_policy("looker", SPEC, batch=8, seed=0)
+    state = CameraState.start(8, ctrl)
+    pitches = []
+    for t in range(400):
+        pose = state_to_pose(state)
+        a = policy(t, SimpleNamespace(commanded_pose=pose, true_pose=pose))
+        state = step_state(state, a, SPEC, ctrl)
+        pitches.append(state.pitch.abs())
+    pitches = torch.stack(pitches)
+    assert pitches.max() > 0.25  # it does look up or down to the clamp
+    assert pitches.mean() < 0.075  # but comes back to level (counting its own mouse instead: 0.10, it overshoots)
 
 
 def test_bad_arguments_are_rejected():

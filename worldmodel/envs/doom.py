@@ -37,6 +37,9 @@ heading, walks it forward for a random time (up to 2 s, stopping at walls), turn
 random heading and waits for it to stand still; frame 0 is taken there. If Doom ends an episode (a walk-over level exit), the item
 restarts its map with the same seed, re-anchored at its current commanded pose, and the step
 reports it in ``WorldStep.restarted``.
+
+Files: each game's ini goes to a temporary directory (removed on close); the engine still makes an
+empty ``_vizdoom/`` directory in the working directory (vizdoom does that, it holds nothing).
 """
 
 from __future__ import annotations
@@ -252,7 +255,8 @@ class DoomWorld(World):
     Options: ``maps`` (names in the WAD; item i plays ``maps[i % len(maps)]``), ``height``/``width``
     (a ViZDoom resolution, default 120x160), ``workers`` (0: games in this process; n: spread over n
     processes), ``pitch`` (free look), ``wad`` (default: vizdoom's freedoom2.wad). ``device`` is
-    accepted for a uniform interface; Doom renders on the CPU.
+    accepted for a uniform interface; Doom renders on the CPU. ``controller`` overrides the commanded
+    motion only: Doom itself always moves at its own walking/running speed.
     """
 
     name = "doom"

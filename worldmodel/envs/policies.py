@@ -86,7 +86,9 @@ def draw_segment(kind: str, rng: np.random.Generator, mouse_scale: float) -> dic
 class Policy:
     """Actions ``[B, A]`` for each step: ``policy(step_index, world_step=None)``.
 
-    ``world_step`` (the world's last WorldStep) is optional; with it, blocked walks end early.
+    The policy keeps its own clock (one call, one frame; ``step_index`` is part of the shared
+    interface). ``world_step``, the world's last WorldStep, is optional; with it, blocked walks end
+    early and the gaze is levelled from the world's actual (clamped) pitch.
     """
 
     def __init__(self, names: list[str], action_spec: ActionSpec, seeds: list[int]):
@@ -102,7 +104,7 @@ class Policy:
         self.walked = np.zeros(b, np.int64)  # frames walked forward since the last turn round
         self.forced: list[str | None] = [None] * b  # the kind the next segment must have
         self.mouse = np.zeros((b, 2))  # low-passed mouse (counts/frame)
-        self.pitch = np.zeros(b)  # accumulated dy counts (to pull the gaze back to level)
+        self.pitch = np.zeros(b)  # dy counts away from a level gaze (pulled back towards 0)
         self.history: list[tuple[np.ndarray, np.ndarray]] = []  # (commanded, true) xz positions per step
 
     def _start_segment(self, i: int, kind: str | None = None):
@@ -140,6 +142,9 @@ class Policy:
 
     def __call__(self, step_index: int, world_step=None) -> torch.Tensor:
         blocked = self._blocked(world_step)
+        if world_step is not None:  # level the gaze from the real (clamped) pitch: forward y = -sin(pitch)
+            forward_y = world_step.commanded_pose[:, 1, 2].double().cpu().numpy()
+            self.pitch = np.arcsin(np.clip(forward_y, -1, 1)) / self.spec.mouse_scale
         for i in np.flatnonzero((self.age >= self.length) | blocked):
             if blocked[i]:  # turn away from what blocks the walk, then walk a little
                 self.walked[i] = 0

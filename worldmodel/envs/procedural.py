@@ -353,6 +353,16 @@ class CompiledOrEager:
         return self.fn(*args)
 
 
+def rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` along dim 0 (index_select: faster than advanced indexing on the CPU)."""
+    return x.index_select(0, index)
+
+
+def pairs(x: torch.Tensor, item: torch.Tensor, obj: torch.Tensor) -> torch.Tensor:
+    """``x[item, obj]`` for ``x [B, N, ...]`` and index vectors ``item, obj [P]``."""
+    return x.flatten(0, 1).index_select(0, item * x.shape[1] + obj)
+
+
 def trace(scene, rotation, origin, tiles: RayTiles, kernels=KERNELS):
     """Nearest object along every ray: directions ``[B, T, R, 3]``, distance ``[B, T, R]`` (inf: none),
     object index ``[B, T, R]`` (-1: none) and the object copies ``[B, N, 3]`` that were tested.
@@ -368,10 +378,10 @@ def trace(scene, rotation, origin, tiles: RayTiles, kernels=KERNELS):
         item, tile, obj = visible[:, :, part].nonzero(as_tuple=True)
         if item.numel() == 0:
             continue
-        obj = obj + part.start
-        o, d = origin[item], direction[item, tile]
-        c, s = centers[item, obj], scene["size"][item, obj]
-        far = FOG_END / scene["fog_scale"][item, obj]  # fully fogged surfaces are not there (culling drops them too)
+        obj, unit = obj + part.start, item * t_count + tile
+        o, d = rows(origin, item), rows(direction.flatten(0, 1), unit)
+        c, s = pairs(centers, item, obj), pairs(scene["size"], item, obj)
+        far = FOG_END / pairs(scene["fog_scale"], item, obj)  # fully fogged surfaces are not there (culling drops them too)
         if kind == BOX:
             hits.append(kernels["box"](o, d, c, s, far))
         elif kind == SPHERE:
@@ -379,7 +389,7 @@ def trace(scene, rotation, origin, tiles: RayTiles, kernels=KERNELS):
         else:  # caps matter only where a camera is above a cylinder's top (never at eye height < 1.5)
             caps = bool((o[:, 1] < c[:, 1] - s[:, 1]).any())
             hits.append(kernels["cylinder"](o, d, c, s[:, 0], s[:, 1], far, caps))
-        units.append(item * t_count + tile)
+        units.append(unit)
         objects.append(obj)
     best_t = torch.full((b * t_count, r), math.inf, device=origin.device)
     best_i = torch.full((b * t_count, r), -1, dtype=torch.long, device=origin.device)
@@ -387,7 +397,7 @@ def trace(scene, rotation, origin, tiles: RayTiles, kernels=KERNELS):
         hits, units, objects = torch.cat(hits), torch.cat(units), torch.cat(objects)
         where = units[:, None].expand(-1, r)
         best_t = best_t.scatter_reduce(0, where, hits, "amin")
-        nearest = (hits == best_t[units]) & torch.isfinite(hits)
+        nearest = (hits == rows(best_t, units)) & torch.isfinite(hits)
         best_i = best_i.scatter_reduce(0, where, torch.where(nearest, objects[:, None], -1), "amax")
     return direction, best_t.view(b, t_count, r), best_i.view(b, t_count, r), centers
 
@@ -410,20 +420,23 @@ def render_rays(scene, rotation, origin, tiles: RayTiles, kernels=KERNELS) -> to
         if rays.numel() == 0:
             continue
         item = rays // per_item
-        d, o = flat_direction[rays], origin[item]
-        sun, zenith, horizon = scene["sun"][item], scene["zenith"][item], scene["horizon"][item]
+        d, o = rows(flat_direction, rays), rows(origin, item)
+        sun, zenith, horizon = rows(scene["sun"], item), rows(scene["zenith"], item), rows(scene["horizon"], item)
         if name == "ground":
-            flat_colour[rays] = kernels["ground"](d, o, t_ground.flatten()[rays], sun, zenith, horizon, scene["ground"][item],
-                                                  scene["waves"][item], scene["checker"][item], tiles.pixel_angle)
-            continue
-        sky = kernels["sky"](d, o, sun, zenith, horizon, scene["clouds"][item])  # objects fog into it
-        if name == "sky":
-            flat_colour[rays] = sky
+            colour_of_class = kernels["ground"](d, o, rows(t_ground.flatten(), rays), sun, zenith, horizon,
+                                                rows(scene["ground"], item), rows(scene["waves"], item),
+                                                rows(scene["checker"], item), tiles.pixel_angle)
         else:
-            obj = index.flatten()[rays]
-            flat_colour[rays] = kernels["objects"](d, o, t_obj.flatten()[rays], centers[item, obj], scene["size"][item, obj],
-                                                   scene["color"][item, obj], scene["kind"][item, obj],
-                                                   scene["fog_scale"][item, obj], sun, zenith, sky)
+            sky = kernels["sky"](d, o, sun, zenith, horizon, rows(scene["clouds"], item))  # objects fog into it
+            if name == "sky":
+                colour_of_class = sky
+            else:
+                obj = rows(index.flatten(), rays)
+                colour_of_class = kernels["objects"](
+                    d, o, rows(t_obj.flatten(), rays), pairs(centers, item, obj), pairs(scene["size"], item, obj),
+                    pairs(scene["color"], item, obj), pairs(scene["kind"], item, obj),
+                    pairs(scene["fog_scale"], item, obj), sun, zenith, sky)
+        flat_colour.index_copy_(0, rays, colour_of_class)
     return colour
 
 
