@@ -155,7 +155,7 @@ def test_swap_test_fails_for_a_model_that_ignores_actions_and_passes_for_an_orac
     rows = {}
     for name, cls in (("blind", ActionBlindSession), ("oracle", ToyOracleSession), ("copy", CopySession)):
         rows[name] = (ev.rollout(cls(4, 0), start, actions), ev.rollout(cls(4, 0), start, swapped_actions))
-    report = ev.swap_report(truth, *rows["oracle"], rows)
+    report = ev.swap_report(truth, rows)
     assert report["blind"]["pass_fraction"] == 0.0
     assert report["copy"]["pass_fraction"] == 0.0
     assert report["oracle"]["pass_fraction"] == 1.0
@@ -306,6 +306,19 @@ def test_mirror_swaps_strafe_keys_and_negates_sideways_motion():
     pair = toy_world(start, torch.tensor([[[0.0] * 7, [0, 0, 0, 0, 0, 8.0, 0]]]))
     mirrored = toy_world(start.flip(2), torch.tensor([[[0.0] * 7, [0, 0, 0, 0, 0, -8.0, 0]]]))
     assert torch.equal(pair.flip(3), mirrored)
+
+
+def test_constant_guess_is_the_majority_and_the_mean():
+    from train.idm import prior_predictions
+
+    idm = tiny_idm()
+    ep = toy_episodes(batch=4, length=6)
+    data = training_pairs(idm, ep)
+    guess = prior_predictions(idm, data, 2, 3)
+    assert guess["keys"].shape == (2, 3, len(SPEC.keys))
+    majority = ep["actions"][:, 1:, : len(SPEC.keys)].flatten(0, 1).mean(0) > 0.5
+    assert torch.equal(guess["keys"][1, 2] > 0, majority)
+    torch.testing.assert_close(guess["mouse"][0, 0], ep["actions"][:, 1:, -2:].flatten(0, 1).mean(0))
 
 
 def brightness_episodes(batch, length, seed):

@@ -3,7 +3,7 @@ how stable over long sessions, how fast. Writes ``report.json``, ``report.md`` a
 
     python -m train.evaluate CHECKPOINT --world procedural|doom --out DIR
         [--clips 16 --horizon 128 --long-frames 2000 --long-clips 4 --window 200
-         --speed-frames 100 --seed 0 --device cpu|cuda --dtype float32|bfloat16 --idm PATH]
+         --speed-frames 100 --seed 0 --device cpu|cuda --world-device DEV --dtype float32|bfloat16 --idm PATH]
 
 Protocol. Ground truth is played in held-out worlds of the fixed split (:mod:`worldmodel.data.splits`:
 procedural seeds >= HELDOUT_SEED_START, Doom's held-out maps) by the "mix" exploration policy; every
@@ -60,6 +60,7 @@ class EvalSettings:
     speed_frames: int = 100
     seed: int = 0
     device: str = "cpu"
+    world_device: str | None = None  # where the procedural world renders (default: ``device``)
     world_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -106,7 +107,8 @@ def heldout_episodes(settings: EvalSettings, which: str, count: int, length: int
 
     block = (settings.seed * len(SEED_BLOCKS) + SEED_BLOCKS[which]) * 10_000
     seeds = heldout_seeds(count, start=block)
-    world = make_world(settings.world, batch=count, device=settings.device, **heldout_options(settings))
+    world = make_world(settings.world, batch=count, device=settings.world_device or settings.device,
+                       **heldout_options(settings))
     try:
         policy = make_policy("mix", world.action_spec, batch=count, seed=block)
         clip = play_clip(world, policy, seeds, 0, length)
@@ -134,7 +136,8 @@ def replay(settings: EvalSettings, seeds: list[int], actions: torch.Tensor) -> t
     """Frames uint8 ``[B, T, H, W, 3]`` the world shows for ``seeds`` under ``actions [B, T, A]`` (open loop)."""
     from worldmodel.envs import make_world
 
-    world = make_world(settings.world, batch=len(seeds), device=settings.device, **heldout_options(settings))
+    world = make_world(settings.world, batch=len(seeds), device=settings.world_device or settings.device,
+                       **heldout_options(settings))
     try:
         frames = [world.reset(seeds).frames]
         frames += [world.step(actions[:, t]).frames for t in range(1, actions.shape[1])]
@@ -222,7 +225,7 @@ def clip_distance(generated: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return torch.stack(per_frame, 1).mean(1)
 
 
-def swap_report(truth: torch.Tensor, own: torch.Tensor, swapped: torch.Tensor, rows: dict[str, tuple]) -> dict:
+def swap_report(truth: torch.Tensor, rows: dict[str, tuple]) -> dict:
     """Swap test. ``rows``: name -> (video under own actions, video under swapped actions), scored against ``truth``."""
     report = {}
     for name, (under_own, under_swapped) in rows.items():
@@ -351,8 +354,6 @@ def evaluate(make_session: SessionFactory, idm: InverseDynamics, settings: EvalS
     swapped = rollout(make_session(settings.clips, settings.seed), start, swapped_actions, block_size, desc="swapped")
     swap = swap_report(
         truth,
-        autoregressive,
-        swapped,
         {
             "model": (autoregressive, swapped),
             "ground truth": (truth, replay(settings, clips["seeds"], swapped_actions)),
@@ -606,6 +607,7 @@ def parse_args(argv):
     p.add_argument("--speed-frames", type=int, default=100, help="timed frames of the speed measurement")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--world-device", default=None, help="where the procedural world renders (default: --device)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model precision (default bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--idm", type=Path, default=None, help="IDM weights (default assets/idm/<world>.safetensors)")
@@ -627,11 +629,16 @@ def main(argv=None) -> int:
         settings = EvalSettings(
             world=args.world, clips=args.clips, horizon=args.horizon, horizons=horizons, long_frames=args.long_frames,
             long_clips=args.long_clips, window=args.window, speed_frames=args.speed_frames, seed=args.seed,
-            device=args.device, world_options={"height": height, "width": width},
+            device=args.device, world_device=args.world_device, world_options={"height": height, "width": width},
         )
         if model.config.world not in (args.world, "custom"):
             raise EvalError(f"checkpoint was trained on world {model.config.world!r}, not {args.world!r}")
         idm = load_idm(args.idm or default_idm_path(args.world), device=args.device)
+        if (model.action_spec, model.controller) != (idm.cfg.action_spec, idm.cfg.controller):
+            raise EvalError(
+                f"the checkpoint's actions/controller ({model.action_spec}, {model.controller}) differ from those of "
+                f"the {args.world} world the IDM was trained in ({idm.cfg.action_spec}, {idm.cfg.controller})"
+            )
         block_size = model.dit.cfg.block_size
         dtype = getattr(torch, args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32"))
         report = evaluate(lambda b, s: Session(model, batch=b, device=args.device, seed=s, dtype=dtype), idm, settings,

@@ -43,7 +43,7 @@ def idm_loss(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor])
 
 
 def world_episodes(world_name: str, split: str, count: int, length: int, batch: int, seed: int,
-                   world_options: dict | None = None) -> dict[str, torch.Tensor]:
+                   device="cpu", world_options: dict | None = None) -> dict[str, torch.Tensor]:
     """``count`` episodes of ``length`` frames in the first ``count`` worlds of ``split`` ("train" or
     "heldout"), the policy seeded by ``seed``, played ``batch`` at a time: frames uint8 ``[E, T, H, W, 3]``,
     actions ``[E, T, A]``, poses ``[E, T, 4, 4]`` (observed)."""
@@ -56,7 +56,7 @@ def world_episodes(world_name: str, split: str, count: int, length: int, batch: 
     if world_name == "doom":
         options.setdefault("maps", list(doom_maps(split)))
     seeds = split_seeds(split, count)
-    world = make_world(world_name, batch=batch, **options)
+    world = make_world(world_name, batch=batch, device=device, **options)
     parts = []
     try:
         for i in tqdm(range(0, count, batch), desc=f"{split} episodes", leave=False):
@@ -170,7 +170,8 @@ def main(argv=None) -> int:
                         size=DOOM_SIZE if args.world == "doom" else (64, 64))
         idm = InverseDynamics(cfg)
         started = time.perf_counter()
-        episodes = world_episodes(args.world, "train", args.episodes, args.episode_len, args.world_batch, args.seed)
+        episodes = world_episodes(args.world, "train", args.episodes, args.episode_len, args.world_batch, args.seed,
+                                  args.device)
         data = training_pairs(idm, episodes)
         del episodes
         collected = time.perf_counter()
@@ -180,7 +181,7 @@ def main(argv=None) -> int:
         scores = {}
         for split in ("heldout", "train"):
             episodes = world_episodes(args.world, split, args.heldout_episodes, args.episode_len, args.world_batch,
-                                      args.seed + 1)
+                                      args.seed + 1, args.device)
             scores[split] = controllability(idm.predict(episodes["frames"]), episodes["actions"], episodes["poses"],
                                             len(spec.keys))
             if split == "heldout":

@@ -233,6 +233,7 @@ def save_idm(path, model: InverseDynamics) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": FORMAT, "config": model.cfg.to_json()})
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
