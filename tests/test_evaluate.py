@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -376,3 +377,30 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert ev.main([str(tmp_path / "missing.safetensors"), "--world", "procedural", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "missing.safetensors" in err and "\n" not in err
+
+
+# ---------------------------------------------------------------- the method comparison table
+
+
+def test_comparison_table_of_an_oracle_and_a_copying_model(toy_ground_truth, tmp_path, capsys):
+    from train import compare
+
+    for folder, session in (("cf_pp_2step", ToyOracleSession), ("ar_teacher", CopySession)):
+        settings = dataclasses.replace(toy_settings(), horizon=8, horizons=(8,))
+        report = ev.evaluate(lambda b, s: session(b, s), tiny_idm(), settings)
+        report["checkpoint"] = {"sampler": {"steps": [1.0, 0.83] if folder == "cf_pp_2step" else [1.0] * 16}}
+        report["speed"] = {"first_frame_ms": 7.0, "latency_ms": 3.0, "fps": 300.0, "dtype": "float32"}
+        ev.write_report(report, tmp_path / "eval" / folder, folder)
+    (tmp_path / "runs" / "causal_cd").mkdir(parents=True)
+    (tmp_path / "runs" / "causal_cd" / "log.jsonl").write_text(
+        '{"step": 0, "prepare_seconds": 0.1}\n{"step": 300, "loss": 0.5}\n{"step": 300, "wall_seconds": 100.0}\n'
+        '{"step": 300, "wall_seconds": 20.5}\n')
+    assert compare.main([str(tmp_path / "eval"), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "t.md")]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in (tmp_path / "t.md").read_text().splitlines()[2:]}
+    assert list(rows) == ["AR teacher", "CF++ (ours, default)", "repeat last frame", "ground truth"]
+    cfpp, teacher, repeat = rows["CF++ (ours, default)"], rows["AR teacher"], rows["repeat last frame"]
+    assert cfpp[4] == "2" and teacher[4] == "16"
+    assert cfpp[5] == "inf" and cfpp[10] == "1.000" and cfpp[-1].strip(" |") == "120 (300)"
+    assert teacher[5:11] == repeat[5:11] and teacher[-1].strip(" |") == "-"  # the copying model is the baseline
+    assert compare.main([str(tmp_path / "runs")]) == 2
+    assert "holds no report" in capsys.readouterr().err

@@ -179,3 +179,42 @@ def test_bad_checkpoints_give_clear_errors(tiny, tmp_path):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown model preset"):
         model_config("huge")
+
+
+def test_guided_euler_sampler_equals_the_training_rollout():
+    """A checkpoint with the teachers' sampler (guided Euler) plays exactly as the AR teacher generates
+    in training (train.common.generate_ar with euler_block_sampler, absolute poses)."""
+    from train.common import Clip, euler_block_sampler, generate_ar
+    from worldmodel.actions import normalize_actions
+    from worldmodel.camera import CameraState, integrate
+    from worldmodel.frames import to_model, to_uint8
+
+    model = build_model("tiny", seed=4)
+    sigmas, guidance = [1.0, 0.7, 0.4], 2.5
+    model.config.sampler = {"solver": "euler", "steps": sigmas, "first_frame_steps": [1.0], "guidance": guidance}
+    h, w = model.frame_size
+    start = torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8)
+    actions = torch.zeros(2, 4, model.action_spec.width)
+    actions[:, 1:, : len(model.action_spec.keys)] = torch.randint(0, 2, (2, 3, len(model.action_spec.keys))).float()
+    actions[:, 1:, -2:] = torch.randn(2, 3, 2) * 10
+    session = Session(model, batch=2, seed=9)
+    played = torch.stack([session.reset(start)] + [session.step(actions[:, t]) for t in range(1, 4)], 1)
+
+    poses, _ = integrate(actions.double(), model.action_spec, model.controller,
+                         start=CameraState.start(2, model.controller, dtype=torch.float64))
+    clip = Clip(normalize_actions(actions, model.action_spec), poses.float())
+    with torch.no_grad():
+        first = model.autoencoder.encode(to_model(start[:, None]))
+        sampler = euler_block_sampler(sigmas + [0.0], guidance, torch.Generator().manual_seed(9))
+        latents = generate_ar(model.dit, clip, first, sampler)
+        reference = to_uint8(model.autoencoder.decode(latents))
+    assert torch.allclose(session._pending[0], latents[:, -1:], atol=1e-4, rtol=1e-4)
+    assert (played[:, 1:].int() - reference[:, 1:].int()).abs().max() <= 1
+    assert not torch.equal(played[:, 1], played[:, 2])
+
+
+def test_unknown_solver_is_refused():
+    model = build_model("tiny", seed=0)
+    model.config.sampler.solver = "heun"
+    with pytest.raises(SessionError, match="sampler.solver"):
+        Session(model)

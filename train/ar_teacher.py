@@ -1,7 +1,8 @@
 """Stage 2: the autoregressive teacher, by teacher forcing (Causal Forcing).
 
-Input: ``init.teacher`` (a stage ``teacher`` checkpoint), whose weights it starts from. Output: a
-WorldModel of stage ``ar_teacher``, the frozen teacher of causal CD (3a) and causal ODE (3b).
+Input: ``init.teacher`` (a stage ``teacher`` checkpoint, or an ``ar_teacher`` one to change its block
+size), whose weights it starts from. Output: a WorldModel of stage ``ar_teacher``, the frozen teacher
+of causal CD (3a) and causal ODE (3b); it plays with the guided Euler sampler of ``sample.*``.
 
 The same network runs block-causally on the doubled sequence ``[clean | noisy]``: noisy block b
 sees the real clean blocks before it and itself, with one noise level per block. The loss is
@@ -11,7 +12,17 @@ sets the blocks; ``data.clip_len`` must be the start frame plus whole blocks.
 
 from __future__ import annotations
 
-from train.common import ar_sample_video, check_block_fit, encode, euler_block_sampler, first_clip, rebuilt, velocity_fn
+from train.common import (
+    ar_sample_video,
+    check_block_fit,
+    encode,
+    euler_block_sampler,
+    first_clip,
+    rebuilt,
+    teacher_sampler,
+    velocity_fn,
+    with_sampler,
+)
 from train.teacher import FlowMatchingStage
 from worldmodel.transformer import block_ids
 
@@ -19,12 +30,13 @@ from worldmodel.transformer import block_ids
 class ARTeacherStage(FlowMatchingStage):
     name = "ar_teacher"
     mode = "causal"
-    inputs = {"teacher": ("teacher",)}
+    inputs = {"teacher": ("teacher", "ar_teacher")}
     model_overrides = ("dit.block_size", "dit.window_frames", "dit.sink_frames", "sampler")
 
     @classmethod
     def model_config(cls, cfg, inputs, data_info):
-        return inputs["teacher"].config.copy()
+        """The teacher's config; the export plays with the guided Euler sampler of ``sample.*``."""
+        return with_sampler(inputs["teacher"].config, teacher_sampler(cfg.sample))
 
     def __init__(self, trainer, inputs):
         check_block_fit(int(trainer.cfg.data.clip_len), int(trainer.cfg.model.dit.block_size))

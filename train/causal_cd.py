@@ -26,6 +26,7 @@ from train.common import (
     frozen,
     guided_velocity_fn,
     rebuilt,
+    student_config,
     to_clip,
     velocity_fn,
     x0_fn,
@@ -77,7 +78,7 @@ class CausalCDStage(StudentStage):
 
     @classmethod
     def model_config(cls, cfg, inputs, data_info):
-        return inputs["teacher"].config.copy()
+        return student_config(inputs["teacher"].config)
 
     def __init__(self, trainer, inputs):
         super().__init__(trainer, inputs, inputs["teacher"])

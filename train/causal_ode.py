@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from train import algorithms as alg
 from train.causal_cd import StudentStage
-from train.common import StageInputError, ema_copy, encode, guided_velocity_fn, to_clip, velocity_fn, x0_fn
+from train.common import StageInputError, ema_copy, encode, guided_velocity_fn, student_config, to_clip, velocity_fn, x0_fn
 from train.config import TrainConfigError
 from train.data import StepBatches, derive_seed
 from worldmodel import checkpoint
@@ -56,7 +56,7 @@ class CausalODEStage(StudentStage):
 
     @classmethod
     def model_config(cls, cfg, inputs, data_info):
-        return inputs["teacher"].config.copy()
+        return student_config(inputs["teacher"].config)
 
     def __init__(self, trainer, inputs):
         super().__init__(trainer, inputs, inputs["teacher"])

@@ -15,7 +15,7 @@ from worldmodel import checkpoint, flow
 from worldmodel.actions import ActionSpec, normalize_actions
 from worldmodel.camera import ControllerSpec
 from worldmodel.frames import to_model, to_uint8
-from worldmodel.model import WorldModel
+from worldmodel.model import DEFAULT_SAMPLER, WorldModel
 from worldmodel.transformer import WorldDiT, block_ids
 
 Tensor = torch.Tensor
@@ -102,6 +102,24 @@ def rebuilt(model_cfg, source: WorldModel) -> WorldModel:
     model = WorldModel(OmegaConf.create(OmegaConf.to_container(model_cfg, resolve=True)))
     model.load_state_dict(source.state_dict())
     return model
+
+
+def teacher_sampler(sample_cfg) -> dict:
+    """The sampler a teacher checkpoint plays with: guided Euler over ``sample.steps`` shifted steps."""
+    sigmas = flow.sigma_grid(int(sample_cfg.steps), float(sample_cfg.shift))[:-1].tolist()
+    return {"solver": "euler", "steps": sigmas, "first_frame_steps": sigmas, "guidance": float(sample_cfg.guidance)}
+
+
+def with_sampler(model_cfg, sampler: dict):
+    """A copy of ``model_cfg`` with ``sampler`` (e.g. a student's :data:`DEFAULT_SAMPLER` after a teacher's)."""
+    model_cfg = model_cfg.copy()
+    model_cfg.sampler = copy.deepcopy(sampler)
+    return model_cfg
+
+
+def student_config(teacher_cfg):
+    """A student's model config: the teacher's, with the few-step student sampler."""
+    return with_sampler(teacher_cfg, DEFAULT_SAMPLER)
 
 
 def bundle(model_cfg, stage: str, autoencoder: nn.Module, dit: WorldDiT) -> WorldModel:

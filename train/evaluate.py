@@ -3,7 +3,8 @@ how stable over long sessions, how fast. Writes ``report.json``, ``report.md`` a
 
     python -m train.evaluate CHECKPOINT --world procedural|doom --out DIR
         [--clips 16 --horizon 128 --long-frames 2000 --long-clips 4 --window 200
-         --speed-frames 100 --seed 0 --device cpu|cuda --world-device DEV --dtype float32|bfloat16 --idm PATH]
+         --speed-frames 100 --seed 0 --device cpu|cuda --world-device DEV --dtype float32|bfloat16 --idm PATH
+         --steps 1.0]
 
 Protocol. Ground truth is played in held-out worlds of the fixed split (:mod:`worldmodel.data.splits`:
 procedural seeds >= HELDOUT_SEED_START, Doom's held-out maps) by the "mix" exploration policy; every
@@ -303,13 +304,13 @@ def stability_report(idm: InverseDynamics, episodes: dict, generated: torch.Tens
     return {"window": window, "windows": windows}
 
 
-def speed_report(model, settings: EvalSettings, dtype: torch.dtype) -> dict:
+def speed_report(model, settings: EvalSettings, dtype: torch.dtype, steps: list[float] | None = None) -> dict:
     """Batch-1 speed from :func:`worldmodel.bench.measure` (as the benchmark command reports it): median
     step latency, FPS of step + cache write, first-frame latency (reset with a start image + one step)."""
     from worldmodel.bench import measure
     from worldmodel.session import Session
 
-    session = Session(model, batch=1, device=settings.device, seed=settings.seed, dtype=dtype)
+    session = Session(model, batch=1, device=settings.device, steps=steps, seed=settings.seed, dtype=dtype)
     return {**measure(session, settings.speed_frames), "frames_timed": settings.speed_frames,
             "dtype": str(dtype).replace("torch.", "")}
 
@@ -611,7 +612,16 @@ def parse_args(argv):
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model precision (default bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--idm", type=Path, default=None, help="IDM weights (default assets/idm/<world>.safetensors)")
+    p.add_argument("--steps", default=None,
+                   help="comma-separated noise levels of the sampler, e.g. 1.0 for one step (default: the checkpoint's)")
     return p.parse_args(argv)
+
+
+def parse_floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise EvalError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
 def main(argv=None) -> int:
@@ -624,6 +634,7 @@ def main(argv=None) -> int:
             horizons = tuple(int(h) for h in args.horizons.split(","))
         except ValueError:
             raise EvalError(f"--horizons must be comma-separated integers, got {args.horizons!r}") from None
+        steps = None if args.steps is None else parse_floats(args.steps, "--steps")
         model = load(args.checkpoint, device=args.device)
         height, width = model.frame_size
         settings = EvalSettings(
@@ -641,11 +652,13 @@ def main(argv=None) -> int:
             )
         block_size = model.dit.cfg.block_size
         dtype = getattr(torch, args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32"))
-        report = evaluate(lambda b, s: Session(model, batch=b, device=args.device, seed=s, dtype=dtype), idm, settings,
-                          block_size)
-        report["speed"] = speed_report(model, settings, dtype)
+        Session(model, batch=1, device=args.device, steps=steps, dtype=dtype)  # a bad --steps or sampler fails here
+        report = evaluate(lambda b, s: Session(model, batch=b, device=args.device, steps=steps, seed=s, dtype=dtype),
+                          idm, settings, block_size)
+        report["speed"] = speed_report(model, settings, dtype, steps)
+        sampler = {**OmegaConf.to_container(model.config.sampler), **({"steps": steps} if steps else {})}
         report["checkpoint"] = {"path": str(args.checkpoint), "stage": str(model.config.stage),
-                                "parameters": model.num_parameters(), "sampler": OmegaConf.to_container(model.config.sampler)}
+                                "parameters": model.num_parameters(), "sampler": sampler}
         write_report(report, args.out, f"{Path(args.checkpoint).name} on {args.world}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

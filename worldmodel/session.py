@@ -17,13 +17,18 @@ import torch
 
 from worldmodel.actions import normalize_actions, validate_actions
 from worldmodel.camera import CameraState, rigid_inverse, state_to_pose, step_state
-from worldmodel.flow import few_step_sample, x0_from_v
+from worldmodel.flow import cfg_velocity, euler_sample, few_step_sample, x0_from_v
 from worldmodel.frames import as_start_frames, to_model, to_uint8
 from worldmodel.model import WorldModel
 
 
 class SessionError(ValueError):
     """A session call that cannot be carried out."""
+
+
+SOLVERS = ("renoise", "euler")
+"""``sampler.solver``: "renoise" (students: predict x0, re-noise to the next sigma) or "euler" (teachers:
+deterministic Euler steps through the sigmas, then to 0)."""
 
 
 class Session:
@@ -39,6 +44,10 @@ class Session:
         sampler = model.config.sampler
         self.steps = list(steps if steps is not None else sampler.steps)
         self.first_frame_steps = list(first_frame_steps if first_frame_steps is not None else sampler.first_frame_steps)
+        self.solver = str(sampler.get("solver", "renoise"))
+        self.guidance = float(sampler.get("guidance", 1.0))
+        if self.solver not in SOLVERS:
+            raise SessionError(f"sampler.solver must be one of {list(SOLVERS)}, got {self.solver!r}")
         self.cache = model.dit.new_cache(batch, self.device, dtype)
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
@@ -79,16 +88,22 @@ class Session:
     def _sample(self, actions, poses, sigmas):
         """Latents ``[B, Tb, C, h, w]`` and decoded frames uint8 ``[B, Tb, H, W, 3]`` of the next block."""
         cfg = self.model.dit.cfg
-        shape = (len(sigmas), self.batch, actions.shape[1], cfg.latent_channels, cfg.latent_height, cfg.latent_width)
+        draws = 1 if self.solver == "euler" else len(sigmas)
+        shape = (draws, self.batch, actions.shape[1], cfg.latent_channels, cfg.latent_height, cfg.latent_width)
         noise = torch.randn(shape, generator=self.generator, device=self.device, dtype=self.dtype)
         sigmas = tuple(sigmas)
+        uncond = torch.zeros(self.batch, dtype=torch.bool, device=self.device)
 
         def sample(noise, actions, poses):
-            def x0_fn(x, sigma):
+            def velocity(x, sigma, cond=True):
                 s = torch.full(x.shape[:2], sigma, device=self.device, dtype=self.dtype)
-                return x0_from_v(x, self.model.dit.forward_cached(x, s, actions, poses, self.cache), sigma)
+                return self.model.dit.forward_cached(x, s, actions, poses, self.cache, cond_keep=None if cond else uncond)
 
-            latents = few_step_sample(x0_fn, noise[0], sigmas, renoise=noise[1:])
+            if self.solver == "euler":
+                latents = euler_sample(velocity, noise[0], sigmas + (0.0,), self.guidance)
+            else:
+                x0_fn = lambda x, sigma: x0_from_v(x, cfg_velocity(velocity, x, sigma, self.guidance), sigma)  # noqa: E731
+                latents = few_step_sample(x0_fn, noise[0], sigmas, renoise=noise[1:])
             return latents, to_uint8(self.model.autoencoder.decode(latents))
 
         if self._graphs is None:

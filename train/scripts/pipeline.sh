@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# The whole method for one world, in phases that each fit a 10-minute GPU command; every stage resumes,
+# and a finished stage (marked "done") is skipped when a phase runs again.
+#
+#   bash train/scripts/pipeline.sh WORLD PHASE...       WORLD: procedural | doom
+#
+# Phases:
+#   data      collect training episodes (COLLECTORS processes in parallel)
+#   base      autoencoder -> bidirectional teacher -> frame-wise AR teacher (+ chunk-wise AR teacher if COMPARE=1)
+#   distill   CF++: causal CD -> DMD (frame-wise, 2 steps); exports the shipped student as fp16 shards.
+#             With COMPARE=1, in parallel (same budgets, same data):
+#               Causal Forcing:      causal ODE from the chunk-wise AR teacher -> DMD (chunk, 4 steps)
+#               Self-Forcing-style:  ODE from the bidirectional teacher        -> DMD (chunk, 4 steps)
+#   evaluate  python -m train.evaluate on every model the runs hold (reports under $OUT/eval/ROW); run it
+#             with nothing else on the GPU, as its speed figures are timed
+#   pack      the reports and stage logs into $OUT/results.tgz (for python -m train.compare)
+#
+# Environment: RUNS (run folders, default /tmp/runs), OUT (results, default out), PRESET (default),
+# DEVICE (cuda), budgets in seconds AE_S TEACHER_S AR_S AR3_S CD_S ODE_S DMD_S, EPISODES, FRAMES,
+# COLLECTORS, WORKERS (data workers per stage), ODE_BATCHES, ODE_GRID, EXTRA (more KEY=VALUE for every stage), EVAL (more
+# train.evaluate arguments).
+set -euo pipefail
+WORLD=$1
+shift
+RUNS=${RUNS:-/tmp/runs}/$WORLD
+OUT=${OUT:-out}/$WORLD
+DEVICE=${DEVICE:-cuda}
+mkdir -p "$RUNS" "$OUT"
+export PYTHONUNBUFFERED=1
+CHUNK_STEPS="[1.0,0.9375,0.8333,0.625]"  # 4 steps: uniform 1, .75, .5, .25 under shift 5 (Self Forcing's)
+COMMON=(preset=${PRESET:-default} data.source=recordings "data.recordings=$RUNS/episodes" data.workers=${WORKERS:-6}
+        run.sample_every=0 run.log_every=10 run.checkpoint_every=100000 run.steps=1000000 ${EXTRA:-})
+
+log() { echo "[$(date +%H:%M:%S) $WORLD] $*"; }
+last_lines() { tr '\r' '\n' | { grep -v -E "it/s\]|s/it\]|^\s*$" || true; } | tail -"$1"; }  # without progress bars
+
+stage() {  # stage RUN STAGE SECONDS KEY=VALUE...: train until the budget is spent, then mark the run done
+  local run=$1 name=$2 seconds=$3
+  shift 3
+  if [ -f "$RUNS/$run/done" ]; then log "$run: done before"; return 0; fi
+  log "$run: $name for ${seconds}s"
+  if ! python3 -m train "$name" "${COMMON[@]}" "run.dir=$RUNS/$run" "run.time_limit_s=$seconds" "$@" >"$RUNS/$run.log" 2>&1; then
+    last_lines 5 <"$RUNS/$run.log"
+    return 1
+  fi
+  touch "$RUNS/$run/done"
+  python3 - "$RUNS/$run/log.jsonl" "$run" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+last = [r for r in rows if "step_seconds" in r][-1]
+wall = sum(r["wall_seconds"] for r in rows if "wall_seconds" in r)
+prepare = sum(r["prepare_seconds"] for r in rows if "prepare_seconds" in r)
+losses = {k: float(f"{v:.4g}") for k, v in last.items() if k.endswith("loss")}
+print(f"  {sys.argv[2]}: {last['step']} steps, {wall:.0f} s (prepare {prepare:.0f} s), "
+      f"{last['step_seconds'] * 1000:.1f} ms/step, {last['frames_per_second']:.0f} frames/s, {losses}")
+PY
+}
+
+model() { echo "$RUNS/$1/model.safetensors"; }
+
+collect() {
+  local episodes=${EPISODES:-1024} processes=${COLLECTORS:-8} batch=32 device=$DEVICE
+  [ "$WORLD" = doom ] && { episodes=${EPISODES:-512}; batch=8; device=cpu; }
+  [ -f "$RUNS/episodes/done" ] && { log "episodes: done before"; return 0; }
+  rm -rf "$RUNS/episodes"
+  local each=$(( (episodes + processes - 1) / processes )) pids=()
+  log "collect $episodes episodes of ${FRAMES:-120} frames in $processes processes"
+  for i in $(seq 0 $((processes - 1))); do
+    python3 -m worldmodel.data collect --world "$WORLD" --episodes "$each" --frames "${FRAMES:-120}" --seed $((i * each)) \
+      --batch "$batch" --device "$device" --out "$RUNS/episodes" >"$RUNS/collect-$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p" || { tail -3 "$RUNS"/collect-*.log; return 1; }; done
+  touch "$RUNS/episodes/done"
+  log "collected $(find "$RUNS/episodes" -name meta.json | wc -l) episodes"
+}
+
+base() {
+  stage autoencoder autoencoder "${AE_S:-100}" optim.lr=3e-4 optim.warmup_steps=200
+  stage teacher teacher "${TEACHER_S:-180}" optim.lr=3e-4 optim.warmup_steps=200 "init.autoencoder=$(model autoencoder)"
+  stage ar_teacher ar_teacher "${AR_S:-100}" sample.steps=16 "init.teacher=$(model teacher)"
+  if [ "${COMPARE:-0}" = 1 ]; then
+    stage ar_teacher_chunk ar_teacher "${AR3_S:-50}" sample.steps=16 model.dit.block_size=3 "init.teacher=$(model ar_teacher)"
+  fi
+}
+
+export_model() {  # export_model RUN NAME: fp16 shards of at most 15 MiB, NAME-01-of-0N.safetensors, in $OUT
+  python3 - "$(model "$1")" "$OUT/$2.safetensors" <<'PY'
+import sys, torch
+from worldmodel import checkpoint
+for f in checkpoint.save(sys.argv[2], checkpoint.load(sys.argv[1]), dtype=torch.float16, max_shard_mib=15):
+    print("  wrote", f, f"{f.stat().st_size / 2**20:.1f} MiB")
+PY
+}
+
+DMD=("init.teacher=$(model teacher)" dmd.critic_updates=5)
+chain_cfpp() {
+  stage causal_cd causal_cd "${CD_S:-120}" "init.teacher=$(model ar_teacher)"
+  stage dmd dmd "${DMD_S:-120}" "init.student=$(model causal_cd)" "${DMD[@]}"
+}
+chain_cf() {
+  stage causal_ode_chunk causal_ode "${ODE_S:-120}" ode.num_batches="${ODE_BATCHES:-24}" ode.grid_steps="${ODE_GRID:-48}" model.sampler.steps="$CHUNK_STEPS" \
+    "init.teacher=$(model ar_teacher_chunk)"
+  stage dmd_cf dmd "${DMD_S:-120}" "init.student=$(model causal_ode_chunk)" "${DMD[@]}"
+}
+chain_sf() {
+  stage ode_bidirectional_chunk causal_ode "${ODE_S:-120}" ode.trajectories=bidirectional ode.num_batches="${ODE_BATCHES:-24}" ode.grid_steps="${ODE_GRID:-48}" \
+    model.dit.block_size=3 model.sampler.steps="$CHUNK_STEPS" "init.teacher=$(model teacher)"
+  stage dmd_sf dmd "${DMD_S:-120}" "init.student=$(model ode_bidirectional_chunk)" "${DMD[@]}"
+}
+
+distill() {
+  local pids=()
+  chain_cfpp > "$RUNS/chain_cfpp.out" 2>&1 & pids+=($!)
+  if [ "${COMPARE:-0}" = 1 ]; then
+    chain_cf > "$RUNS/chain_cf.out" 2>&1 & pids+=($!)
+    chain_sf > "$RUNS/chain_sf.out" 2>&1 & pids+=($!)
+  fi
+  local failed=0
+  for p in "${pids[@]}"; do wait "$p" || failed=1; done
+  cat "$RUNS"/chain_*.out
+  [ "$failed" = 0 ] || return 1
+  export_model dmd "$WORLD"
+}
+
+# Evaluation rows: NAME RUN [train.evaluate arguments]
+ROWS=("ar_teacher ar_teacher" "cf_pp_2step dmd" "cf_pp_1step dmd --steps 1.0" "causal_cd_2step causal_cd"
+      "causal_forcing_4step dmd_cf" "self_forcing_4step dmd_sf")
+
+evaluate() {
+  local row name run
+  for row in "${ROWS[@]}"; do
+    read -r name run rest <<<"$row"
+    [ -f "$(model "$run")" ] || continue
+    [ -f "$OUT/eval/$name/report.json" ] && { log "eval $name: done before"; continue; }
+    log "eval $name"
+    # shellcheck disable=SC2086
+    python3 -m train.evaluate "$(model "$run")" --world "$WORLD" --out "$OUT/eval/$name" --device "$DEVICE" $rest ${EVAL:-} \
+      2>&1 | last_lines 2
+  done
+}
+
+pack() {  # the evaluation reports and the stage logs, as one file: $OUT/results.tgz
+  (cd "$RUNS/.." && find "$WORLD" -name log.jsonl -o -name '*.out' -o -name '*.log' | grep -v episodes) > "$OUT/.files"
+  tar czf "$OUT/results.tgz" -C "$OUT/.." "$WORLD/eval" -C "$RUNS/.." -T "$OUT/.files" 2>/dev/null || true
+  log "packed $(du -h "$OUT/results.tgz" | cut -f1) into $OUT/results.tgz"
+}
+
+for phase in "$@"; do
+  case $phase in
+    data) collect ;;
+    base) base ;;
+    distill) distill ;;
+    evaluate) evaluate ;;
+    pack) pack ;;
+    *) echo "unknown phase $phase (data | base | distill | evaluate | pack)" >&2; exit 2 ;;
+  esac
+done
