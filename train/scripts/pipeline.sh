@@ -18,7 +18,7 @@
 # Environment: RUNS (run folders, default /tmp/runs), OUT (results, default out), PRESET (default),
 # DEVICE (cuda), budgets in seconds AE_S TEACHER_S AR_S AR3_S CD_S ODE_S DMD_S, EPISODES, FRAMES,
 # COLLECTORS, WORKERS (data workers per stage), ODE_BATCHES, ODE_GRID, EXTRA (more KEY=VALUE for every stage), EVAL (more
-# train.evaluate arguments).
+# train.evaluate arguments), EVAL_ROWS (evaluate only these rows).
 set -euo pipefail
 WORLD=$1
 shift
@@ -124,14 +124,15 @@ distill() {
 }
 
 # Evaluation rows: NAME RUN [train.evaluate arguments]
-ROWS=("ar_teacher ar_teacher" "cf_pp_2step dmd" "cf_pp_1step dmd --steps 1.0" "causal_cd_2step causal_cd"
-      "causal_forcing_4step dmd_cf" "self_forcing_4step dmd_sf")
+ROWS=("cf_pp_2step dmd" "ar_teacher ar_teacher" "causal_forcing_4step dmd_cf" "self_forcing_4step dmd_sf"
+      "cf_pp_1step dmd --steps 1.0" "causal_cd_2step causal_cd")
 
 evaluate() {
   local row name run
   for row in "${ROWS[@]}"; do
     read -r name run rest <<<"$row"
     [ -f "$(model "$run")" ] || continue
+    [ -n "${EVAL_ROWS:-}" ] && [[ " $EVAL_ROWS " != *" $name "* ]] && continue
     [ -f "$OUT/eval/$name/report.json" ] && { log "eval $name: done before"; continue; }
     log "eval $name"
     # shellcheck disable=SC2086
