@@ -226,6 +226,27 @@ def test_loss_terms_combine_as_documented():
     torch.testing.assert_close(stats["l1"], (recon - frames).abs().mean().detach())
 
 
+def test_ssim_term_is_float32_under_bf16_autocast():
+    """Training runs under bf16 autocast; the SSIM term must still be computed in float32 (its local
+    variances are differences of nearly equal means, which bf16 destroys)."""
+    fresh_seed()
+    model = FrameAutoencoder(AutoencoderConfig(frame_height=32, frame_width=32, **TINY))
+    frames = random_frames(2, 2, 32, 32, smooth=True)
+    mean, _ = model.encode_moments(frames)
+    recon = model.decode_raw(mean).detach()
+    to_images = lambda v: ((v + 1) / 2).flatten(0, 1)  # noqa: E731
+    expected = ssim_map(to_images(recon.double()), to_images(frames.double())).mean()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ssim_map(to_images(recon), to_images(frames)).mean()  # what the loss must avoid
+        _, stats = reconstruction_loss(model, frames, sample_posterior=False)
+    assert abs(float(got) - float(expected)) > 1e-4  # bf16 SSIM is visibly off
+    assert stats["ssim"].dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recon_bf16 = model.decode_raw(model.encode_moments(frames)[0]).float().detach()
+    exact = ssim_map(to_images(recon_bf16.double()), to_images(frames.double())).mean()
+    assert abs(float(stats["ssim"]) - float(exact)) < 1e-5
+
+
 def test_loss_decreases_when_overfitting_one_batch():
     seed = fresh_seed()
     model = FrameAutoencoder(AutoencoderConfig(frame_height=16, frame_width=16, **TINY))

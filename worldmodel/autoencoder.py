@@ -386,7 +386,8 @@ def reconstruction_loss(
     recon = model.decode_raw(z)
     l1 = (recon - frames).abs().mean()
     as_images = lambda v: rearrange((v.float() + 1.0) / 2.0, "b t c h w -> (b t) c h w")  # noqa: E731
-    ssim = ssim_map(as_images(recon), as_images(frames)).mean()
+    with torch.autocast(frames.device.type, enabled=False):  # SSIM's local variances cancel badly in bf16
+        ssim = ssim_map(as_images(recon), as_images(frames)).mean()
     kl = gaussian_kl(mean.float(), logvar.float()) / frames.numel()
     loss = (1.0 - ssim_mix) * l1 + ssim_mix * (1.0 - ssim) + kl_weight * kl
     mse = (recon.detach().clamp(-1.0, 1.0) - frames).pow(2).mean()

@@ -11,14 +11,14 @@
 #             With COMPARE=1, in parallel (same budgets, same data):
 #               Causal Forcing:      causal ODE from the chunk-wise AR teacher -> DMD (chunk, 4 steps)
 #               Self-Forcing-style:  ODE from the bidirectional teacher        -> DMD (chunk, 4 steps)
-#   evaluate  python -m train.evaluate on every model the runs hold (reports under $OUT/eval/ROW); run it
-#             with nothing else on the GPU, as its speed figures are timed
+#   evaluate  python -m train.evaluate on every model the runs hold (reports under $OUT/eval/ROW)
+#   speed     time every evaluated model again, alone on the GPU (evaluations may have shared it)
 #   pack      the reports and stage logs into $OUT/results.tgz (for python -m train.compare)
 #
 # Environment: RUNS (run folders, default /tmp/runs), OUT (results, default out), PRESET (default),
 # DEVICE (cuda), budgets in seconds AE_S TEACHER_S AR_S AR3_S CD_S ODE_S DMD_S, EPISODES, FRAMES,
 # COLLECTORS, WORKERS (data workers per stage), ODE_BATCHES, ODE_GRID, EXTRA (more KEY=VALUE for every stage), EVAL (more
-# train.evaluate arguments), EVAL_ROWS (evaluate only these rows).
+# train.evaluate arguments), EVAL_ROWS (evaluate only these rows), EVAL_PARALLEL (1: evaluate rows side by side).
 set -euo pipefail
 WORLD=$1
 shift
@@ -127,8 +127,8 @@ distill() {
 ROWS=("cf_pp_2step dmd" "ar_teacher ar_teacher" "causal_forcing_4step dmd_cf" "self_forcing_4step dmd_sf"
       "cf_pp_1step dmd --steps 1.0" "causal_cd_2step causal_cd")
 
-evaluate() {
-  local row name run
+evaluate() {  # one train.evaluate per row; EVAL_PARALLEL=1 runs them side by side (then run "speed" after)
+  local row name run rest pids=()
   for row in "${ROWS[@]}"; do
     read -r name run rest <<<"$row"
     [ -f "$(model "$run")" ] || continue
@@ -137,8 +137,33 @@ evaluate() {
     log "eval $name"
     # shellcheck disable=SC2086
     python3 -m train.evaluate "$(model "$run")" --world "$WORLD" --out "$OUT/eval/$name" --device "$DEVICE" $rest ${EVAL:-} \
-      2>&1 | last_lines 2
+      >"$RUNS/eval-$name.log" 2>&1 &
+    pids+=($!)
+    [ "${EVAL_PARALLEL:-0}" = 1 ] || { wait $!; last_lines 2 <"$RUNS/eval-$name.log"; }
   done
+  local failed=0
+  for p in "${pids[@]}"; do wait "$p" || failed=1; done
+  [ "${EVAL_PARALLEL:-0}" = 1 ] && for f in "$RUNS"/eval-*.log; do last_lines 1 <"$f"; done
+  return $failed
+}
+
+speed() {  # the speed section of every report measured again, one model at a time, nothing else running
+  python3 - "$OUT/eval" "$DEVICE" <<'PY'
+import json, sys
+from pathlib import Path
+import torch
+from train import evaluate as ev
+from worldmodel import checkpoint
+for path in sorted(Path(sys.argv[1]).glob("*/report.json")):
+    report = json.loads(path.read_text())
+    model = checkpoint.load(report["checkpoint"]["path"])
+    settings = ev.EvalSettings(world=report["settings"]["world"], device=sys.argv[2], speed_frames=200)
+    dtype = torch.bfloat16 if sys.argv[2] == "cuda" else torch.float32
+    report["speed"] = ev.speed_report(model, settings, dtype, report["checkpoint"]["sampler"]["steps"])
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    (path.parent / "report.md").write_text(ev.markdown(report, f"{path.parent.name} on {settings.world}"))
+    print(f"  speed {path.parent.name}: {report['speed']}")
+PY
 }
 
 pack() {  # the evaluation reports and the stage logs, as one file: $OUT/results.tgz
@@ -153,7 +178,8 @@ for phase in "$@"; do
     base) base ;;
     distill) distill ;;
     evaluate) evaluate ;;
+    speed) speed ;;
     pack) pack ;;
-    *) echo "unknown phase $phase (data | base | distill | evaluate | pack)" >&2; exit 2 ;;
+    *) echo "unknown phase $phase (data | base | distill | evaluate | speed | pack)" >&2; exit 2 ;;
   esac
 done
