@@ -4,7 +4,8 @@
 #   bash train/scripts/ship.sh worlds    procedural and Doom side by side: data, autoencoder, teacher,
 #                                        AR teacher, causal CD, DMD, evaluation of 4 rows each, speed
 #   bash train/scripts/ship.sh compare   procedural: the comparison rows (AR teacher, Self-Forcing-style,
-#                                        Causal Forcing, CF++ 2/1 step) on the same data and budgets
+#                                        Causal Forcing, CF++ 2/1 step) on the same data and budgets, and
+#                                        the evaluation of the shipped assets/models/procedural model
 # Stages share one GPU side by side: each alone leaves most of it idle. What comes back lands in $OUT:
 # the shipped fp16 shards (worlds) and results-NAME.tgz (reports and stage logs, for python -m train.compare).
 set -uo pipefail
@@ -25,8 +26,13 @@ worlds() {
   cat "$OUT/procedural.txt" "$OUT/doom.txt"
 }
 
-compare() {
+compare() {  # (and the shipped procedural model's own evaluation, alongside)
+  local shipped=assets/models/procedural.safetensors
+  [ -f assets/models/procedural-01-of-02.safetensors ] || [ -f "$shipped" ] || shipped=
+  [ -n "$shipped" ] && python3 -m train.evaluate "$shipped" --world procedural --out "$OUT/procedural/eval/shipped" \
+    --device cuda >"$OUT/eval-shipped.log" 2>&1 &
   COMPARE=1 EVAL_PARALLEL=1 WORKERS=4 bash $P procedural data base distill evaluate
+  wait
 }
 
 case ${1:-} in
