@@ -9,7 +9,8 @@
 # Stages share one GPU side by side: each alone leaves most of it idle. What comes back lands in $OUT:
 # the shipped fp16 shards (worlds) and results-NAME.tgz (reports and stage logs, for python -m train.compare).
 set -uo pipefail
-[ -d .whl ] && { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1; }
+W=${WHEELS:-.whl}  # wheels missing on the GPU machine (omegaconf; vizdoom for Doom)
+[ -d "$W" ] && { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$W"/*.whl || exit 1; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 RUNS=${RUNS:-/tmp/runs}
 FINAL=${OUT:-out}
 export OUT=/tmp/pipeline_out
