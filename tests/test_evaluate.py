@@ -388,7 +388,7 @@ def test_comparison_table_of_an_oracle_and_a_copying_model(toy_ground_truth, tmp
     for folder, session in (("cf_pp_2step", ToyOracleSession), ("ar_teacher", CopySession)):
         settings = dataclasses.replace(toy_settings(), horizon=8, horizons=(8,))
         report = ev.evaluate(lambda b, s: session(b, s), tiny_idm(), settings)
-        report["checkpoint"] = {"sampler": {"steps": [1.0, 0.83] if folder == "cf_pp_2step" else [1.0] * 16}}
+        report["checkpoint"] = {"stage": folder, "sampler": {"steps": [1.0, 0.83] if folder == "cf_pp_2step" else [1.0] * 16}}
         report["speed"] = {"first_frame_ms": 7.0, "latency_ms": 3.0, "fps": 300.0, "dtype": "float32"}
         ev.write_report(report, tmp_path / "eval" / folder, folder)
     (tmp_path / "runs" / "causal_cd").mkdir(parents=True)

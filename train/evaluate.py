@@ -188,16 +188,17 @@ def repeat_previous(frames: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- measures
 
 
-def per_frame_fidelity(generated: torch.Tensor, truth: torch.Tensor) -> dict[str, torch.Tensor]:
-    """MSE and SSIM ``[B, T]`` of uint8 videos ``[B, T, H, W, 3]`` (frames in [-1, 1]), one frame index at a time."""
+def per_frame_fidelity(generated: torch.Tensor, truth: torch.Tensor, device="cpu") -> dict[str, torch.Tensor]:
+    """MSE and SSIM ``[B, T]`` (on the CPU) of uint8 videos ``[B, T, H, W, 3]`` (frames in [-1, 1]), one frame
+    index at a time, computed on ``device``."""
     if generated.shape != truth.shape:
         raise EvalError(f"generated frames {tuple(generated.shape)} and ground truth {tuple(truth.shape)} differ in shape")
     mse, ssim = [], []
     for t in range(truth.shape[1]):
-        g, r = metrics.uint8_to_frames(generated[:, t]), metrics.uint8_to_frames(truth[:, t])
+        g, r = metrics.uint8_to_frames(generated[:, t].to(device)), metrics.uint8_to_frames(truth[:, t].to(device))
         mse.append(metrics.mean_squared_error(g, r))
         ssim.append(metrics.ssim(g, r).double())
-    return {"mse": torch.stack(mse, 1), "ssim": torch.stack(ssim, 1)}
+    return {"mse": torch.stack(mse, 1).cpu(), "ssim": torch.stack(ssim, 1).cpu()}
 
 
 def psnr_of_mean(mse: torch.Tensor) -> torch.Tensor:
@@ -205,32 +206,30 @@ def psnr_of_mean(mse: torch.Tensor) -> torch.Tensor:
     return 10.0 * torch.log10(metrics.DATA_RANGE**2 / mse.mean(0))
 
 
-def fidelity_report(runs: dict[str, tuple[torch.Tensor, torch.Tensor]], horizons: list[int]) -> dict:
+def fidelity_report(runs: dict[str, tuple[torch.Tensor, torch.Tensor]], horizons: list[int], device="cpu") -> dict:
     """``runs``: name -> (generated, truth) uint8 videos. PSNR (of the mean MSE over clips) and mean SSIM
     at frame index h for each horizon, and the same as curves over all frames."""
     rows, curves = {}, {}
     for name, (generated, truth) in runs.items():
-        scores = per_frame_fidelity(generated, truth)
+        scores = per_frame_fidelity(generated, truth, device)
         curve = {"psnr": psnr_of_mean(scores["mse"]), "ssim": scores["ssim"].mean(0)}
         rows[name] = {m: {str(h): float(v[h]) for h in horizons} for m, v in curve.items()}
         curves[name] = {m: v.tolist() for m, v in curve.items()}
     return {"horizons": horizons, "rows": rows, "curves": curves}
 
 
-def clip_distance(generated: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+def clip_distance(generated: torch.Tensor, truth: torch.Tensor, device="cpu") -> torch.Tensor:
     """Mean per-frame MSE ``[B]`` over frames 1.. of uint8 videos ``[B, T, ...]`` (the start frame is given)."""
-    per_frame = [
-        metrics.mean_squared_error(metrics.uint8_to_frames(generated[:, t]), metrics.uint8_to_frames(truth[:, t]))
-        for t in range(1, truth.shape[1])
-    ]
-    return torch.stack(per_frame, 1).mean(1)
+    frames = lambda v, t: metrics.uint8_to_frames(v[:, t].to(device))  # noqa: E731
+    per_frame = [metrics.mean_squared_error(frames(generated, t), frames(truth, t)) for t in range(1, truth.shape[1])]
+    return torch.stack(per_frame, 1).mean(1).cpu()
 
 
-def swap_report(truth: torch.Tensor, rows: dict[str, tuple]) -> dict:
+def swap_report(truth: torch.Tensor, rows: dict[str, tuple], device="cpu") -> dict:
     """Swap test. ``rows``: name -> (video under own actions, video under swapped actions), scored against ``truth``."""
     report = {}
     for name, (under_own, under_swapped) in rows.items():
-        d_own, d_swapped = clip_distance(under_own, truth), clip_distance(under_swapped, truth)
+        d_own, d_swapped = clip_distance(under_own, truth, device), clip_distance(under_swapped, truth, device)
         report[name] = {
             "pass_fraction": metrics.swap_pass_fraction(d_own, d_swapped),
             "mse_own": float(d_own.mean()),
@@ -256,12 +255,12 @@ def control_report(idm: InverseDynamics, episodes: dict, videos: dict[str, torch
     return report
 
 
-def window_stats(frames: torch.Tensor) -> dict:
+def window_stats(frames: torch.Tensor, device="cpu") -> dict:
     """Sharpness (Laplacian variance) and per-channel colour mean / std of uint8 ``[B, T, H, W, 3]``,
     averaged over its frames, in 0..255 units."""
     sharp, mean, std = [], [], []
     for t in range(frames.shape[1]):
-        x = metrics.uint8_to_frames(frames[:, t])
+        x = metrics.uint8_to_frames(frames[:, t].to(device))
         sharp.append(metrics.laplacian_variance(x))
         m, s = metrics.colour_stats(x)
         mean.append(m)
@@ -274,7 +273,7 @@ def window_stats(frames: torch.Tensor) -> dict:
 
 
 def stability_report(idm: InverseDynamics, episodes: dict, generated: torch.Tensor, reference: torch.Tensor,
-                     window: int) -> dict:
+                     window: int, device="cpu") -> dict:
     """Per window of ``window`` frames of a long rollout ``generated [B, T, ...]`` vs ground truth
     ``episodes["frames"]``: Fréchet distance of IDM features (model, repeat-last-frame baseline, and an
     independent ground-truth set ``reference`` as the floor), sharpness, colour, controllability."""
@@ -294,7 +293,7 @@ def stability_report(idm: InverseDynamics, episodes: dict, generated: torch.Tens
                 "repeat_last_frame": metrics.frechet_distance(flat(predictions["repeat_last_frame"]["features"]), gt_features),
                 "ground_truth_reference": metrics.frechet_distance(flat(reference_features), gt_features),
             }
-        row["frames_stats"] = {name: window_stats(v[:, start + 1 : end + 1]) for name, v in videos.items()}
+        row["frames_stats"] = {name: window_stats(v[:, start + 1 : end + 1], device) for name, v in videos.items()}
         row["controllability"] = {
             name: controllability(slice_pairs(predictions[name], start, end), episodes["actions"][:, start : end + 1],
                                   episodes["poses"][:, start : end + 1], k)
@@ -342,6 +341,7 @@ def evaluate(make_session: SessionFactory, idm: InverseDynamics, settings: EvalS
             "ground truth": (truth, truth),
         },
         horizons,
+        settings.device,
     )
 
     control = control_report(
@@ -360,13 +360,14 @@ def evaluate(make_session: SessionFactory, idm: InverseDynamics, settings: EvalS
             "ground truth": (truth, replay(settings, clips["seeds"], swapped_actions)),
             "repeat last frame": (repeat_first(truth), repeat_first(truth)),
         },
+        settings.device,
     )
 
     long = heldout_episodes(settings, "long", settings.long_clips, settings.long_frames + 1)
     reference = heldout_episodes(settings, "reference", settings.long_clips, settings.long_frames + 1)
     long_rollout = rollout(make_session(settings.long_clips, settings.seed), long["frames"][:, 0], long["actions"],
                            block_size, desc="long rollout")
-    stability = stability_report(idm, long, long_rollout, reference["frames"], settings.window)
+    stability = stability_report(idm, long, long_rollout, reference["frames"], settings.window, settings.device)
 
     return {
         "settings": {**asdict(settings), "horizons": horizons},

@@ -18,7 +18,8 @@
 # Environment: RUNS (run folders, default /tmp/runs), OUT (results, default out), PRESET (default),
 # DEVICE (cuda), budgets in seconds AE_S TEACHER_S AR_S AR3_S CD_S ODE_S DMD_S, EPISODES, FRAMES,
 # COLLECTORS, WORKERS (data workers per stage), ODE_BATCHES, ODE_GRID, EXTRA (more KEY=VALUE for every stage), EVAL (more
-# train.evaluate arguments), EVAL_ROWS (evaluate only these rows), EVAL_PARALLEL (1: evaluate rows side by side).
+# train.evaluate arguments), EVAL_ROWS (evaluate only these rows), EVAL_PARALLEL (1: evaluate rows side by side),
+# EVAL_THREADS (CPU threads per evaluation, default 4).
 set -euo pipefail
 WORLD=$1
 shift
@@ -136,7 +137,7 @@ evaluate() {  # one train.evaluate per row; EVAL_PARALLEL=1 runs them side by si
     [ -f "$OUT/eval/$name/report.json" ] && { log "eval $name: done before"; continue; }
     log "eval $name"
     # shellcheck disable=SC2086
-    python3 -m train.evaluate "$(model "$run")" --world "$WORLD" --out "$OUT/eval/$name" --device "$DEVICE" $rest ${EVAL:-} \
+    OMP_NUM_THREADS=${EVAL_THREADS:-4} python3 -m train.evaluate "$(model "$run")" --world "$WORLD" --out "$OUT/eval/$name" --device "$DEVICE" $rest ${EVAL:-} \
       >"$RUNS/eval-$name.log" 2>&1 &
     pids+=($!)
     [ "${EVAL_PARALLEL:-0}" = 1 ] || { wait $!; last_lines 2 <"$RUNS/eval-$name.log"; }
