@@ -124,6 +124,19 @@ def test_sample_videos_are_written(chain):
         assert frames.shape == (5, 32, 64, 3)  # real | generated, 5 frames
 
 
+def test_teachers_export_their_guided_euler_sampler_and_students_the_few_step_one(chain):
+    from worldmodel.flow import sigma_grid
+
+    teacher = checkpoint.load(chain["ar_teacher"] / "model.safetensors").config.sampler
+    assert teacher.solver == "euler" and teacher.guidance == 3.0
+    assert list(teacher.steps) == pytest.approx(sigma_grid(4, 5.0)[:-1].tolist())  # sample.steps=4, ar_teacher.yaml shift
+    for key in ("causal_cd", "causal_ode", "dmd"):
+        sampler = checkpoint.load(chain[key] / "model.safetensors").config.sampler
+        assert sampler.solver == "renoise" and list(sampler.steps) == [1.0, 0.83] and sampler.guidance == 1.0
+    session = Session(checkpoint.load(chain["ar_teacher"] / "model.safetensors"))
+    assert session.solver == "euler" and len(session.steps) == 4
+
+
 def test_distilled_model_plays_in_a_session(chain):
     model = checkpoint.load(chain["dmd"] / "model.safetensors")
     session = Session(model)

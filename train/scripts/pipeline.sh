@@ -94,7 +94,7 @@ for f in checkpoint.save(sys.argv[2], checkpoint.load(sys.argv[1]), dtype=torch.
 PY
 }
 
-DMD=("init.teacher=$(model teacher)" dmd.critic_updates=5)
+DMD=("init.teacher=$(model teacher)")
 chain_cfpp() {
   stage causal_cd causal_cd "${CD_S:-120}" "init.teacher=$(model ar_teacher)"
   stage dmd dmd "${DMD_S:-120}" "init.student=$(model causal_cd)" "${DMD[@]}"
