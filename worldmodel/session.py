@@ -49,6 +49,7 @@ class Session:
         if self.solver not in SOLVERS:
             raise SessionError(f"sampler.solver must be one of {list(SOLVERS)}, got {self.solver!r}")
         self.cache = model.dit.new_cache(batch, self.device, dtype)
+        self._uncond = torch.zeros(batch, dtype=torch.bool, device=self.device)  # kept: CUDA graphs read it
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
         if cuda_graphs and self.device.type != "cuda":
@@ -92,7 +93,7 @@ class Session:
         shape = (draws, self.batch, actions.shape[1], cfg.latent_channels, cfg.latent_height, cfg.latent_width)
         noise = torch.randn(shape, generator=self.generator, device=self.device, dtype=self.dtype)
         sigmas = tuple(sigmas)
-        uncond = torch.zeros(self.batch, dtype=torch.bool, device=self.device)
+        uncond = self._uncond
 
         def sample(noise, actions, poses):
             def velocity(x, sigma, cond=True):
