@@ -94,19 +94,19 @@ for f in checkpoint.save(sys.argv[2], checkpoint.load(sys.argv[1]), dtype=torch.
 PY
 }
 
-DMD=("init.teacher=$(model teacher)")
+DMD=("init.teacher=$(model teacher)")  # the real score: the bidirectional teacher, for every row
+ODE=(ode.num_batches="${ODE_BATCHES:-24}" ode.grid_steps="${ODE_GRID:-48}" model.sampler.steps="$CHUNK_STEPS")
 chain_cfpp() {
   stage causal_cd causal_cd "${CD_S:-120}" "init.teacher=$(model ar_teacher)"
   stage dmd dmd "${DMD_S:-120}" "init.student=$(model causal_cd)" "${DMD[@]}"
 }
 chain_cf() {
-  stage causal_ode_chunk causal_ode "${ODE_S:-120}" ode.num_batches="${ODE_BATCHES:-24}" ode.grid_steps="${ODE_GRID:-48}" model.sampler.steps="$CHUNK_STEPS" \
-    "init.teacher=$(model ar_teacher_chunk)"
+  stage causal_ode_chunk causal_ode "${ODE_S:-120}" "${ODE[@]}" "init.teacher=$(model ar_teacher_chunk)"
   stage dmd_cf dmd "${DMD_S:-120}" "init.student=$(model causal_ode_chunk)" "${DMD[@]}"
 }
 chain_sf() {
-  stage ode_bidirectional_chunk causal_ode "${ODE_S:-120}" ode.trajectories=bidirectional ode.num_batches="${ODE_BATCHES:-24}" ode.grid_steps="${ODE_GRID:-48}" \
-    model.dit.block_size=3 model.sampler.steps="$CHUNK_STEPS" "init.teacher=$(model teacher)"
+  stage ode_bidirectional_chunk causal_ode "${ODE_S:-120}" "${ODE[@]}" ode.trajectories=bidirectional model.dit.block_size=3 \
+    "init.teacher=$(model teacher)"
   stage dmd_sf dmd "${DMD_S:-120}" "init.student=$(model ode_bidirectional_chunk)" "${DMD[@]}"
 }
 

@@ -28,10 +28,8 @@ worlds() {
 }
 
 compare() {  # (and the shipped procedural model's own evaluation, alongside)
-  local shipped=assets/models/procedural.safetensors
-  [ -f assets/models/procedural-01-of-02.safetensors ] || [ -f "$shipped" ] || shipped=
-  [ -n "$shipped" ] && OMP_NUM_THREADS=4 python3 -m train.evaluate "$shipped" --world procedural --out "$OUT/procedural/eval/shipped" \
-    --device cuda >"$OUT/eval-shipped.log" 2>&1 &
+  OMP_NUM_THREADS=4 python3 -m train.evaluate assets/models/procedural.safetensors --world procedural \
+    --out "$OUT/procedural/eval/shipped" --device cuda >"$OUT/eval-shipped.log" 2>&1 &
   COMPARE=1 EVAL_PARALLEL=1 WORKERS=4 bash $P procedural data base distill evaluate
   wait
 }
