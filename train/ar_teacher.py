@@ -15,7 +15,7 @@ from __future__ import annotations
 from train.common import (
     ar_sample_video,
     check_block_fit,
-    encode,
+    clip_latents,
     euler_block_sampler,
     first_clip,
     rebuilt,
@@ -52,7 +52,7 @@ class ARTeacherStage(FlowMatchingStage):
         """Real clip | the EMA AR teacher generating block by block (guided Euler per block)."""
         clip = first_clip(batch, self.action_spec, self.device)
         sampler = euler_block_sampler(self.sample_grid(), float(self.cfg.sample.guidance), generator)
-        return ar_sample_video(self.ae, self.dit_ema, clip, encode(self.ae, clip.frames), sampler,
+        return ar_sample_video(self.ae, self.dit_ema, clip, clip_latents(self.ae, clip), sampler,
                                self.trainer.compute_dtype)
 
 

@@ -19,8 +19,8 @@ from train.common import (
     ar_sample_video,
     bundle,
     check_block_fit,
+    clip_latents,
     ema_copy,
-    encode,
     few_step_block_sampler,
     first_clip,
     frozen,
@@ -37,6 +37,8 @@ from worldmodel.transformer import block_ids
 
 class StudentStage(Stage):
     """A causal few-step student started from an input model, with an EMA; shared by 3a, 3b and 4."""
+
+    latent_batches = True
 
     def __init__(self, trainer, inputs, start):
         super().__init__(trainer, inputs)
@@ -59,7 +61,7 @@ class StudentStage(Stage):
 
     def sample_latents(self, batch, clip):
         """Real latents ``[1, T, C, h, w]`` of the sample clip."""
-        return encode(self.ae, clip.frames)
+        return clip_latents(self.ae, clip)
 
     def sample(self, batch, generator):
         """Real clip | the EMA student playing it with its few-step sampler from the real first frame."""
@@ -86,9 +88,12 @@ class CausalCDStage(StudentStage):
         cd = self.cfg.cd
         self.grid = alg.distillation_grid(int(cd.grid_steps), float(cd.shift), include=self.steps)
 
+    def networks(self):
+        return [*super().networks(), self.teacher]
+
     def train_step(self, batch, rng):
         clip = to_clip(batch, self.action_spec, self.device)
-        x0 = encode(self.ae, clip.frames)
+        x0 = clip_latents(self.ae, clip)
         b, t = x0.shape[:2]
         blocks = block_ids(t, self.student.cfg.block_size)
         sigma, sigma_next = alg.sample_grid_pairs(self.grid, rng.global_batch(b), blocks, rng.generator("grid"))

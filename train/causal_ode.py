@@ -74,6 +74,11 @@ class CausalODEStage(StudentStage):
                                   "data": {k: str(v) for k, v in self.cfg.data.items() if k != "workers"},
                                   "steps": self.steps, "seed": int(self.cfg.seed)}, sort_keys=True)
 
+    latent_batches = False  # trains on its stored trajectories
+
+    def networks(self):
+        return [*super().networks(), self.teacher]
+
     def shard_path(self, i: int):
         return self.dir / f"batch_{i:06d}.safetensors"
 

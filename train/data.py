@@ -76,10 +76,13 @@ class _RecordingSteps(Sampler):
             self._perm_epoch = epoch
         return int(self._perm[i])
 
+    def indices(self, step: int) -> list[int]:
+        first = step * self.global_batch + self.offset
+        return [self._position(p) for p in range(first, first + self.local)]
+
     def __iter__(self):
         for step in _iterate(self.steps):
-            first = step * self.global_batch + self.offset
-            yield [self._position(p) for p in range(first, first + self.local)]
+            yield self.indices(step)
 
 
 class _WorldSteps(IterableDataset):
@@ -155,13 +158,18 @@ class StepBatches:
         finally:
             world.close()
 
+    def clip_indices(self, steps):
+        """Recordings: this rank's clip indices into ``self.dataset`` per step (as :meth:`loader` reads them)."""
+        if self.dataset is None:
+            raise TrainDataError("clip indices exist only for data.source=recordings")
+        return _RecordingSteps(len(self.dataset), self.cfg.batch, self.rank, self.world_size, self.seed, steps)
+
     def loader(self, steps, workers: int | None = None, pin_memory: bool = False):
         """An iterator of this rank's batches: for steps ``steps, steps + 1, ...`` (an int, endless)
         or for the steps of a list."""
         workers = self.cfg.workers if workers is None else workers
         if self.dataset is not None:
-            sampler = _RecordingSteps(len(self.dataset), self.cfg.batch, self.rank, self.world_size, self.seed, steps)
-            loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
+            loader = DataLoader(self.dataset, batch_sampler=self.clip_indices(steps), num_workers=workers, collate_fn=_collate,
                                 pin_memory=pin_memory, persistent_workers=workers > 0)
         else:
             stream = _WorldSteps(self.cfg, self.local_batch, self.rank, self.seed, steps)

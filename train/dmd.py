@@ -56,6 +56,9 @@ class DMDStage(StudentStage):
     def modules(self):
         return {**super().modules(), "critic": self.critic}
 
+    def networks(self):
+        return [*super().networks(), self.real_score]
+
     def optimized(self):
         return {**super().optimized(), "critic": (self.critic, self.cfg.critic_optim)}
 
@@ -84,7 +87,7 @@ class DMDStage(StudentStage):
     def train_step(self, batch, rng):
         cfg = self.cfg.dmd
         clip = to_clip(batch, self.action_spec, self.device)
-        first = encode(self.ae, clip.frames[:, :1])
+        first = clip.latents[:, :1] if clip.latents is not None else encode(self.ae, clip.frames[:, :1])
         generator_turn = rng.step % int(cfg.critic_updates) == 0  # the same on every rank
         b, t = clip.actions.shape[:2]
         scalars = {}

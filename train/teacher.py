@@ -15,7 +15,18 @@ from __future__ import annotations
 import torch
 
 from train import algorithms as alg
-from train.common import bundle, ema_copy, encode, first_clip, frozen, latent_shape, side_by_side, to_clip, velocity_fn
+from train.common import (
+    bundle,
+    clip_latents,
+    ema_copy,
+    first_clip,
+    frozen,
+    latent_shape,
+    real_frames,
+    side_by_side,
+    to_clip,
+    velocity_fn,
+)
 from train.config import fresh_model_config, fit_dit_to_autoencoder
 from train.data import derive_seed
 from train.trainer import Stage
@@ -28,6 +39,7 @@ class FlowMatchingStage(Stage):
     """A DiT trained by flow matching on encoded clips with condition dropout; EMA exported."""
 
     mode = "bidirectional"
+    latent_batches = True
 
     def __init__(self, trainer, inputs, start: WorldModel):
         super().__init__(trainer, inputs)
@@ -56,7 +68,7 @@ class FlowMatchingStage(Stage):
 
     def train_step(self, batch, rng):
         clip = to_clip(batch, self.action_spec, self.device)
-        x0 = encode(self.ae, clip.frames)
+        x0 = clip_latents(self.ae, clip)
         b, t = x0.shape[:2]
         f = self.cfg.flow
         sigma = rng.local(alg.sample_sigmas(
@@ -81,7 +93,7 @@ class FlowMatchingStage(Stage):
             return self.dit_ema(x, s, clip.actions, clip.poses, mode="bidirectional", cond_keep=None if cond else drop).float()
 
         latents = flow.euler_sample(conditional, noise, self.sample_grid(), float(self.cfg.sample.guidance))
-        return side_by_side(clip.frames, self.ae.decode(latents))
+        return side_by_side(real_frames(self.ae, clip), self.ae.decode(latents))
 
     def export(self):
         return bundle(self.cfg.model, self.name, self.ae, self.dit_ema)

@@ -49,14 +49,16 @@ from train import algorithms as alg
 from train.common import check_data_fits, load_input
 from train.config import TrainConfigError, apply_model_overrides, compose, require
 from train.data import DataInfo, StepBatches, derive_seed
+from train.latents import LatentStore
 from worldmodel import checkpoint
 from worldmodel.model import WorldModel
+from worldmodel.transformer import WorldDiT
 
 CHECKPOINT_FORMAT = "worldmodel-train"
 CHECKPOINT_VERSION = "1"
 CHECKPOINT_PATTERN = re.compile(r"step_(\d{9})\.safetensors")
 RESUMABLE_CHANGES = ("run.steps", "run.checkpoint_every", "run.keep_checkpoints", "run.log_every", "run.sample_every",
-                     "run.time_limit_s", "data.workers")
+                     "run.time_limit_s", "run.compile", "data.workers", "data.latents", "data.latent_cache")
 """Keys a resumed run may change; any other difference to the run's saved config is an error
 (``init.*`` paths may move: the inputs' content is checked by fingerprint)."""
 
@@ -106,6 +108,7 @@ class Stage:
     name: str = ""
     inputs: dict[str, tuple[str, ...]] = {}
     model_overrides: tuple[str, ...] = ("sampler",)
+    latent_batches: bool = False  # trains on the latent cache (train.latents) of its frozen ``self.ae``
 
     @classmethod
     def accepted_inputs(cls, cfg: DictConfig) -> dict[str, tuple[str, ...]]:
@@ -127,6 +130,10 @@ class Stage:
         """Name -> (module, optimiser config with lr, betas, weight_decay, warmup_steps, grad_clip)."""
         raise NotImplementedError
 
+    def networks(self) -> list[nn.Module]:
+        """Every network the step runs (trained, EMA and frozen ones): compiled under ``run.compile``."""
+        return list(self.modules().values())
+
     def ema(self) -> dict[str, tuple[nn.Module, float]]:
         """Optimised name -> (its EMA module, decay), updated after each of its optimiser steps."""
         return {}
@@ -135,8 +142,12 @@ class Stage:
         """Work before the first step (e.g. generating ODE trajectories); must be resumable."""
 
     def batches(self, start_step: int):
-        """This rank's batches from ``start_step`` on (default: the run's data)."""
-        return self.trainer.data.loader(start_step, pin_memory=self.device.type == "cuda")
+        """This rank's batches from ``start_step`` on (default: the run's data; cached latents when the
+        trainer holds a latent store)."""
+        trainer = self.trainer
+        if trainer.latents is not None:
+            return trainer.latents.batches(trainer.data.clip_indices(start_step))
+        return trainer.data.loader(start_step, pin_memory=self.device.type == "cuda")
 
     def frames_per_batch(self, batch: dict) -> int:
         """Frames one step trains on across all ranks (for throughput)."""
@@ -288,18 +299,57 @@ class Trainer:
         self.step = 0
         self._tensorboard = None
         self.stage = cls(self, inputs)
+        self.latents = self._latent_store()
+        if self._switch("run.compile", self.device.type == "cuda"):
+            self._compile_networks()
         self.optimizers = {name: self._make_optimizer(module, ocfg) for name, (module, ocfg) in self.stage.optimized().items()}
         self.updates = {name: 0 for name in self.optimizers}
         self._resume_or_start()
 
     # -- setup
 
+    def _switch(self, key: str, auto: bool) -> bool:
+        """A true | false | auto setting; ``auto`` takes the given default."""
+        value = OmegaConf.select(self.cfg, key)
+        if value == "auto":
+            return auto
+        if isinstance(value, bool):
+            return value
+        raise TrainConfigError(f"{key} must be true, false or auto, got {value!r}")
+
+    def _latent_store(self) -> LatentStore | None:
+        """The latent cache of this run's recordings (``data.latents``), or None (frames every step)."""
+        recordings = self.data.dataset is not None
+        if not self._switch("data.latents", recordings and self.stage.latent_batches):
+            return None
+        if not recordings or not self.stage.latent_batches:
+            raise TrainConfigError(f"data.latents=true needs data.source=recordings and a stage after the autoencoder "
+                                   f"that trains on clips (not {self.cfg.stage})")
+        cache = self.cfg.data.latent_cache
+        started = time.perf_counter()
+        store = LatentStore.build(self.data.dataset, self.stage.ae, self.device, self.compute_dtype, self.autocast,
+                                  int(self.cfg.data.workers), None if cache is None else str(cache), self.is_main)
+        if self.is_main:
+            tqdm.write(f"latent cache: {len(store)} clips of {store.clip_len} frames from "
+                       f"{store.tensors['latents'].shape[0]} frames in {time.perf_counter() - started:.1f} s")
+        return store
+
+    def _compile_networks(self) -> None:
+        """``torch.compile`` every DiT's full-sequence forward, masked attention through FlexAttention
+        block masks (the KV-cached forwards of rollouts stay eager)."""
+        torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+        for net in self.stage.networks():
+            if isinstance(net, WorldDiT):
+                net.attention = "flex" if self.device.type == "cuda" else "sdpa"  # no flex backward on CPU
+                net.compile(dynamic=False)
+
     def _make_optimizer(self, module: nn.Module, ocfg: DictConfig) -> torch.optim.Optimizer:
         params = [p for p in module.parameters() if p.requires_grad]
         if self.world_size > 1:
             for p in params:  # every rank starts from rank 0's weights
                 dist.broadcast(p.data, 0)
-        return torch.optim.AdamW(params, lr=float(ocfg.lr), betas=tuple(ocfg.betas), weight_decay=float(ocfg.weight_decay))
+        return torch.optim.AdamW(params, lr=float(ocfg.lr), betas=tuple(ocfg.betas), weight_decay=float(ocfg.weight_decay),
+                                 fused=self.device.type == "cuda")
 
     def _resume_or_start(self) -> None:
         found = list_checkpoints(self.run_dir)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from kernels.norm_modulate import norm_modulate
 from worldmodel.camera import relative_motion
@@ -129,9 +130,10 @@ def plucker_rays(poses: torch.Tensor, cfg: DiTConfig) -> torch.Tensor:
 
 
 def rope_rotation(positions: torch.Tensor, cfg: DiTConfig) -> torch.Tensor:
-    """Rotary factors (complex, unit modulus) for ``positions [L, 3]`` (time, row, col) -> ``[L, head_dim / 2]``.
+    """Rotary factors for ``positions [L, 3]`` (time, row, col) -> ``[L, head_dim / 2, 2]`` (cos, sin).
 
-    A quarter of the pairs encode time, the rest rows and columns.
+    A quarter of the pairs encode time, the rest rows and columns. Real-valued (no complex
+    tensors), so the training forward compiles with Inductor.
     """
     half = cfg.head_dim // 2
     s_pairs = (half - half // 4) // 2
@@ -141,14 +143,16 @@ def rope_rotation(positions: torch.Tensor, cfg: DiTConfig) -> torch.Tensor:
         freqs = cfg.rope_theta ** (-torch.arange(n, device=positions.device, dtype=torch.float32) / max(n, 1))
         angles.append(positions[:, axis : axis + 1].float() * freqs)
     angles = torch.cat(angles, -1)
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.stack([angles.cos(), angles.sin()], -1)
 
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of ``x [B, H, L, hd]`` by ``rotation [L, hd/2]`` (complex), in float32 or better."""
+    """Rotate adjacent pairs (a, b) of ``x [B, H, L, hd]`` by ``rotation [L, hd/2, 2]`` (cos, sin):
+    (a cos - b sin, a sin + b cos), computed in float32 or better."""
     work = torch.promote_types(x.dtype, torch.float32)
-    pairs = torch.view_as_complex(x.to(work).unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
+    a, b = x.to(work).unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = rotation.to(work).unbind(-1)
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2).to(x.dtype)
 
 
 def token_positions(frame_positions: torch.Tensor, cfg: DiTConfig) -> torch.Tensor:
@@ -202,6 +206,22 @@ def token_mask(frames: torch.Tensor | None, tokens_per_frame: int) -> torch.Tens
     return repeat(frames, "q k -> (q n) (k m)", n=tokens_per_frame, m=tokens_per_frame)
 
 
+def flex_block_mask(frames: torch.Tensor | None, tokens_per_frame: int) -> BlockMask | None:
+    """The frame mask ``[F, F]`` as a FlexAttention block mask over ``F*N`` tokens: fully masked
+    tiles are skipped, so the cost follows the mask's density (None: full attention)."""
+    if frames is None:
+        return None
+    length = frames.shape[0] * tokens_per_frame
+
+    def allowed(b, h, q, k):
+        return frames[q // tokens_per_frame, k // tokens_per_frame]
+
+    return create_block_mask(allowed, None, None, length, length, device=frames.device)
+
+
+ATTENTION_BACKENDS = ("sdpa", "flex")
+
+
 # ----------------------------------------------------------------------------- network
 
 
@@ -225,7 +245,10 @@ class Attention(nn.Module):
         q, k = apply_rope(self.q_norm(q), rotation), apply_rope(self.k_norm(k), rotation)
         if cache is not None:
             k, v = cache.attend(layer, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if isinstance(mask, BlockMask):
+            out = flex_attention(q.to(v.dtype), k.to(v.dtype), v, block_mask=mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(rearrange(out, "b h l d -> b l (h d)"))
 
 
@@ -320,6 +343,25 @@ class WorldDiT(nn.Module):
         for zero in (self.camera_embed, self.action_embed[-1], self.final_ada, self.final):
             nn.init.zeros_(zero.weight)
             nn.init.zeros_(zero.bias)
+        self.attention = "sdpa"  # masked full-sequence attention: "sdpa" (dense mask) | "flex" (block mask; compiled training)
+        self._tables: dict = {}
+
+    @torch.compiler.disable
+    def sequence_tables(self, mode: str, frames: int, device) -> tuple:
+        """(mask, rotation) of a full-sequence forward over ``frames`` frames in ``mode`` (teacher forcing:
+        the doubled sequence), built once per shape and kept: no mask or rotary work per step."""
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
+        key = (mode, frames, str(device), self.attention)
+        if key not in self._tables:
+            cfg = self.cfg
+            frame_pos = torch.arange(frames, device=device)
+            if mode == "teacher_forcing":
+                frame_pos = torch.cat([frame_pos, frame_pos])
+            allowed = frame_mask(mode, frames, cfg.block_size, device)
+            expand = flex_block_mask if self.attention == "flex" else token_mask
+            self._tables[key] = (expand(allowed, cfg.tokens_per_frame), rope_rotation(token_positions(frame_pos, cfg), cfg))
+        return self._tables[key]
 
     # -- pieces shared by the full-sequence and the cached forward
 
@@ -372,16 +414,15 @@ class WorldDiT(nn.Module):
         cfg, t = self.cfg, x.shape[1]
         rays = plucker_rays(poses.float(), cfg)
         tokens, cond = self._embed(x, sigma, actions, rays, cond_keep)
-        frame_pos = torch.arange(t, device=x.device)
         if clean is not None:
             if mode != "causal":
                 raise ConfigError("teacher forcing (clean=...) needs mode='causal'")
             clean_tokens, clean_cond = self._embed(clean, torch.zeros_like(sigma), actions, rays, cond_keep)
             tokens, cond = torch.cat([clean_tokens, tokens], 1), torch.cat([clean_cond, cond], 1)
-            frame_pos = torch.cat([frame_pos, frame_pos])
             mode = "teacher_forcing"
-        mask = token_mask(frame_mask(mode, t, cfg.block_size, x.device), cfg.tokens_per_frame)
-        rotation = rope_rotation(token_positions(frame_pos, cfg), cfg)
+        if mode not in ("bidirectional", "causal", "teacher_forcing"):
+            raise ConfigError(f"unknown attention mode {mode!r}; use bidirectional, causal or teacher_forcing")
+        mask, rotation = self.sequence_tables(mode, t, x.device)
         for block in self.blocks:
             tokens = block(tokens, cond, rotation, mask)
         return self._unpatchify(tokens[:, -t * cfg.tokens_per_frame :], cond[:, -t:], t)
