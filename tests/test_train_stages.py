@@ -381,3 +381,15 @@ def test_models_with_different_autoencoders_are_refused():
     a, b = build_model("tiny", seed=0), build_model("tiny", seed=1)
     with pytest.raises(StageInputError, match="different autoencoder weights"):
         check_same_autoencoder(a, b, "init.student and init.teacher")
+
+
+def test_context_noise_trains_on_a_noised_history_and_zero_is_the_clean_one(chain, episodes, tmp_path):
+    """flow.context_noise=0 computes exactly the clean-history loss; a positive level changes it."""
+    init = f"init.teacher={chain['teacher']}/model.safetensors"
+    got = {}
+    for level in ("0.0", "0.3"):
+        run("ar_teacher", args(episodes, tmp_path / level, 2, *FAST, init, f"flow.context_noise={level}"))
+        got[level] = [r["loss"] for r in read_log(tmp_path / level) if "loss" in r]
+    clean = [r["loss"] for r in read_log(chain["ar_teacher"]) if "loss" in r][:2]
+    assert got["0.0"] == pytest.approx(clean, rel=1e-6, abs=1e-7)
+    assert all(math.isfinite(v) for v in got["0.3"]) and got["0.3"] != clean  # the tiny net barely reads its history yet

@@ -12,6 +12,7 @@ sets the blocks; ``data.clip_len`` must be the start frame plus whole blocks.
 
 from __future__ import annotations
 
+from train import algorithms as alg
 from train.common import (
     ar_sample_video,
     check_block_fit,
@@ -24,6 +25,7 @@ from train.common import (
     with_sampler,
 )
 from train.teacher import FlowMatchingStage
+from worldmodel import flow
 from worldmodel.transformer import block_ids
 
 
@@ -45,8 +47,17 @@ class ARTeacherStage(FlowMatchingStage):
     def noise_blocks(self, frames):
         return block_ids(frames, self.dit.cfg.block_size)
 
-    def velocity(self, clip, x0, keep):
-        return velocity_fn(self.dit, clip, "causal", clean=x0, cond_keep=keep)
+    def velocity(self, clip, x0, keep, rng):
+        """Teacher-forced on the real history, noised per block to a level uniform in
+        ``[0, flow.context_noise]`` (given to the network; 0 = the clean history)."""
+        level = float(self.cfg.flow.context_noise)
+        if level == 0:
+            return velocity_fn(self.dit, clip, "causal", clean=x0, cond_keep=keep)
+        b, t = x0.shape[:2]
+        context_sigma = rng.local(alg.sample_sigmas(rng.global_batch(b), self.noise_blocks(t), rng.generator("context_sigma"),
+                                                    distribution="uniform", low=0.0, high=level))
+        context = flow.add_noise(x0, rng.randn("context_noise", tuple(x0.shape)), context_sigma)
+        return velocity_fn(self.dit, clip, "causal", clean=context, cond_keep=keep, clean_sigma=context_sigma)
 
     def sample(self, batch, generator):
         """Real clip | the EMA AR teacher generating block by block (guided Euler per block)."""

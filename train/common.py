@@ -151,9 +151,11 @@ def encode(autoencoder: nn.Module, frames: Tensor) -> Tensor:
     return autoencoder.encode(frames).float()
 
 
-def velocity_fn(dit: WorldDiT, clip: Clip, mode: str, clean: Tensor | None = None, cond_keep: Tensor | None = None) -> Callable:
-    """``(x, sigma [B, T]) -> v`` of ``dit`` on this clip's conditioning."""
-    return lambda x, sigma: dit(x, sigma, clip.actions, clip.poses, mode=mode, clean=clean, cond_keep=cond_keep).float()
+def velocity_fn(dit: WorldDiT, clip: Clip, mode: str, clean: Tensor | None = None, cond_keep: Tensor | None = None,
+                clean_sigma: Tensor | None = None) -> Callable:
+    """``(x, sigma [B, T]) -> v`` of ``dit`` on this clip's conditioning (``clean_sigma``: the history's noise level)."""
+    return lambda x, sigma: dit(x, sigma, clip.actions, clip.poses, mode=mode, clean=clean, cond_keep=cond_keep,
+                                clean_sigma=clean_sigma).float()
 
 
 def guided_velocity_fn(dit: WorldDiT, clip: Clip, mode: str, guidance: float, clean: Tensor | None = None) -> Callable:

@@ -63,7 +63,7 @@ class FlowMatchingStage(Stage):
             return block_ids(frames, self.dit.cfg.block_size)
         return torch.zeros(frames, dtype=torch.long)
 
-    def velocity(self, clip, x0, keep):
+    def velocity(self, clip, x0, keep, rng):
         return velocity_fn(self.dit, clip, self.mode, cond_keep=keep)
 
     def train_step(self, batch, rng):
@@ -76,7 +76,7 @@ class FlowMatchingStage(Stage):
             loc=float(f.loc), scale=float(f.scale), shift=float(f.shift)))
         keep = rng.local(alg.keep_conditions(rng.global_batch(b), float(f.cond_drop), rng.generator("cond_drop")))
         eps = rng.randn("noise", tuple(x0.shape))
-        loss = alg.flow_matching_loss(self.velocity(clip, x0, keep), x0, eps, sigma)
+        loss = alg.flow_matching_loss(self.velocity(clip, x0, keep, rng), x0, eps, sigma)
         return {"loss": loss.detach(), **self.trainer.update("dit", loss)}
 
     def sample_grid(self) -> list[float]:

@@ -403,12 +403,13 @@ class WorldDiT(nn.Module):
 
     # -- full sequence (training)
 
-    def forward(self, x, sigma, actions, poses, mode="bidirectional", clean=None, cond_keep=None):
+    def forward(self, x, sigma, actions, poses, mode="bidirectional", clean=None, cond_keep=None, clean_sigma=None):
         """Velocity prediction ``[B, T, C, h, w]`` for noisy latents ``x [B, T, C, h, w]``.
 
         ``sigma [B, T]``; ``actions [B, T, A]`` (normalised, see worldmodel.actions);
         ``poses [B, T, 4, 4]``; ``clean [B, T, C, h, w]`` switches on teacher forcing
-        (``mode`` must then be "causal"); ``cond_keep [B]`` bool.
+        (``mode`` must then be "causal"), its noise level ``clean_sigma [B, T]`` (default 0: context
+        noise gives the history a small one); ``cond_keep [B]`` bool.
         """
         self._check(x, sigma, actions, poses)
         cfg, t = self.cfg, x.shape[1]
@@ -417,7 +418,8 @@ class WorldDiT(nn.Module):
         if clean is not None:
             if mode != "causal":
                 raise ConfigError("teacher forcing (clean=...) needs mode='causal'")
-            clean_tokens, clean_cond = self._embed(clean, torch.zeros_like(sigma), actions, rays, cond_keep)
+            clean_level = torch.zeros_like(sigma) if clean_sigma is None else clean_sigma
+            clean_tokens, clean_cond = self._embed(clean, clean_level, actions, rays, cond_keep)
             tokens, cond = torch.cat([clean_tokens, tokens], 1), torch.cat([clean_cond, cond], 1)
             mode = "teacher_forcing"
         if mode not in ("bidirectional", "causal", "teacher_forcing"):
