@@ -14,12 +14,19 @@
 #   evaluate  python -m train.evaluate on every model the runs hold (reports under $OUT/eval/ROW)
 #   speed     time every evaluated model again, alone on the GPU (evaluations may have shared it)
 #   pack      the reports and stage logs into $OUT/results.tgz (for python -m train.compare)
+#   ablate    the recipe ablation after the autoencoder, side by side on the same data and budgets:
+#             teacher + AR teacher at flow shift 5 (the old recipe) and at shift 1, and shift 1 with context
+#             noise; then causal CD from the shift-1 context-noise AR teacher. Evaluate with EVAL_ROWS="ablation".
 #
 # Environment: RUNS (run folders, default /tmp/runs), OUT (results, default out), PRESET (default),
 # DEVICE (cuda), budgets in seconds AE_S TEACHER_S AR_S AR3_S CD_S ODE_S DMD_S, EPISODES, FRAMES,
 # COLLECTORS, WORKERS (data workers per stage), ODE_BATCHES, ODE_GRID, EXTRA (more KEY=VALUE for every stage), EVAL (more
 # train.evaluate arguments), EVAL_ROWS (evaluate only these rows), EVAL_PARALLEL (1: evaluate rows side by side),
-# EVAL_THREADS (CPU threads per evaluation, default 4).
+# EVAL_THREADS (CPU threads per evaluation, default 4), BATCH (global clips per step, default 64) and LR (the
+# teacher's rate, default 4e-4: the rate tuned at batch 32, 3e-4, times sqrt(BATCH / 32); the later stages keep
+# their configs' rates times the same factor). Stages after the autoencoder train on latents encoded once
+# (data.latents, cached in $RUNS/latent_cache) and compiled (run.compile); a stage whose compiled run fails is
+# run once more eagerly.
 set -euo pipefail
 WORLD=$1
 shift
@@ -29,8 +36,13 @@ DEVICE=${DEVICE:-cuda}
 mkdir -p "$RUNS" "$OUT"
 export PYTHONUNBUFFERED=1
 CHUNK_STEPS="[1.0,0.9375,0.8333,0.625]"  # 4 steps: uniform 1, .75, .5, .25 under shift 5 (Self Forcing's)
+BATCH=${BATCH:-64}
+SCALE=$(python3 -c "print(($BATCH / 32) ** 0.5)")
+LR=${LR:-$(python3 -c "print(3e-4 * $SCALE)")}
 COMMON=(preset=${PRESET:-default} data.source=recordings "data.recordings=$RUNS/episodes" data.workers=${WORKERS:-6}
-        run.sample_every=0 run.log_every=10 run.checkpoint_every=100000 run.steps=1000000 ${EXTRA:-})
+        data.batch=$BATCH "data.latent_cache=$RUNS/latent_cache"
+        run.sample_every=0 run.log_every=50 run.checkpoint_every=100000 run.steps=1000000 ${EXTRA:-})
+rate() { python3 -c "print($1 * $SCALE)"; }  # a stage config's rate (tuned at batch 32) at this batch
 
 log() { echo "[$(date +%H:%M:%S) $WORLD] $*"; }
 last_lines() { tr '\r' '\n' | { grep -v -E "it/s\]|s/it\]|^\s*$" || true; } | tail -"$1"; }  # without progress bars
@@ -42,7 +54,14 @@ stage() {  # stage RUN STAGE SECONDS KEY=VALUE...: train until the budget is spe
   log "$run: $name for ${seconds}s"
   if ! python3 -m train "$name" "${COMMON[@]}" "run.dir=$RUNS/$run" "run.time_limit_s=$seconds" "$@" >"$RUNS/$run.log" 2>&1; then
     last_lines 5 <"$RUNS/$run.log"
-    return 1
+    if grep -q -E "torch._dynamo|torch._inductor|InductorError|BackendCompilerFailed" "$RUNS/$run.log"; then
+      log "$run: compiled run failed; once more eagerly"
+      rm -rf "${RUNS:?}/$run"
+      python3 -m train "$name" "${COMMON[@]}" "run.dir=$RUNS/$run" "run.time_limit_s=$seconds" run.compile=false "$@" \
+        >"$RUNS/$run.log" 2>&1 || { last_lines 5 <"$RUNS/$run.log"; return 1; }
+    else
+      return 1
+    fi
   fi
   touch "$RUNS/$run/done"
   python3 - "$RUNS/$run/log.jsonl" "$run" <<'PY'
@@ -77,9 +96,9 @@ collect() {
 }
 
 base() {
-  stage autoencoder autoencoder "${AE_S:-100}" optim.lr=3e-4 optim.warmup_steps=200
-  stage teacher teacher "${TEACHER_S:-180}" optim.lr=3e-4 optim.warmup_steps=200 "init.autoencoder=$(model autoencoder)"
-  stage ar_teacher ar_teacher "${AR_S:-100}" sample.steps=16 "init.teacher=$(model teacher)"
+  stage autoencoder autoencoder "${AE_S:-100}" optim.lr=3e-4 optim.warmup_steps=200 data.batch=32
+  stage teacher teacher "${TEACHER_S:-180}" optim.lr="$LR" optim.warmup_steps=200 "init.autoencoder=$(model autoencoder)" ${TEACHER_EXTRA:-}
+  stage ar_teacher ar_teacher "${AR_S:-100}" sample.steps=16 optim.lr="$(rate 5e-5)" "init.teacher=$(model teacher)" ${AR_EXTRA:-}
   if [ "${COMPARE:-0}" = 1 ]; then
     stage ar_teacher_chunk ar_teacher "${AR3_S:-50}" sample.steps=16 model.dit.block_size=3 "init.teacher=$(model ar_teacher)"
   fi
@@ -97,7 +116,7 @@ PY
 DMD=("init.teacher=$(model teacher)")  # the real score: the bidirectional teacher, for every row
 ODE=(ode.num_batches="${ODE_BATCHES:-24}" ode.grid_steps="${ODE_GRID:-48}" model.sampler.steps="$CHUNK_STEPS")
 chain_cfpp() {
-  stage causal_cd causal_cd "${CD_S:-120}" "init.teacher=$(model ar_teacher)"
+  stage causal_cd causal_cd "${CD_S:-120}" optim.lr="$(rate 2e-5)" "init.teacher=$(model ar_teacher)" ${CD_EXTRA:-}
   stage dmd dmd "${DMD_S:-120}" "init.student=$(model causal_cd)" "${DMD[@]}"
 }
 chain_cf() {
@@ -124,16 +143,40 @@ distill() {
   export_model dmd "$WORLD"
 }
 
-# Evaluation rows: NAME RUN [train.evaluate arguments]
+SHIFT1=(flow.shift=1 sample.shift=1)
+ablate() {  # after the autoencoder: the recipe rows side by side (see the header)
+  stage autoencoder autoencoder "${AE_S:-100}" optim.lr=3e-4 optim.warmup_steps=200 data.batch=32
+  local t=(optim.lr="$LR" optim.warmup_steps=200 "init.autoencoder=$(model autoencoder)")
+  local a=(sample.steps=16 optim.lr="$(rate 5e-5)")
+  { stage teacher_shift5 teacher "${TEACHER_S:-180}" "${t[@]}" &&
+    stage ar_shift5 ar_teacher "${AR_S:-100}" "${a[@]}" "init.teacher=$(model teacher_shift5)"; } > "$RUNS/ablate_shift5.out" 2>&1 &
+  local p5=$!
+  stage teacher_shift1 teacher "${TEACHER_S:-180}" "${t[@]}" "${SHIFT1[@]}" > "$RUNS/ablate_shift1.out" 2>&1
+  stage ar_shift1 ar_teacher "${AR_S:-100}" "${a[@]}" "${SHIFT1[@]}" "init.teacher=$(model teacher_shift1)" >> "$RUNS/ablate_shift1.out" 2>&1 &
+  local p1=$!
+  stage ar_shift1_ctx ar_teacher "${AR_S:-100}" "${a[@]}" "${SHIFT1[@]}" flow.context_noise=0.1 \
+    "init.teacher=$(model teacher_shift1)" > "$RUNS/ablate_ctx.out" 2>&1
+  local failed=0
+  wait $p1 || failed=1
+  stage cd_shift1_ctx causal_cd "${CD_S:-120}" optim.lr="$(rate 2e-5)" cd.shift=1 "model.sampler.steps=[1.0,0.5]" \
+    "init.teacher=$(model ar_shift1_ctx)" >> "$RUNS/ablate_ctx.out" 2>&1 || failed=1
+  wait $p5 || failed=1
+  cat "$RUNS"/ablate_*.out
+  return $failed
+}
+
+# Evaluation rows: NAME RUN [train.evaluate arguments]; EVAL_ROWS=ablation picks the ablation's rows
 ROWS=("cf_pp_2step dmd" "ar_teacher ar_teacher" "causal_forcing_4step dmd_cf" "self_forcing_4step dmd_sf"
-      "cf_pp_1step dmd --steps 1.0" "causal_cd_2step causal_cd")
+      "cf_pp_1step dmd --steps 1.0" "causal_cd_2step causal_cd"
+      "ar_shift5 ar_shift5" "ar_shift1 ar_shift1" "ar_shift1_ctx ar_shift1_ctx" "cd_shift1_ctx cd_shift1_ctx")
 
 evaluate() {  # one train.evaluate per row; EVAL_PARALLEL=1 runs them side by side (then run "speed" after)
   local row name run rest pids=()
   for row in "${ROWS[@]}"; do
     read -r name run rest <<<"$row"
     [ -f "$(model "$run")" ] || continue
-    [ -n "${EVAL_ROWS:-}" ] && [[ " $EVAL_ROWS " != *" $name "* ]] && continue
+    [ "${EVAL_ROWS:-}" = ablation ] && [[ "$name" != ar_shift* && "$name" != cd_shift* ]] && continue
+    [ -n "${EVAL_ROWS:-}" ] && [ "${EVAL_ROWS:-}" != ablation ] && [[ " $EVAL_ROWS " != *" $name "* ]] && continue
     [ -f "$OUT/eval/$name/report.json" ] && { log "eval $name: done before"; continue; }
     log "eval $name"
     # shellcheck disable=SC2086
@@ -181,6 +224,7 @@ for phase in "$@"; do
     evaluate) evaluate ;;
     speed) speed ;;
     pack) pack ;;
-    *) echo "unknown phase $phase (data | base | distill | evaluate | speed | pack)" >&2; exit 2 ;;
+    ablate) ablate ;;
+    *) echo "unknown phase $phase (data | base | distill | evaluate | speed | pack | ablate)" >&2; exit 2 ;;
   esac
 done
