@@ -7,6 +7,7 @@
     python -m worldmodel.data video EPISODE --out video.mp4 [--scale S]
     python -m worldmodel.data info EPISODE
     python -m worldmodel.data bench EPISODE      (write/read frames/s and bytes/frame of a copy)
+    python -m worldmodel.data stats DIR_OR_EPISODE... [--json OUT] [--turn-threshold DEG] [--move-threshold UNITS]
 
 Bad inputs print one line ``error: ...`` and exit with status 2.
 """
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from worldmodel.cli_args import parse_size, positive_int
 from worldmodel.data.episode import STEPS_NAME, EpisodeFile, EpisodeMeta, EpisodeWriter
 from worldmodel.data.splits import SPLITS, doom_maps, split_seeds
+from worldmodel.data.stats import MOVE_UNITS, TURN_DEG, format_stats, recording_stats
 
 LABEL_HEIGHT = 12
 
@@ -184,6 +186,17 @@ def bench(args) -> None:
           f"({read_s:.3f} s for all), {size / n:.0f} bytes/frame on disk ({size / frames.nbytes:.1%} of raw)")
 
 
+def stats(args) -> None:
+    """Print the motion statistics of the recordings in ``args.paths``; with ``--json`` also write them."""
+    result = recording_stats(args.paths, args.turn_threshold, args.move_threshold)
+    print(format_stats(result))
+    if args.json is not None:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m worldmodel.data", description="Collect and inspect recordings.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -218,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure write/read speed and size on disk with a copy of an episode")
     p.add_argument("episode")
     p.set_defaults(run=bench)
+
+    p = sub.add_parser("stats", help="motion statistics of recordings: turning, moving, idle, yaw/pitch rates, keys")
+    p.add_argument("paths", nargs="+", metavar="DIR_OR_EPISODE", help="episodes, or folders searched for them")
+    p.add_argument("--json", default=None, help="also write the statistics (totals and per episode) to this JSON file")
+    p.add_argument("--turn-threshold", type=float, default=TURN_DEG, help="deg/frame of |yaw rate| above which a frame turns")
+    p.add_argument("--move-threshold", type=float, default=MOVE_UNITS, help="world units/frame above which a frame moves")
+    p.set_defaults(run=stats)
 
     p = sub.add_parser("info", help="print an episode's meta, length and recovery status")
     p.add_argument("episode")
