@@ -2,15 +2,22 @@
 
 A checkpoint is one file ``NAME.safetensors``, or, when saved with ``max_shard_mib``, shards
 ``NAME-01-of-03.safetensors``... beside each other (each with the full metadata); ``load`` takes
-``NAME.safetensors`` either way. Writes are atomic (temp file + rename). Loading checks the
-files, the format, the configuration and every tensor's shape, and raises
-:class:`CheckpointError` with one line naming the problem.
+``NAME.safetensors`` either way. Writes are atomic (temp file + rename).
+
+Every checkpoint is untrusted input. Loading checks the files, the format, that all shards carry
+the same metadata, the configuration (a mapping of the expected types and sane sizes, with no
+omegaconf ``${...}`` interpolation, which would be resolved, e.g. ``${oc.env:HOME}``), then every
+tensor's name, shape and dtype against the config's model (built on the meta device, so no
+allocation before the check) and that floating weights are finite. Any problem raises
+:class:`CheckpointError` with one line naming it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import torch
@@ -18,14 +25,40 @@ from omegaconf import OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from worldmodel.model import WorldModel
+from worldmodel.actions import ActionSpec
+from worldmodel.autoencoder import AutoencoderConfig
+from worldmodel.camera import ControllerSpec
+from worldmodel.model import DEFAULT_SAMPLER, WorldModel
+from worldmodel.transformer import DiTConfig
 
 FORMAT = "worldmodel"
 VERSION = "1"
 
 
+MAX_SIZE = 2**16
+"""The largest integer setting a config may hold (channels, dim, frame size, window...)."""
+MAX_COUNT = 256
+"""The largest repeat count (depth, heads, blocks per level) and list length a config may hold."""
+COUNTS = {"depth", "heads", "encoder_blocks", "decoder_blocks"}
+MAY_BE_ZERO = {"sink_frames", "encoder_blocks", "decoder_blocks"}
+"""The integer settings that may be 0; every other one must be at least 1."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded, with the reason."""
+
+
+def defaults(cls) -> dict:
+    """``{field: default}`` of a config dataclass: the types a stored section must have."""
+    return {f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(cls)}
+
+
+SCHEMA = {
+    "world": "", "stage": "",
+    "actions": defaults(ActionSpec), "controller": defaults(ControllerSpec),
+    "autoencoder": defaults(AutoencoderConfig), "dit": defaults(DiTConfig), "sampler": DEFAULT_SAMPLER,
+}
+"""Each config key with a value of the type it must have (unknown keys are left to the model)."""
 
 
 def atomic_save_file(tensors: dict, path: str | os.PathLike, metadata: dict[str, str]) -> None:
@@ -91,44 +124,144 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
     return shard_paths(path, count)
 
 
+def file_metadata(file: Path) -> dict[str, str]:
+    """The raw safetensors metadata of one file."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file} is not a valid safetensors checkpoint (corrupt or truncated): {e}") from None
+
+
+def check_shards_agree(files: list[Path]) -> dict[str, str]:
+    """The shared raw metadata of ``files``; a shard whose metadata differs is from another checkpoint."""
+    meta = file_metadata(files[0])
+    for file in files[1:]:
+        other = file_metadata(file)
+        if other != meta:
+            differ = sorted(k for k in set(meta) | set(other) if meta.get(k) != other.get(k))
+            raise CheckpointError(
+                f"shard {file} belongs to another checkpoint than {files[0].name}: its metadata {differ} differs"
+            )
+    return meta
+
+
+def interpolation_key(tree, prefix: str = "") -> str | None:
+    """The dotted key of the first string in ``tree`` holding an omegaconf ``${...}`` interpolation."""
+    if isinstance(tree, str):
+        return prefix if "${" in tree else None
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        found = interpolation_key(value, f"{prefix}.{key}" if prefix else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def value_problem(key: str, value, like) -> str | None:
+    """Why ``value`` cannot stand at ``key`` where the schema has ``like`` (None if it can)."""
+    if isinstance(like, str):
+        return None if isinstance(value, str) else f"{key} must be a string, got {value!r:.80}"
+    if isinstance(like, int) and not isinstance(like, bool):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"{key} must be an integer, got {value!r:.80}"
+        name = key.split(".")[-1].split("[")[0]
+        low, high = int(name not in MAY_BE_ZERO), MAX_COUNT if name in COUNTS else MAX_SIZE
+        return None if low <= value <= high else f"{key} must be between {low} and {high}, got {value}"
+    if isinstance(like, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"{key} must be a finite number, got {value!r:.80}"
+        return None
+    if isinstance(like, (list, tuple)):
+        if not isinstance(value, list) or len(value) > MAX_COUNT:
+            return f"{key} must be a list of at most {MAX_COUNT} items, got {value!r:.80}"
+        return next((p for i, v in enumerate(value) if like and (p := value_problem(f"{key}[{i}]", v, like[0]))), None)
+    if isinstance(like, dict):
+        if not isinstance(value, dict):
+            return f"{key} must be a mapping, got {type(value).__name__}"
+        inner = (value_problem(f"{key}.{k}" if key else k, v, like[k]) for k, v in value.items() if k in like)
+        return next((p for p in inner if p), None)
+    return None
+
+
+def check_config(config, path) -> None:
+    """Raise CheckpointError unless ``config`` is a mapping of the schema's types, sizes and no interpolation."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: the config must be a mapping, got {type(config).__name__}")
+    key = interpolation_key(config)
+    if key is not None:
+        raise CheckpointError(f"{path}: config key {key} holds an omegaconf interpolation ${{...}}; refusing to resolve it")
+    problem = value_problem("", config, SCHEMA)
+    if problem:
+        raise CheckpointError(f"{path}: bad model config: {problem}")
+
+
 def read_metadata(path: str | os.PathLike) -> dict:
     """The checkpoint's metadata (format, version, config dict, extra dict), validated."""
-    path = checkpoint_files(path)[0]
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a valid safetensors checkpoint (corrupt or truncated): {e}") from None
+    files = checkpoint_files(path)
+    meta, path = check_shards_agree(files), files[0]
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a worldmodel checkpoint (no format={FORMAT} metadata)")
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {meta.get('version')!r}; this code reads version {VERSION}")
     try:
-        return {**meta, "config": json.loads(meta["config"]), "extra": json.loads(meta.get("extra", "{}"))}
+        meta = {**meta, "config": json.loads(meta["config"]), "extra": json.loads(meta.get("extra", "{}"))}
     except (KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} has unreadable config metadata: {e}") from None
+    check_config(meta["config"], path)
+    return meta
+
+
+def build(config: dict, path, device=None) -> WorldModel:
+    """The model ``config`` describes, on ``device`` (e.g. "meta": shapes only, no allocation)."""
+    try:
+        with torch.device(device or "cpu"):
+            return WorldModel(OmegaConf.create(config))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: bad model config: {e}") from None
+
+
+def read_state(files: list[Path]) -> dict:
+    """All tensors of ``files``; a name in two shards is refused."""
+    state = {}
+    for file in files:
+        try:
+            tensors = load_file(str(file))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file} is not a valid safetensors checkpoint (corrupt or truncated): {e}") from None
+        twice = sorted(set(tensors) & set(state))
+        if twice:
+            raise CheckpointError(f"shard {file} repeats tensor(s) {twice[:3]} of an earlier shard")
+        state.update(tensors)
+    return state
 
 
 def load(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32) -> WorldModel:
-    """Build the model its config describes and load the weights, checking every tensor."""
+    """Build the model its config describes and load the weights, checking every tensor first."""
     meta = read_metadata(path)
-    try:
-        model = WorldModel(OmegaConf.create(meta["config"]))
-    except ValueError as e:
-        raise CheckpointError(f"{path}: bad model config: {e}") from None
-    state = {}
-    for file in checkpoint_files(path):
-        try:
-            state.update(load_file(str(file)))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{file} is not a valid safetensors checkpoint (corrupt or truncated): {e}") from None
-    check_state(model.state_dict(), state, path)
+    state = read_state(checkpoint_files(path))
+    check_state(build(meta["config"], path, "meta").state_dict(), state, path)
+    model = build(meta["config"], path)
     model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
     return model.to(device).eval()
 
 
+def check_tensor(name: str, expected: torch.Tensor, found: torch.Tensor, path) -> None:
+    """Raise CheckpointError unless ``found`` has ``expected``'s shape, a compatible dtype and finite values."""
+    if tuple(found.shape) != tuple(expected.shape):
+        raise CheckpointError(
+            f"{path}: tensor {name} has shape {tuple(found.shape)} in the file but the config gives {tuple(expected.shape)}"
+        )
+    if found.dtype != expected.dtype and not (found.is_floating_point() and expected.is_floating_point()):
+        raise CheckpointError(f"{path}: tensor {name} has dtype {found.dtype} in the file but the model holds {expected.dtype}")
+    values = found.float() if found.element_size() == 1 else found  # float8 has no isfinite
+    if found.is_floating_point() and not torch.isfinite(values).all():
+        raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values")
+
+
 def check_state(expected: dict, found: dict, path) -> None:
-    """Raise CheckpointError if ``found`` lacks, adds or reshapes any tensor of ``expected``."""
+    """Raise CheckpointError if ``found`` lacks, adds or reshapes any tensor of ``expected``, changes
+    its dtype other than float to float, or holds a non-finite weight."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
@@ -137,7 +270,4 @@ def check_state(expected: dict, found: dict, path) -> None:
             f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
         )
     for name, tensor in expected.items():
-        if tuple(found[name].shape) != tuple(tensor.shape):
-            raise CheckpointError(
-                f"{path}: tensor {name} has shape {tuple(found[name].shape)} in the file but the config gives {tuple(tensor.shape)}"
-            )
+        check_tensor(name, tensor, found[name], path)
