@@ -18,12 +18,12 @@ from safetensors.torch import load_file
 
 from train import trainer as trainer_module
 from train.__main__ import main
+from train.bench import write_synthetic
 from train.common import StageInputError, check_same_autoencoder
 from train.trainer import run
 from worldmodel import checkpoint
 from worldmodel.actions import ActionSpec, make_action
 from worldmodel.camera import ControllerSpec, integrate
-from worldmodel.data.episode import EpisodeMeta, EpisodeWriter
 from worldmodel.model import build_model
 from worldmodel.session import Session
 
@@ -34,23 +34,7 @@ ODE = ["ode.num_batches=2", "ode.grid_steps=8"]
 
 def write_episodes(root: Path, count: int = 2, length: int = 12, size: int = 32) -> Path:
     """Recordings whose frames depend on the camera yaw (so there is something to learn)."""
-    spec, ctrl = ActionSpec(), ControllerSpec()
-    g = torch.Generator().manual_seed(0)
-    xs = torch.linspace(0, 1, size)
-    for e in range(count):
-        keys = (torch.rand(1, length, len(spec.keys), generator=g) < 0.3).float()
-        mouse = torch.randint(-20, 21, (1, length, 2), generator=g).float()
-        actions = torch.cat([keys, mouse], -1)
-        actions[:, 0] = 0
-        poses, _ = integrate(actions, spec, ctrl)
-        meta = EpisodeMeta(action_spec=spec, controller=ctrl, fps=20.0, height=size, width=size, source="synthetic", seed=e)
-        with EpisodeWriter(root / f"ep{e}", meta) as w:
-            for t in range(length):
-                yaw = torch.atan2(poses[0, t, 0, 2], poses[0, t, 2, 2])
-                red = ((xs[None, :] + yaw / math.pi) % 1.0).expand(size, size)
-                image = torch.stack([red, xs[:, None].expand(size, size), torch.full((size, size), e / count)], -1)
-                w.append((image * 255).byte(), actions[0, t], poses[0, t])
-    return root
+    return write_synthetic(root, count, length, (size, size))
 
 
 @pytest.fixture(scope="module")
