@@ -39,10 +39,20 @@ class CopySession:
         self.last = start.clone()
         return start.clone()
 
-    def step(self, actions, force_frame=None):
+    def step(self, actions, force_frame=None, force_rows=None):
         out = self.last.clone()
-        self.last = out if force_frame is None else force_frame.clone()
+        if force_frame is None:
+            self.last = out
+        else:
+            self.last = force_frame.clone() if force_rows is None else out.index_copy(0, force_rows, force_frame)
         return out
+
+    def narrow(self, batch):
+        """Keep the first ``batch`` rows of every per-row tensor."""
+        self.batch = batch
+        for name, value in list(vars(self).items()):
+            if torch.is_tensor(value):
+                setattr(self, name, value[:batch])
 
 
 class ActionBlindSession(CopySession):
@@ -52,7 +62,7 @@ class ActionBlindSession(CopySession):
         self.start, self.t = start.clone(), 0
         return start.clone()
 
-    def step(self, actions, force_frame=None):
+    def step(self, actions, force_frame=None, force_rows=None):
         self.t += 1
         return shifted(self.start, torch.full((self.batch,), self.t))
 
@@ -64,7 +74,7 @@ class ToyOracleSession(CopySession):
         self.start, self.pan = start.clone(), torch.zeros(self.batch)
         return start.clone()
 
-    def step(self, actions, force_frame=None):
+    def step(self, actions, force_frame=None, force_rows=None):
         self.pan = self.pan + (actions[:, -2] / 4).round()
         return shifted(self.start, self.pan)
 
@@ -76,7 +86,7 @@ class BlockSession(CopySession):
         self.t, self.forced = 0, []
         return torch.zeros_like(start)
 
-    def step(self, actions, force_frame=None):
+    def step(self, actions, force_frame=None, force_rows=None):
         assert actions.shape[1] == 3
         self.forced.append(force_frame)
         frames = [torch.full((self.batch, 4, 4, 3), self.t + i + 1, dtype=torch.uint8) for i in range(3)]
@@ -172,6 +182,87 @@ def test_rollout_in_blocks_pads_the_last_block_and_forces_frames():
     assert [int(frames[0, t, 0, 0, 0]) for t in range(8)] == list(range(8))
     assert torch.equal(session.forced[0], forced[:, 1:4])
     assert torch.equal(session.forced[2], torch.cat([forced[:, 7:8]] * 3, 1))  # frames 7, then padding
+
+
+def lively_tiny_model(solver: str, block_size: int = 1):
+    """The tiny preset with every DiT weight perturbed (its zero-initialised paths open: actions, cache
+    and guidance all change the output); ``solver`` "euler" plays as a guided teacher."""
+    from worldmodel.model import build_model
+
+    model = build_model("tiny", seed=3, block_size=block_size)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.dit.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    if solver == "euler":
+        model.config.sampler = {"solver": "euler", "steps": [1.0, 0.5], "first_frame_steps": [1.0], "guidance": 2.5}
+    return model
+
+
+@pytest.mark.parametrize("solver,block_size", [("renoise", 1), ("euler", 1), ("renoise", 2)])
+def test_batched_rollouts_equal_one_session_per_run(solver, block_size):
+    """evaluate()'s single batched session (noise groups, teacher forcing of some rows, runs leaving the
+    batch, guidance as one doubled forward) gives every run what a session of its own gives: the old,
+    unbatched evaluation (float32, CPU)."""
+    from worldmodel.session import Session
+
+    model = lively_tiny_model(solver, block_size)
+    h, w = model.frame_size
+    gen = torch.Generator().manual_seed(1)
+    truth, long = (torch.randint(0, 256, (b, t, h, w, 3), generator=gen, dtype=torch.uint8) for b, t in ((3, 6), (2, 10)))
+    actions = random_actions(3, 6, seed=1)
+    runs = {"autoregressive": ev.Run(truth[:, 0], actions), "teacher-forced": ev.Run(truth[:, 0], actions, forced=truth),
+            "swapped": ev.Run(truth[:, 0], torch.roll(actions, 1, 0)), "long": ev.Run(long[:, 0], random_actions(2, 10, seed=2))}
+    references = {"autoregressive": truth, "teacher-forced": truth, "swapped": truth, "long": long}
+    made = []
+
+    def make_session(batch, seed):
+        made.append(Session(model, batch=batch, seed=seed))
+        return made[-1]
+
+    batched = ev.rollouts(make_session, runs, 7, block_size)
+    assert len(made) == 1 and made[0].batch == 2  # one session; at the end only the long run is left
+    for name, run in runs.items():
+        alone = Session(model, batch=run.rows, seed=7)
+        frames = ev.rollout(alone, run.start, run.actions, block_size, forced=run.forced)
+        assert frames.shape == batched[name].shape == references[name].shape
+        assert (frames.int() - batched[name].int()).abs().max() <= 1, name
+        scores = [ev.fidelity_report({"x": (v, references[name])}, [1, run.length - 1])["rows"]["x"] for v in (frames, batched[name])]
+        for metric in ("psnr", "ssim"):
+            for at in scores[0][metric]:
+                assert scores[1][metric][at] == pytest.approx(scores[0][metric][at], rel=1e-4), (name, metric, at)
+    torch.testing.assert_close(made[0]._pending[0], alone._pending[0], atol=1e-4, rtol=1e-4)  # the long run's latents
+    torch.testing.assert_close(made[0].cache.k, alone.cache.k, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(batched["autoregressive"], batched["swapped"])  # the actions matter
+    assert not torch.equal(batched["autoregressive"][:, 2:], batched["teacher-forced"][:, 2:])  # so does forcing
+
+
+def test_chunked_measures_equal_frame_by_frame():
+    """The per-frame measures run over many frames at a time; they equal one frame index at a time."""
+    ep = toy_episodes(batch=3, length=7)
+    truth, other = ep["frames"], ev.repeat_previous(ep["frames"])
+    for chunk in (1, 4, 1000):
+        fid = ev.per_frame(lambda g, r: (metrics.mean_squared_error(g, r), metrics.ssim(g, r)), other, truth, chunk=chunk)
+        for t in range(truth.shape[1]):
+            g, r = metrics.uint8_to_frames(other[:, t]), metrics.uint8_to_frames(truth[:, t])
+            torch.testing.assert_close(fid[0][:, t], metrics.mean_squared_error(g, r), rtol=1e-12, atol=0)
+            torch.testing.assert_close(fid[1][:, t], metrics.ssim(g, r), rtol=1e-6, atol=1e-7)
+    x = metrics.uint8_to_frames(truth).flatten(0, 1)
+    stats = ev.window_stats(truth)
+    assert stats["sharpness"] == pytest.approx(float(metrics.laplacian_variance(x).mean()) * ev.PIXEL**2, rel=1e-12)
+    assert stats["colour_std"] == pytest.approx((metrics.colour_stats(x)[1].mean(0) * ev.PIXEL).tolist(), rel=1e-12)
+    distance = ev.clip_distance(other, truth)
+    mse = metrics.mean_squared_error(metrics.uint8_to_frames(other[:, 1:]), metrics.uint8_to_frames(truth[:, 1:]))
+    torch.testing.assert_close(distance, mse.mean(1), rtol=1e-12, atol=0)
+
+
+def test_runs_must_come_longest_first():
+    ep = toy_episodes(batch=2, length=5)
+    short, long = ev.Run(ep["frames"][:, 0], ep["actions"][:, :3]), ev.Run(ep["frames"][:, 0], ep["actions"])
+    with pytest.raises(ev.EvalError, match="longest first"):
+        ev.play_runs(CopySession(4, 0), [short, long])
+    out = ev.rollouts(lambda b, s: CopySession(b, s), {"short": short, "long": long}, seed=0)
+    assert out["short"].shape[1] == 3 and out["long"].shape[1] == 5
 
 
 # ---------------------------------------------------------------- stability, speed and report

@@ -76,6 +76,78 @@ def test_chunkwise_session():
         s.step(walk(model))
 
 
+def lively(model):
+    """``model`` with every DiT weight perturbed: no zero-initialised path left, so every input matters."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.dit.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model
+
+
+def test_noise_groups_and_narrow_play_like_separate_sessions():
+    """A batch of noise groups draws what separate sessions draw; narrowing to the first groups goes on as they would."""
+    model = lively(build_model("tiny", seed=1))
+    h, w = model.frame_size
+    start = torch.randint(0, 256, (3, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    both = Session(model, batch=3, seed=[(2, 5), (1, 6)])
+    first, second = Session(model, batch=2, seed=5), Session(model, batch=1, seed=6)
+    assert torch.equal(both.reset(start), torch.cat([first.reset(start[:2]), second.reset(start[2:])]))
+    for t in range(6):
+        dx = float(t % 3 - 1) * 9
+        if t < 3:
+            assert torch.equal(both.step(walk(model, 3, dx)), torch.cat([first.step(walk(model, 2, dx)), second.step(walk(model, 1, dx))]))
+        else:
+            assert torch.equal(both.step(walk(model, 2, dx)), first.step(walk(model, 2, dx)))
+        if t == 2:
+            with pytest.raises(SessionError, match="whole noise groups"):
+                both.narrow(1)
+            both.narrow(2)
+            assert both.batch == 2 and both.pose.shape == (2, 4, 4)
+    both.commit(), first.commit()
+    torch.testing.assert_close(both.cache.k, first.cache.k, atol=1e-5, rtol=1e-5)
+    assert torch.equal(both.generator.get_state(), first.generator.get_state())  # one group left
+    with pytest.raises(SessionError, match="adding up to the batch"):
+        Session(model, batch=3, seed=[(2, 5)])
+    with pytest.raises(SessionError, match="noise groups"):
+        Session(model, batch=3, seed=[(2, 5), (1, 6)]).generator
+
+
+def test_forcing_some_rows_equals_forcing_a_separate_session():
+    model = lively(build_model("tiny", seed=1))
+    h, w = model.frame_size
+    gen = torch.Generator().manual_seed(0)
+    start, forced = (torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8, generator=gen) for _ in range(2))
+    both = Session(model, batch=4, seed=[(2, 3), (2, 3)])
+    free, teacher_forced = Session(model, batch=2, seed=3), Session(model, batch=2, seed=3)
+    both.reset(torch.cat([start, start])), free.reset(start), teacher_forced.reset(start)
+    for _ in range(3):
+        out = both.step(walk(model, 4), force_frame=forced, force_rows=torch.tensor([2, 3]))
+        assert torch.equal(out, torch.cat([free.step(walk(model, 2)), teacher_forced.step(walk(model, 2), force_frame=forced)]))
+    with pytest.raises(SessionError, match="force_frame"):
+        both.step(walk(model, 4), force_frame=forced, force_rows=torch.tensor([1]))
+
+
+def test_guidance_is_one_forward_of_the_doubled_batch():
+    """A guided teacher step: one network call per Euler step (conditional and unconditional halves together)
+    and one cache write, each over twice the batch."""
+    model = lively(build_model("tiny", seed=2))
+    model.config.sampler = {"solver": "euler", "steps": [1.0, 0.6, 0.3], "first_frame_steps": [1.0], "guidance": 3.0}
+    session = Session(model, batch=2, seed=0)
+    session.reset(None)
+    calls, forward = [], model.dit.forward_cached
+
+    def counted(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return forward(x, *args, **kwargs)
+
+    model.dit.forward_cached = counted
+    session.step(walk(model, 2))
+    session.commit()
+    assert calls == [4, 4, 4, 4]  # 3 Euler steps, then the cache write
+    assert session.cache.k.shape[1] == 4
+
+
 def test_bad_session_calls(tiny):
     s = Session(tiny)
     with pytest.raises(SessionError, match="reset"):

@@ -10,7 +10,9 @@ Protocol. Ground truth is played in held-out worlds of the fixed split (:mod:`wo
 procedural seeds >= HELDOUT_SEED_START, Doom's held-out maps) by the "mix" exploration policy; every
 episode starts at a world reset (all-zero first action). The model starts from the episode's first
 frame and is driven by the episode's recorded actions. Seeds of worlds, policies and sampler all
-derive from ``--seed``, so a report is reproducible (except its speed figures).
+derive from ``--seed``, so a report is reproducible (except its speed figures). All rollouts (the
+clips autoregressive, teacher-forced and under swapped actions, and the long ones) play side by side
+in one batched session, each run drawing the noise a session of its own would (``rollouts``).
 
 Measures (each also for the baselines "repeat the last frame" and, where it has a meaning, ground truth):
 - fidelity: PSNR / SSIM at the horizons, autoregressive (the model's own history) and teacher-forced
@@ -86,9 +88,10 @@ class EvalSettings:
         return sorted({h for h in self.horizons if h <= self.horizon} | {self.horizon})
 
 
-SessionFactory = Callable[[int, int], object]
-"""``make_session(batch, seed)`` -> an object with ``reset(start)``, ``step(actions, force_frame=None)``
-like :class:`worldmodel.session.Session`."""
+SessionFactory = Callable[[int, object], object]
+"""``make_session(batch, seed)`` -> an object with ``reset(start)``, ``step(actions, force_frame=None,
+force_rows=None)`` and ``narrow(batch)`` like :class:`worldmodel.session.Session`; ``seed`` is an int
+or (rows, seed) per noise group (:data:`worldmodel.session.Seed`)."""
 
 
 # ---------------------------------------------------------------- ground truth
@@ -150,29 +153,81 @@ def replay(settings: EvalSettings, seeds: list[int], actions: torch.Tensor) -> t
 # ---------------------------------------------------------------- rollouts
 
 
+@dataclass(frozen=True)
+class Run:
+    """A batch of rollouts: start frames uint8 ``start [B, H, W, 3]``, then one step per action of
+    ``actions [B, T, A]`` from t = 1; with ``forced [B, T, H, W, 3]`` each step writes those frames into
+    the cache (teacher forcing) and returns its one-step prediction."""
+
+    start: torch.Tensor
+    actions: torch.Tensor
+    forced: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.actions.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.actions.shape[1]
+
+
+def block_at(x: torch.Tensor, t: int, size: int, repeat_last: bool = False) -> torch.Tensor:
+    """``x[:, t : t + size]`` of ``x [B, T, ...]``; a block that overhangs the end is padded to ``size``
+    with zeros, or with copies of the last entry."""
+    block = x[:, t : t + size]
+    pad = size - block.shape[1]
+    if not pad:
+        return block
+    shape = (block.shape[0], pad, *block.shape[2:])
+    return torch.cat([block, block[:, -1:].expand(shape) if repeat_last else block.new_zeros(shape)], 1)
+
+
+def play_runs(session, runs: list[Run], block_size: int = 1, desc: str = "rollout") -> list[torch.Tensor]:
+    """Frames uint8 ``[B_i, T_i, H, W, 3]`` of each run, played side by side in ``session`` (its batch:
+    the runs' rows in order), ``block_size`` frames a step. Runs come longest first: once a run has
+    ended its rows leave the session (``narrow``). A last block that overhangs a run is padded (zero
+    actions, its last forced frame) and cut off."""
+    lengths = [r.length for r in runs]
+    if lengths != sorted(lengths, reverse=True):
+        raise EvalError(f"runs must come longest first, got lengths {lengths}")
+    offsets = [sum(r.rows for r in runs[:i]) for i in range(len(runs) + 1)]
+    first = session.reset(torch.cat([r.start for r in runs])).cpu()
+    frames = [[f[:, None]] for f in first.split([r.rows for r in runs])]
+    live = len(runs)
+    for t in tqdm(range(1, lengths[0], block_size), desc=desc, leave=False, disable=lengths[0] < 64):
+        if lengths[live - 1] <= t:
+            live = sum(length > t for length in lengths)
+            session.narrow(offsets[live])
+        actions = torch.cat([block_at(r.actions, t, block_size) for r in runs[:live]])
+        forcing = [i for i in range(live) if runs[i].forced is not None]
+        force = rows = None
+        if forcing:
+            force = torch.cat([block_at(runs[i].forced, t, block_size, repeat_last=True) for i in forcing])
+            if len(force) < offsets[live]:  # some rows play freely: name the forced ones
+                rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in forcing])
+        if block_size == 1:
+            out = session.step(actions[:, 0], force_frame=None if force is None else force[:, 0], force_rows=rows)[:, None]
+        else:
+            out = session.step(actions, force_frame=force, force_rows=rows)
+        for i, part in enumerate(out.cpu().split([r.rows for r in runs[:live]])):
+            frames[i].append(part[:, : lengths[i] - t])
+    return [torch.cat(f, 1) for f in frames]
+
+
 def rollout(session, start: torch.Tensor, actions: torch.Tensor, block_size: int = 1,
             forced: torch.Tensor | None = None, desc: str = "rollout") -> torch.Tensor:
-    """Frames uint8 ``[B, T, H, W, 3]``: ``session.reset(start [B, H, W, 3])``, then one step per action
-    of ``actions [B, T, A]`` (from t = 1, ``block_size`` frames a step). With ``forced [B, T, H, W, 3]``
-    each step writes those frames into the cache (teacher forcing) and returns its one-step prediction.
-    A last block that overhangs the clip is padded (zero actions, last forced frame) and cut off.
-    """
-    length = actions.shape[1]
-    frames = [session.reset(start).cpu()[:, None]]
-    for t in tqdm(range(1, length, block_size), desc=desc, leave=False, disable=length < 64):
-        block = actions[:, t : t + block_size]
-        pad = block_size - block.shape[1]
-        block = torch.cat([block, block.new_zeros(block.shape[0], pad, block.shape[2])], 1)
-        force = None
-        if forced is not None:
-            force = forced[:, t : t + block_size]
-            force = torch.cat([force, force[:, -1:].expand(-1, pad, -1, -1, -1)], 1)
-        if block_size == 1:
-            out = session.step(block[:, 0], force_frame=None if force is None else force[:, 0])[:, None]
-        else:
-            out = session.step(block, force_frame=force)
-        frames.append(out.cpu()[:, : block_size - pad])
-    return torch.cat(frames, 1)
+    """Frames uint8 ``[B, T, H, W, 3]`` of one :class:`Run` in ``session`` (see :func:`play_runs`)."""
+    return play_runs(session, [Run(start, actions, forced)], block_size, desc)[0]
+
+
+def rollouts(make_session: SessionFactory, runs: dict[str, Run], seed: int, block_size: int = 1) -> dict[str, torch.Tensor]:
+    """Frames of each named run, all played in one session: the rows of each run are a noise group
+    seeded by ``seed``, so each run draws the noise that ``rollout(make_session(run.rows, seed), ...)``
+    would, and gives its frames (up to the rounding of a larger batch)."""
+    names = sorted(runs, key=lambda n: -runs[n].length)
+    session = make_session(sum(r.rows for r in runs.values()), [(runs[n].rows, seed) for n in names])
+    return dict(zip(names, play_runs(session, [runs[n] for n in names], block_size, desc="rollouts")))
 
 
 def repeat_first(frames: torch.Tensor) -> torch.Tensor:
@@ -188,17 +243,25 @@ def repeat_previous(frames: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- measures
 
 
+def per_frame(fn: Callable, *videos: torch.Tensor, device="cpu", chunk: int = 128) -> tuple[torch.Tensor, ...]:
+    """Per-frame measures ``[B, T, ...]`` (on the CPU) of uint8 videos ``[B, T, H, W, 3]``: ``fn(*frames)`` on
+    frames ``[N, 3, H, W]`` in [-1, 1] (about ``chunk`` of them at a time, on ``device``) -> a tuple of ``[N, ...]``."""
+    b, t = videos[0].shape[:2]
+    step = max(1, chunk // b)
+    parts = []
+    for start in range(0, t, step):
+        frames = [metrics.uint8_to_frames(v[:, start : start + step].to(device).flatten(0, 1)) for v in videos]
+        parts.append([m.unflatten(0, (b, -1)).cpu() for m in fn(*frames)])
+    return tuple(torch.cat(p, 1) for p in zip(*parts))
+
+
 def per_frame_fidelity(generated: torch.Tensor, truth: torch.Tensor, device="cpu") -> dict[str, torch.Tensor]:
-    """MSE and SSIM ``[B, T]`` (on the CPU) of uint8 videos ``[B, T, H, W, 3]`` (frames in [-1, 1]), one frame
-    index at a time, computed on ``device``."""
+    """MSE and SSIM ``[B, T]`` (on the CPU) of uint8 videos ``[B, T, H, W, 3]`` (frames in [-1, 1]), computed on ``device``."""
     if generated.shape != truth.shape:
         raise EvalError(f"generated frames {tuple(generated.shape)} and ground truth {tuple(truth.shape)} differ in shape")
-    mse, ssim = [], []
-    for t in range(truth.shape[1]):
-        g, r = metrics.uint8_to_frames(generated[:, t].to(device)), metrics.uint8_to_frames(truth[:, t].to(device))
-        mse.append(metrics.mean_squared_error(g, r))
-        ssim.append(metrics.ssim(g, r).double())
-    return {"mse": torch.stack(mse, 1).cpu(), "ssim": torch.stack(ssim, 1).cpu()}
+    mse, ssim = per_frame(lambda g, r: (metrics.mean_squared_error(g, r), metrics.ssim(g, r).double()), generated, truth,
+                          device=device)
+    return {"mse": mse, "ssim": ssim}
 
 
 def psnr_of_mean(mse: torch.Tensor) -> torch.Tensor:
@@ -220,9 +283,8 @@ def fidelity_report(runs: dict[str, tuple[torch.Tensor, torch.Tensor]], horizons
 
 def clip_distance(generated: torch.Tensor, truth: torch.Tensor, device="cpu") -> torch.Tensor:
     """Mean per-frame MSE ``[B]`` over frames 1.. of uint8 videos ``[B, T, ...]`` (the start frame is given)."""
-    frames = lambda v, t: metrics.uint8_to_frames(v[:, t].to(device))  # noqa: E731
-    per_frame = [metrics.mean_squared_error(frames(generated, t), frames(truth, t)) for t in range(1, truth.shape[1])]
-    return torch.stack(per_frame, 1).mean(1).cpu()
+    (mse,) = per_frame(lambda g, r: (metrics.mean_squared_error(g, r),), generated[:, 1:], truth[:, 1:], device=device)
+    return mse.mean(1)
 
 
 def swap_report(truth: torch.Tensor, rows: dict[str, tuple], device="cpu") -> dict:
@@ -258,17 +320,11 @@ def control_report(idm: InverseDynamics, episodes: dict, videos: dict[str, torch
 def window_stats(frames: torch.Tensor, device="cpu") -> dict:
     """Sharpness (Laplacian variance) and per-channel colour mean / std of uint8 ``[B, T, H, W, 3]``,
     averaged over its frames, in 0..255 units."""
-    sharp, mean, std = [], [], []
-    for t in range(frames.shape[1]):
-        x = metrics.uint8_to_frames(frames[:, t].to(device))
-        sharp.append(metrics.laplacian_variance(x))
-        m, s = metrics.colour_stats(x)
-        mean.append(m)
-        std.append(s)
+    sharp, mean, std = per_frame(lambda x: (metrics.laplacian_variance(x), *metrics.colour_stats(x)), frames, device=device)
     return {
-        "sharpness": float(torch.cat(sharp).mean()) * PIXEL**2,
-        "colour_mean": (torch.cat(mean).mean(0) * PIXEL + PIXEL).tolist(),
-        "colour_std": (torch.cat(std).mean(0) * PIXEL).tolist(),
+        "sharpness": float(sharp.mean()) * PIXEL**2,
+        "colour_mean": (mean.flatten(0, 1).mean(0) * PIXEL + PIXEL).tolist(),
+        "colour_std": (std.flatten(0, 1).mean(0) * PIXEL).tolist(),
     }
 
 
@@ -329,9 +385,17 @@ def evaluate(make_session: SessionFactory, idm: InverseDynamics, settings: EvalS
             f"{truth.shape[2]}x{truth.shape[3]}: controllability figures are not comparable to other reports"
         )
 
-    autoregressive = rollout(make_session(settings.clips, settings.seed), start, actions, block_size, desc="autoregressive")
-    teacher_forced = rollout(make_session(settings.clips, settings.seed), start, actions, block_size, forced=truth,
-                             desc="teacher-forced")
+    long = heldout_episodes(settings, "long", settings.long_clips, settings.long_frames + 1)
+    reference = heldout_episodes(settings, "reference", settings.long_clips, settings.long_frames + 1)
+    swapped_actions = torch.roll(actions, shifts=1, dims=0)
+    generated = rollouts(make_session, {
+        "autoregressive": Run(start, actions),
+        "teacher-forced": Run(start, actions, forced=truth),
+        "swapped": Run(start, swapped_actions),
+        "long": Run(long["frames"][:, 0], long["actions"]),
+    }, settings.seed, block_size)
+    autoregressive, teacher_forced = generated["autoregressive"], generated["teacher-forced"]
+
     fidelity = fidelity_report(
         {
             "model (autoregressive)": (autoregressive, truth),
@@ -351,23 +415,17 @@ def evaluate(make_session: SessionFactory, idm: InverseDynamics, settings: EvalS
         {"model (teacher-forced)": (truth[:, :-1], teacher_forced[:, 1:])},
     )
 
-    swapped_actions = torch.roll(actions, shifts=1, dims=0)
-    swapped = rollout(make_session(settings.clips, settings.seed), start, swapped_actions, block_size, desc="swapped")
     swap = swap_report(
         truth,
         {
-            "model": (autoregressive, swapped),
+            "model": (autoregressive, generated["swapped"]),
             "ground truth": (truth, replay(settings, clips["seeds"], swapped_actions)),
             "repeat last frame": (repeat_first(truth), repeat_first(truth)),
         },
         settings.device,
     )
 
-    long = heldout_episodes(settings, "long", settings.long_clips, settings.long_frames + 1)
-    reference = heldout_episodes(settings, "reference", settings.long_clips, settings.long_frames + 1)
-    long_rollout = rollout(make_session(settings.long_clips, settings.seed), long["frames"][:, 0], long["actions"],
-                           block_size, desc="long rollout")
-    stability = stability_report(idm, long, long_rollout, reference["frames"], settings.window, settings.device)
+    stability = stability_report(idm, long, generated["long"], reference["frames"], settings.window, settings.device)
 
     return {
         "settings": {**asdict(settings), "horizons": horizons},
