@@ -18,13 +18,7 @@ from worldmodel.envs.policies import make_policy
 SPEC = ActionSpec()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread is fastest, and immune to a busy second core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def play(world, seeds, steps, policy_seed=0):

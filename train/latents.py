@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -108,7 +109,7 @@ class LatentStore:
         for frames, actions, poses, true_poses in tqdm(loader, desc="encoding episodes", total=len(lengths),
                                                         disable=not show_progress, dynamic_ncols=True):
             for chunk in frames.split(ENCODE_CHUNK):
-                with autocast() if autocast else torch.autocast(device_type="cpu", enabled=False):
+                with autocast() if autocast else nullcontext():
                     z = autoencoder.encode(to_model(chunk.to(device, non_blocking=True))[None])[0]
                 parts["latents"].append(z.to(dtype))
             for key, value in (("actions", actions), ("poses", poses), ("true_poses", true_poses)):
