@@ -2,10 +2,12 @@
 
 Each loop iteration (``tick``, up to ``display_fps`` times a second) handles events, posts the input
 to the worker at the model's frame rate (``target_fps``), takes every finished frame (recording
-each), and redraws the window when something on it changed (a new frame at once, the HUD's numbers
-a few times a second). It never waits for the model: live input that the model could not take yet
-is merged into the one waiting job and kept fresh until the worker takes it. Latency is measured
-from when a frame's input was last sampled to when the frame was presented.
+each), and redraws the window only when something on it changed (a new frame at once, the HUD's
+text a few times a second, the help overlay); between iterations it sleeps, so generation has the
+cores. It never waits for the model: live input that the model could not take yet is merged into
+the one waiting job and kept fresh until the worker takes it. Latency is measured from when a
+frame's input was last sampled to when the buffer holding the frame was swapped to the screen.
+The controls are printed at start, and F1 or ``?`` shows them over the frames.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from play.hud import HudRenderer, HudState, MeanMeter, RateMeter, hud_lines
+from play.hud import HELP_KEYS, WHITE, YELLOW, HudRenderer, HudState, MeanMeter, RateMeter, help_lines, hud_lines
 from play.input import FocusLost, InputMapper, InputSample, KeyEvent, MouseButton, MouseMotion, Quit, Resize
 from play.recorder import Recorder
 from play.renderer import FILTERS
 from play.worker import GenerationWorker, ResetJob, Result, StepJob
 
 MESSAGE_SECONDS = 3.0
-HUD_REFRESH_S = 0.25  # the HUD's numbers update at most this often unless input or a frame arrives
+HUD_REFRESH_S = 0.25  # the HUD's text updates this often, and at once on input
 REDRAW_S = 0.5  # redraw at least this often even when nothing changed
 
 
@@ -77,8 +79,11 @@ class App:
                  options: AppOptions, log: JsonLog, actions: Iterator[torch.Tensor] | None = None):
         self.backend, self.renderer, self.worker, self.mapper = backend, renderer, worker, mapper
         self.recorder, self.options, self.log, self.actions = recorder, options, log, actions
-        self.hud_renderer = HudRenderer()
+        self.hud_renderer, self.help_renderer = HudRenderer(), HudRenderer(21)
         self.hud_on, self.filter = options.hud, options.filter
+        self.help_on = False
+        self.help = help_lines(mapper.controls)
+        print("\n".join(self.help) + "\n(f1 or ? in the window shows these controls)", flush=True)
         self.paused = self.step_once = self.finished = False
         self.running = True
         self.seed = options.seed
@@ -124,6 +129,10 @@ class App:
             self.log.write("key", name=event.name, down=event.down, command=command)
             if command is not None:
                 self.command(command, now)
+            elif event.down and event.name in HELP_KEYS and event.name not in self.mapper.bindings:
+                self.help_on = not self.help_on
+                self.dirty = True
+                self.log.write("help", on=self.help_on)
         elif isinstance(event, MouseMotion):
             if self.captured:
                 self.mapper.motion(event.dx, event.dy)
@@ -283,7 +292,7 @@ class App:
         if results:
             self.panels = results[-1].generated.panels
             self.dirty = True
-        if self.hud_on and (results or events or now >= self.hud_refresh_at):
+        if self.hud_on and (events or now >= self.hud_refresh_at):  # not per frame: text and upload cost
             lines = hud_lines(self.hud_state(now))
             self.hud_refresh_at = now + HUD_REFRESH_S
             self.dirty |= lines != self.hud_lines
@@ -300,9 +309,11 @@ class App:
 
     def present(self, newest: Result | None) -> None:
         hud = self.hud_renderer.render(self.hud_lines) if self.hud_on and self.hud_lines else None
-        self.renderer.draw(self.panels, hud, self.filter)
+        help = None
+        if self.help_on:
+            help = self.help_renderer.render([(self.help[0], YELLOW)] + [(line, WHITE) for line in self.help[1:]])
+        self.renderer.draw(self.panels, hud, self.filter, help)
         self.save_screenshots()
-        self.renderer.finish()
         self.backend.present()
         presented = self.drawn_at = time.perf_counter()
         self.dirty = False

@@ -6,8 +6,9 @@ Starts Xvfb when there is no display, launches ``python -m play`` on an untraine
 (or the options after ``--``), plays it with xdotool (hold W, turn with the mouse, strafe), takes a
 screenshot of the window with ImageMagick's ``import``, and prints the client's own measurements:
 model FPS, frames presented per second, generation time, and latency from input sampling to the
-presented frame (mean, median, 90th percentile). Needs Xvfb, xdotool and ImageMagick on PATH
-(apt-get install -y xvfb xdotool imagemagick libgl1-mesa-dri).
+presented frame (mean, median, 90th percentile), with the machine's 1-minute load average before and
+after (other processes slow a 2-core machine down: measure at a load below ~1.5). Needs Xvfb, xdotool
+and ImageMagick on PATH (apt-get install -y xvfb xdotool imagemagick libgl1-mesa-dri).
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def run(args, client_options: list[str]) -> dict:
     options = client_options or ["--untrained", "--preset", args.preset]
     command = [sys.executable, "-m", "play", *options, "--backend", args.backend, "--frames", "1000000",
                "--log-json", str(log)]
+    load_before = os.getloadavg()[0]
     client = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.perf_counter() + 120
@@ -111,7 +113,8 @@ def run(args, client_options: list[str]) -> dict:
             client.kill()
         if server is not None:
             server.terminate()
-    return summarise(read_log(log)[first:], read_log(log))
+    return {**summarise(read_log(log)[first:], read_log(log)), "load_before": round(load_before, 2),
+            "load_after": round(os.getloadavg()[0], 2)}
 
 
 def summarise(measured: list[dict], everything: list[dict]) -> dict:

@@ -5,7 +5,9 @@
     python -m play --headless --frames N --script FILE --out video.mp4
     python -m play export EPISODE --out video.mp4
 
-Problems with files or options print one line ``error: ...`` and exit with status 2.
+Problems with files or options print one line ``error: ...`` and exit with status 2 (an OSError
+names the path and its cause). The video of a headless run is written under a temp name and renamed
+when the run succeeds, so a failing run never replaces an existing ``--out`` file.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import itertools
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -24,59 +27,71 @@ from play.backend import BACKENDS, BackendError, display_problem, open_backend
 from play.generator import FrameGenerator, start_images
 from play.recorder import Recorder, play_meta
 from play.renderer import FILTERS, PANEL_GAP
-from worldmodel.cli_args import parse_size, positive_int
+from worldmodel.cli_args import ArgumentParser, device_name, float_in, int_in, parse_size, positive_int, run_cli, seed_int
+from worldmodel.envs import WORLD_CLASSES, WORLDS
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHIPPED_MODELS = ASSETS / "models"
 DEFAULT_WORLD = "procedural"
-WORLD_CLASSES = {"procedural": ("worldmodel.envs.procedural", "ProceduralWorld"), "doom": ("worldmodel.envs.doom", "DoomWorld")}
 WINDOW_HEIGHT = 512  # default window height in pixels; the width follows the frames' aspect
+MAX_WINDOW_WIDTH = 1280  # the default window fits a 1280-pixel-wide screen
+MAX_FPS = 1000.0
+MAX_SCALE = 16
+MAX_THREADS = 1024
+MAX_STEPS = 64  # denoising steps per frame
 
 
 class PlayError(ValueError):
     """Options that cannot be used together, or a missing file."""
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+def known_world(text: str) -> str:
+    """An argparse type: a known ground-truth world."""
+    if text not in WORLDS:
+        raise argparse.ArgumentTypeError(f"unknown world {text!r}; the known worlds (with shipped models and "
+                                         f"--untrained) are {', '.join(WORLDS)}")
+    return text
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def shipped_model_files() -> str:
+    """The shipped model files, for the help (``assets/models/<world>-01-of-02.safetensors`` ...)."""
+    names = sorted(p.name for world in WORLDS for p in SHIPPED_MODELS.glob(f"{world}*.safetensors"))
+    return ", ".join(f"assets/models/{n}" for n in names) or "none shipped"
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="python -m play",
         description="Play a world model with WASD and the mouse; record, replay, run headless. "
                     "Export a recording: python -m play export EPISODE --out video.mp4",
     )
     m = p.add_argument_group("model and world")
-    m.add_argument("--checkpoint", type=Path, help="model checkpoint (default: the shipped assets/models/<world>.safetensors)")
+    m.add_argument("--checkpoint", type=Path, help="model checkpoint: one .safetensors file, or NAME.safetensors for its "
+                                                  f"shards NAME-01-of-NN... (default: the shipped model of --world: "
+                                                  f"{shipped_model_files()})")
     m.add_argument("--untrained", action="store_true", help="play a randomly initialised model (no checkpoint needed)")
     m.add_argument("--preset", default="tiny", help="model size for --untrained: tiny, default or large (default tiny)")
-    m.add_argument("--model-seed", type=int, default=0, help="weight seed for --untrained (default 0)")
-    m.add_argument("--world", help="ground-truth world (procedural, doom): picks the shipped model and the world "
+    m.add_argument("--model-seed", type=seed_int, default=0, help="weight seed for --untrained (default 0)")
+    m.add_argument("--world", type=known_world, help="ground-truth world (procedural, doom): picks the shipped model and the world "
                                    "for --side-by-side / --world-only (default: the model's own)")
     both = m.add_mutually_exclusive_group()
     both.add_argument("--side-by-side", action="store_true", help="the same input drives the real world (left) and the model (right)")
     both.add_argument("--world-only", action="store_true", help="play (or replay through) the ground-truth world, no model")
-    m.add_argument("--steps", type=positive_int, help="denoising steps per frame (default: the model's; keys 1-4 change it live)")
-    m.add_argument("--seed", type=int, default=0, help="world seed of the first reset (each reset adds 1)")
+    m.add_argument("--steps", type=int_in(1, MAX_STEPS), help="denoising steps per frame (default: the model's; keys 1-4 change it live)")
+    m.add_argument("--seed", type=seed_int, default=0, help="world seed of the first reset (each reset adds 1)")
     m.add_argument("--start", type=Path, help="start image (default: a shipped start frame, else the model generates one)")
-    m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda if present)")
-    m.add_argument("--threads", type=positive_int, help="CPU threads for generation (default: all cores but one, "
+    m.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda if present)")
+    m.add_argument("--threads", type=int_in(1, MAX_THREADS), help="CPU threads for generation (default: all cores but one, "
                                                         "which the display loop keeps)")
-    m.add_argument("--fps", type=positive_float, help="model frames per second (default: the world's frame rate)")
+    m.add_argument("--fps", type=float_in(0, MAX_FPS), help="model frames per second (default: the world's frame rate)")
     w = p.add_argument_group("window")
     w.add_argument("--backend", choices=BACKENDS, default="pygame")
     w.add_argument("--size", type=parse_size, default=None, help="window size WIDTHxHEIGHT")
     w.add_argument("--filter", choices=FILTERS, default="nearest", help="scaling filter (key f cycles)")
     w.add_argument("--no-hud", action="store_true", help="start with the HUD hidden (key h toggles it)")
     w.add_argument("--controls", type=Path, help="controls file (TOML) overriding play/default_controls.toml")
-    w.add_argument("--display-fps", type=positive_float, default=60.0, help="loop rate: input sampling and redraw cap (default 60)")
+    w.add_argument("--display-fps", type=float_in(0, MAX_FPS), default=60.0, help="loop rate: input sampling and redraw cap (default 60)")
     w.add_argument("--no-capture", action="store_true", help="do not capture the mouse at start (click to capture)")
     w.add_argument("--no-gl", action="store_true", help="draw with plain pygame blits instead of OpenGL")
     r = p.add_argument_group("recording, replay, headless")
@@ -87,21 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--headless", action="store_true", help="run without a window (needs --out and/or --record)")
     r.add_argument("--frames", type=positive_int, help="stop after N frames (the first frame included)")
     r.add_argument("--out", type=Path, help="video file of the run (headless)")
-    r.add_argument("--scale", type=positive_int, default=1, help="video upscaling factor (headless, default 1)")
+    r.add_argument("--scale", type=int_in(1, MAX_SCALE), default=1, help="video upscaling factor (headless, default 1)")
     d = p.add_argument_group("debugging")
-    d.add_argument("--log-json", type=Path, help="write events, frames and a summary as JSON lines")
+    d.add_argument("--log-json", type=Path, help="write events, frames and a summary as JSON lines (also headless)")
     d.add_argument("--screenshot", type=Path, help="save a screenshot of the window (PNG) when frame --screenshot-at is shown")
     d.add_argument("--screenshot-at", type=positive_int, default=1)
     d.add_argument("--screenshot-dir", type=Path, default=Path("screenshots"), help="where the screenshot key saves")
     return p
 
 
-def build_export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m play export", description="Write a recording's frames to a video.")
+def build_export_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m play export", description="Write a recording's frames to a video.")
     p.add_argument("episode", type=Path)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--scale", type=positive_int, default=1)
-    p.add_argument("--fps", type=positive_float)
+    p.add_argument("--scale", type=int_in(1, MAX_SCALE), default=1)
+    p.add_argument("--fps", type=float_in(0, MAX_FPS))
     return p
 
 
@@ -117,6 +132,9 @@ def check_options(args) -> None:
             raise PlayError("a headless run needs --out VIDEO and/or --record DIR, otherwise nothing is kept")
         if args.frames is None and args.replay is None:
             raise PlayError("a headless run needs --frames N (or --replay EPISODE, which sets it)")
+        if args.controls is not None:
+            raise PlayError("--controls maps live keys and a headless run takes none: drop it (input comes from "
+                            "--script or --replay)")
     elif args.out is not None:
         raise PlayError("--out writes the video of a headless run: add --headless")
     if args.start is not None and (args.side_by_side or args.world_only):
@@ -125,6 +143,9 @@ def check_options(args) -> None:
         raise PlayError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
     if args.start is not None and not args.start.is_file():
         raise PlayError(f"start image {args.start} does not exist")
+    for flag, folder in (("--record", args.record), ("--record-dir", args.record_dir)):
+        if folder is not None and folder.exists() and not folder.is_dir():
+            raise PlayError(f"{flag} {folder} is a file; recordings go into a folder")
 
 
 def load_model(args):
@@ -239,6 +260,13 @@ def build(args):
     return generator, recorder, actions, seed, start, fps, note
 
 
+def default_window_size(panels: int, frame_width: int, frame_height: int) -> tuple[int, int]:
+    """(width, height): ``panels`` frames side by side at WINDOW_HEIGHT, shrunk to fit MAX_WINDOW_WIDTH."""
+    gaps = (panels - 1) * PANEL_GAP
+    height = min(WINDOW_HEIGHT, (MAX_WINDOW_WIDTH - gaps) * frame_height // (panels * frame_width))
+    return panels * round(height * frame_width / frame_height) + gaps, height
+
+
 def build_app(args):
     """The windowed app for parsed ``args`` (not yet running)."""
     from play.app import App, AppOptions, JsonLog
@@ -249,9 +277,7 @@ def build_app(args):
 
     generator, recorder, actions, seed, start, fps, note = build(args)
     controls = load_controls(generator.spec, args.controls)
-    panels = generator.panel_count
-    panel_width = round(WINDOW_HEIGHT * generator.width / generator.height)
-    size = args.size or (panels * panel_width + (panels - 1) * PANEL_GAP, WINDOW_HEIGHT)
+    size = args.size or default_window_size(generator.panel_count, generator.width, generator.height)
     backend = open_backend(args.backend, size, "worldmodel play", gl=not args.no_gl)
     renderer = GLRenderer(backend.ctx, backend.size()) if backend.ctx is not None else SoftwareRenderer(backend.surface)
     options = AppOptions(
@@ -268,8 +294,9 @@ def build_app(args):
 
 
 def run_headless_cli(args) -> dict:
+    from play.app import JsonLog
     from play.headless import run_headless
-    from play.video import VideoWriter, check_video_path
+    from worldmodel.video import VideoWriter, check_video_path
 
     if args.out is not None:
         check_video_path(args.out)
@@ -277,19 +304,21 @@ def run_headless_cli(args) -> dict:
     if note:
         print(f"note: {note}", file=sys.stderr)
     video = VideoWriter(args.out, fps, args.scale) if args.out is not None else None
+    log = JsonLog(args.log_json)
     try:
-        summary = run_headless(generator, actions, args.frames, seed, start, video,
-                               recorder if args.record is not None else None)
+        with video or nullcontext():
+            summary = run_headless(generator, actions, args.frames, seed, start, video,
+                                   recorder if args.record is not None else None, log=log)
+        log.write("summary", **summary)
     finally:
-        if video is not None:
-            video.close()
+        log.close()
     summary["video"] = str(args.out) if args.out is not None else None
     summary["recordings"] = [str(p) for p in recorder.paths]
     return summary
 
 
 def export_main(argv: list[str]) -> int:
-    from play.video import export_episode
+    from worldmodel.video import export_episode
 
     args = build_export_parser().parse_args(argv)
     count = export_episode(args.episode, args.out, args.scale, args.fps)
@@ -310,19 +339,16 @@ def describe(summary: dict) -> str:
     return "; ".join(parts)
 
 
+def run(argv: list[str]) -> int:
+    if argv and argv[0] == "export":
+        return export_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.headless:
+        print(describe(run_headless_cli(args)))
+    else:
+        print(describe(build_app(args).run()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv and argv[0] == "export":
-            return export_main(argv[1:])
-        args = build_parser().parse_args(argv)
-        if args.headless:
-            print(describe(run_headless_cli(args)))
-        else:
-            print(describe(build_app(args).run()))
-        return 0
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_cli(lambda: run(list(sys.argv[1:] if argv is None else argv)))

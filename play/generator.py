@@ -59,12 +59,32 @@ def start_images(world: str, directory: Path = START_FRAMES) -> list[Path]:
     return sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
 
 
-class FrameGenerator:
-    """Drives ``session`` (a worldmodel Session, batch 1) and/or ``world`` (a worldmodel World, batch 1)."""
+def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """The CPU does bf16 arithmetic natively (AVX512-BF16 or AMX flags); elsewhere bf16 is emulated and slow."""
+    try:
+        flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
-    def __init__(self, session=None, world=None, start_frames: list[Path] = ()):
+
+def play_dtype(device: torch.device) -> torch.dtype:
+    """The dtype the client plays in on ``device``: bf16 on a CPU with native bf16 (about 1.3x faster per
+    frame than fp32 on 2 cores), else float32."""
+    return torch.bfloat16 if device.type == "cpu" and native_bf16() else torch.float32
+
+
+class FrameGenerator:
+    """Drives ``session`` (a worldmodel Session, batch 1) and/or ``world`` (a worldmodel World, batch 1).
+    A float32 CPU session is cast to :func:`play_dtype` (``fast_cpu=False`` keeps it as it is)."""
+
+    def __init__(self, session=None, world=None, start_frames: list[Path] = (), fast_cpu: bool = True):
         if session is None and world is None:
             raise ValueError("a frame generator needs a session, a world, or both")
+        if fast_cpu and session is not None and session.dtype == torch.float32:
+            dtype = play_dtype(session.device)
+            if dtype != session.dtype:
+                session.cast(dtype)
         self.session = session
         self.world = world
         self.start_frames = list(start_frames)

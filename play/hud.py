@@ -1,4 +1,4 @@
-"""The heads-up display: what it says (pure) and its rendering into an RGBA pygame surface."""
+"""The heads-up display and the controls help: what they say (pure) and their rendering into RGBA pygame surfaces."""
 
 from __future__ import annotations
 
@@ -12,6 +12,14 @@ YELLOW = (255, 210, 60)
 BACKGROUND = (0, 0, 0, 170)
 MARGIN = 8  # pixels between the window corner and the HUD
 PADDING = 6
+HELP_KEYS = ("f1", "slash")  # toggle the help overlay ("?" is shift + slash) unless the controls file binds them
+ACTION_HELP = {"W": "walk forward", "S": "walk back", "A": "strafe left", "D": "strafe right", "SHIFT": "sprint"}
+COMMAND_HELP = {
+    "release_mouse": "free the mouse (a click captures it)", "quit": "quit",
+    "pause": "pause / resume", "step": "one frame while paused", "reset": "a new world", "hud": "show / hide the HUD",
+    "record": "start / stop recording", "filter": "scaling filter", "fullscreen": "fullscreen",
+    "screenshot": "screenshot",
+}
 
 
 class RateMeter:
@@ -90,7 +98,8 @@ def hud_lines(state: HudState) -> list[tuple[str, tuple[int, int, int]]]:
          f"input {state.loop_hz:.0f} Hz", WHITE),
         (f"latency {latency} input->photon | generate {generate} | steps {state.steps}", WHITE),
         (f"keys {' '.join(state.keys) or '-'} | mouse {state.dx:+.0f} {state.dy:+.0f}", WHITE),
-        (f"session {state.session_frames} frames {clock(state.session_seconds)} | {state.mode} | {state.filter}", DIM),
+        (f"session {state.session_frames} frames {clock(state.session_seconds)} | {state.mode} | {state.filter} | "
+         "f1 or ?: help", DIM),
     ]
     if state.recording is not None:
         lines.append((f"REC {state.recording} {state.recording_frames} frames {clock(state.recording_seconds)}", RED))
@@ -104,6 +113,16 @@ def hud_lines(state: HudState) -> list[tuple[str, tuple[int, int, int]]]:
         lines.append(("mouse free: click in the window to capture it", YELLOW))
     if state.message:
         lines.append((state.message, YELLOW))
+    return lines
+
+
+def help_lines(controls) -> list[str]:
+    """The controls help, one line per control, from ``controls`` (play.controls.Controls)."""
+    lines = ["CONTROLS", "mouse: look around, turn left / right"]
+    lines += [f"{' / '.join(keys)}: {ACTION_HELP.get(action, action)}" for action, keys in controls.actions.items()]
+    lines += [f"{controls.commands[name]}: {text}" for name, text in COMMAND_HELP.items()]
+    steps = [controls.commands[f"steps_{n}"] for n in range(1, 5)]
+    lines += [f"{' '.join(steps)}: denoising steps per frame", "f1 or ?: show / hide this help"]
     return lines
 
 

@@ -2,7 +2,9 @@
 
 Two renderers with one interface: :class:`GLRenderer` (moderngl; textures scaled by a shader) and
 :class:`SoftwareRenderer` (pygame blits; used where no OpenGL context can be created, e.g. SDL's
-dummy video driver). Both: ``draw(frames, hud, filter)``, ``resize(w, h)``, ``screenshot()``.
+dummy video driver). Both: ``draw(frames, hud, filter, help)``, ``resize(w, h)``, ``screenshot()``.
+Neither waits for the GPU (moderngl would hold the GIL while it waits, stalling generation): the
+backend's buffer swap is where a frame is done.
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ SHARPEN_STRENGTH = 0.8  # unsharp-mask gain of the "sharp" filter
 PANEL_GAP = 4  # pixels between side-by-side panels
 SHADERS = Path(__file__).with_name("shaders")
 HUD_MARGIN = 8
+
+
+def centred(window: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
+    """Top-left corner of a ``size`` (w, h) rectangle centred in ``window`` (w, h), kept on screen."""
+    return max((window[0] - size[0]) // 2, 0), max((window[1] - size[1]) // 2, 0)
 
 
 def panel_rects(window: tuple[int, int], frame: tuple[int, int], panels: int, gap: int = PANEL_GAP):
@@ -40,7 +47,7 @@ def sharpen(frame: np.ndarray, strength: float = SHARPEN_STRENGTH) -> np.ndarray
 
 
 class GLRenderer:
-    """moderngl renderer: one texture per panel, the HUD as an alpha-blended overlay texture."""
+    """moderngl renderer: one texture per panel; the HUD and the help as alpha-blended overlay textures."""
 
     name = "gl"
 
@@ -57,8 +64,7 @@ class GLRenderer:
         self.frame_quad = ctx.vertex_array(self.frame_program, [(self.vbo, "2f", "in_corner")])
         self.overlay_quad = ctx.vertex_array(self.overlay_program, [(self.vbo, "2f", "in_corner")])
         self.textures: list = []
-        self.overlay = None
-        self._overlay_source = None
+        self.overlays: dict[str, tuple] = {}  # slot -> (texture, the surface last uploaded to it)
         self.resize(*size)
 
     def resize(self, width: int, height: int) -> None:
@@ -83,8 +89,9 @@ class GLRenderer:
         program["u_rect"].value = tuple(float(v) for v in rect)
         program["u_window"].value = tuple(float(v) for v in self.size)
 
-    def draw(self, frames: list[np.ndarray], hud, filter: str) -> None:
-        """``frames``: uint8 [H, W, 3] arrays, left to right; ``hud``: a pygame RGBA surface or None."""
+    def draw(self, frames: list[np.ndarray], hud, filter: str, help=None) -> None:
+        """``frames``: uint8 [H, W, 3] arrays, left to right; ``hud`` (top left) and ``help`` (centred):
+        pygame RGBA surfaces or None."""
         mgl = self.moderngl
         self.ctx.clear(0.0, 0.0, 0.0)
         if frames:
@@ -100,33 +107,32 @@ class GLRenderer:
                 self._place(self.frame_program, rect)
                 self.frame_quad.render(mgl.TRIANGLE_STRIP)
         if hud is not None:
-            self._draw_overlay(hud)
+            self._draw_overlay("hud", hud, (HUD_MARGIN, HUD_MARGIN))
+        if help is not None:
+            self._draw_overlay("help", help, centred(self.size, help.get_size()))
 
-    def _draw_overlay(self, hud) -> None:
+    def _draw_overlay(self, slot: str, surface, corner: tuple[int, int]) -> None:
+        """Blend ``surface`` at ``corner``; its texture is uploaded again only when the surface changed."""
         import pygame
 
         mgl = self.moderngl
-        size = hud.get_size()
-        if self.overlay is None or self.overlay.size != size:
-            if self.overlay is not None:
-                self.overlay.release()
-            self.overlay = self.ctx.texture(size, 4, alignment=1)
-            self.overlay.filter = (mgl.NEAREST, mgl.NEAREST)
-            self._overlay_source = None
-        if self._overlay_source is not hud:
-            self.overlay.write(pygame.image.tobytes(hud, "RGBA"))
-            self._overlay_source = hud
+        size = surface.get_size()
+        texture, source = self.overlays.get(slot, (None, None))
+        if texture is None or texture.size != size:
+            if texture is not None:
+                texture.release()
+            texture, source = self.ctx.texture(size, 4, alignment=1), None
+            texture.filter = (mgl.NEAREST, mgl.NEAREST)
+        if source is not surface:
+            texture.write(pygame.image.tobytes(surface, "RGBA"))
+        self.overlays[slot] = (texture, surface)
         self.ctx.enable(mgl.BLEND)
         self.ctx.blend_func = mgl.SRC_ALPHA, mgl.ONE_MINUS_SRC_ALPHA
-        self.overlay.use(0)
+        texture.use(0)
         self.overlay_program["u_overlay"].value = 0
-        self._place(self.overlay_program, (HUD_MARGIN, HUD_MARGIN, *size))
+        self._place(self.overlay_program, (*corner, *size))
         self.overlay_quad.render(mgl.TRIANGLE_STRIP)
         self.ctx.disable(mgl.BLEND)
-
-    def finish(self) -> None:
-        """Wait until the GPU has drawn the frame, so that presenting it is what the latency measures."""
-        self.ctx.finish()
 
     def screenshot(self) -> np.ndarray:
         """The bound framebuffer (the window's back buffer) as uint8 [H, W, 3], top row first; call before presenting."""
@@ -149,7 +155,7 @@ class SoftwareRenderer:
     def resize(self, width: int, height: int) -> None:
         """The display surface follows the window by itself."""
 
-    def draw(self, frames: list[np.ndarray], hud, filter: str) -> None:
+    def draw(self, frames: list[np.ndarray], hud, filter: str, help=None) -> None:
         pg = self.pygame
         target = self.surface()
         target.fill((0, 0, 0))
@@ -163,9 +169,8 @@ class SoftwareRenderer:
                 target.blit(scaled, (int(round(x)), int(round(y))))
         if hud is not None:
             target.blit(hud, (HUD_MARGIN, HUD_MARGIN))
-
-    def finish(self) -> None:
-        """Blits are complete when ``draw`` returns; nothing to wait for."""
+        if help is not None:
+            target.blit(help, centred(target.get_size(), help.get_size()))
 
     def screenshot(self) -> np.ndarray:
         target = self.surface()

@@ -8,7 +8,8 @@ Format: one segment per line, ``FRAMES KEYS DX DY``; ``#`` starts a comment; bla
     15        W+SHIFT   0    -2    # sprint, looking up
 
 KEYS are the model's action keys (e.g. W, A, S, D, SHIFT) joined by ``+``; DX, DY are mouse counts per
-frame (right / down positive). A run longer than the script starts it again from the top.
+frame (right / down positive, at most MAX_MOUSE either way). A run longer than the script starts it
+again from the top. Actions are produced as they are needed, so a segment may be any number of frames long.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from pathlib import Path
 import torch
 
 from worldmodel.actions import ActionSpec, make_action
+
+
+MAX_MOUSE = 10_000.0
+"""The largest mouse motion (counts per frame) a script may ask for."""
+MAX_SCRIPT_BYTES = 1 << 20
 
 
 class ScriptError(ValueError):
@@ -43,6 +49,8 @@ def _number(text: str, where: str) -> float:
         raise ScriptError(f"{where}: {text!r} is not a number") from None
     if not math.isfinite(value):
         raise ScriptError(f"{where}: {text!r} is not a finite number")
+    if abs(value) > MAX_MOUSE:
+        raise ScriptError(f"{where}: mouse motion {text} is beyond ±{MAX_MOUSE:g} counts per frame")
     return value
 
 
@@ -71,6 +79,8 @@ def parse_script(text: str, spec: ActionSpec, name: str = "<script>") -> list[Se
 def load_script(path: str | Path, spec: ActionSpec) -> list[Segment]:
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_SCRIPT_BYTES:
+            raise ScriptError(f"script {path} is larger than {MAX_SCRIPT_BYTES} bytes")
         text = path.read_text()
     except FileNotFoundError:
         raise ScriptError(f"script {path} does not exist") from None
@@ -80,8 +90,12 @@ def load_script(path: str | Path, spec: ActionSpec) -> list[Segment]:
 
 
 def script_cycle(segments: list[Segment], spec: ActionSpec) -> Iterator[torch.Tensor]:
-    """The script's actions ``[A]``, one per frame, repeating without end."""
-    return itertools.cycle([make_action(spec, s.keys, s.dx, s.dy) for s in segments for _ in range(s.frames)])
+    """The script's actions ``[A]``, one per frame, repeating without end (made lazily: one tensor per segment)."""
+    actions = [(make_action(spec, s.keys, s.dx, s.dy), s.frames) for s in segments]
+    while True:
+        for action, frames in actions:
+            for _ in range(frames):  # range, not itertools.repeat: counts beyond 2**63 stay lazy
+                yield action
 
 
 def script_actions(segments: list[Segment], spec: ActionSpec, count: int) -> torch.Tensor:

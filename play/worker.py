@@ -2,7 +2,8 @@
 
 The loop posts a job each tick; the worker takes the newest one when it is free. A step posted while
 another is still waiting is merged into it (newest keys, summed mouse motion), so a slow model gets
-fresh input instead of a queue of stale input. torch releases the GIL in its kernels, so the loop
+fresh input instead of a queue of stale input. After each frame the worker writes it into the KV
+cache before it takes the next job, so that write is never part of a frame's input-to-photon time. torch releases the GIL in its kernels, so the loop
 keeps sampling input and presenting while a frame is generated.
 """
 
@@ -149,8 +150,7 @@ class GenerationWorker:
                     generated, sample = self.generator.step(job.sample.action), job.sample
                 self._results.put(Result(generated, sample, time.perf_counter()))
                 self._ready.set()
-                if self.mailbox.empty:
-                    self.generator.commit()
+                self.generator.commit()  # before taking the next job: its input stays fresh meanwhile
             except BaseException as e:  # handed to the display loop, which reports it
                 self.error = e
                 self._ready.set()

@@ -14,7 +14,7 @@ from worldmodel.actions import ActionSpec, make_action
 from worldmodel.camera import CameraState, ControllerSpec, integrate
 from worldmodel.data.__main__ import main
 from worldmodel.data.episode import STEPS_NAME, EpisodeFile, EpisodeMeta, EpisodeWriter
-from worldmodel.data.stats import Motion, StatsError, join, motion, recording_stats, summarize
+from worldmodel.data.stats import Motion, StatsError, join, motion, predictability, recording_stats, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = ActionSpec()
@@ -56,6 +56,26 @@ def test_a_recording_with_known_motion_gives_known_shares(tmp_path):
     assert s["keys"] == pytest.approx({"W": 0.4, "A": 0.0, "S": 0.0, "D": 0.0, "SHIFT": 0.0})
     assert s["no_keys"] == pytest.approx(0.6)
     assert stats["episodes"][0]["episode"] == str(tmp_path / "ep") and stats["episodes"][0]["idle"] == pytest.approx(0.3)
+    # keys: none, none, W, W, W, W, none, none, none, none -> 2 changes in 9 consecutive pairs
+    assert s["key_changes"] == pytest.approx(2 / 9)
+
+
+def test_predictability_pairs_only_transitions_of_one_recording():
+    g = torch.Generator().manual_seed(0)
+    yaw = torch.randn(50, generator=g, dtype=torch.float64).cumsum(0)  # a random walk: strongly lag-1 correlated
+    keys = (torch.rand(50, 2, generator=g) < 0.5).double()
+    one = Motion(yaw, yaw * 0, yaw * 0, yaw * 0, keys, ("W", "A"), torch.arange(50) == 0)
+    a, b = yaw[:-1].numpy(), yaw[1:].numpy()
+    want = np.corrcoef(a, b)[0, 1] ** 2
+    got = predictability(one)
+    assert got["yaw_lag1_r2"] == pytest.approx(want, rel=1e-12)
+    assert got["key_changes"] == pytest.approx(float((keys[1:] != keys[:-1]).any(-1).double().mean()))
+    # two recordings joined: the pair across the seam does not count
+    two = join([one, one])
+    seamless = np.concatenate([a, a]), np.concatenate([b, b])
+    assert predictability(two)["yaw_lag1_r2"] == pytest.approx(np.corrcoef(*seamless)[0, 1] ** 2, rel=1e-12)
+    single = Motion(yaw[:1], yaw[:1], yaw[:1], yaw[:1], keys[:1], ("W", "A"), torch.tensor([True]))
+    assert predictability(single) == {"yaw_lag1_r2": None, "key_changes": None}
 
 
 def test_totals_weigh_every_transition_and_episodes_keep_their_own(tmp_path):
@@ -93,7 +113,8 @@ def test_recordings_with_other_keys_and_no_transitions_are_refused():
     other = motion(torch.zeros(2, 4), poses, poses, ("W", "S"))
     with pytest.raises(StatsError, match="different action keys"):
         join([m, other])
-    empty = Motion(*(torch.zeros(0, dtype=torch.float64) for _ in range(4)), torch.zeros(0, 5), SPEC.keys)
+    empty = Motion(*(torch.zeros(0, dtype=torch.float64) for _ in range(4)), torch.zeros(0, 5), SPEC.keys,
+                   torch.zeros(0, dtype=torch.bool))
     with pytest.raises(StatsError, match="no transitions"):
         summarize(empty)
 

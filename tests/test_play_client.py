@@ -322,3 +322,29 @@ def test_plays_a_saved_checkpoint(tmp_path):
     ep = read_episode(saved)
     assert ep.meta.extra["model"] == str(path)
     assert torch.equal(ep.frames, read_episode(untrained).frames)  # the same weights play the same
+
+
+def test_controls_print_at_start_and_f1_toggles_the_help_overlay(dummy_video, capsys):
+    app = app_for(["--no-hud"])
+    try:
+        out = capsys.readouterr().out
+        assert "mouse: look around, turn left / right" in out and "a / left: strafe left" in out
+        assert "d / right: strafe right" in out and "f1 or ?" in out
+        tick_until(app, lambda: app.last is not None)
+        post_key(pygame.K_p, True)  # paused: the overlay is the only change
+        tick_until(app, lambda: app.paused and app.worker.idle)
+        app.tick()
+        before = app.renderer.screenshot()
+        post_key(pygame.K_F1, True)
+        tick_until(app, lambda: app.help_on)
+        app.tick()
+        shown = app.renderer.screenshot()
+        post_key(pygame.K_SLASH, True)  # "?" (shift + slash) hides it
+        tick_until(app, lambda: not app.help_on)
+    finally:
+        app.close()
+    changed = np.abs(shown.astype(int) - before).sum(-1) > 0
+    ys, xs = np.nonzero(changed)
+    h, w = before.shape[:2]
+    assert changed.sum() > 2000 and abs((xs.min() + xs.max()) / 2 - w / 2) < 0.1 * w
+    assert (shown[changed].min(-1) > 200).sum() > 100  # light text on the dark panel

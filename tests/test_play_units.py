@@ -318,3 +318,15 @@ def test_gl_overlay_blends_the_hud(gl_context):
     assert np.abs(out[m : m + 6, m : m + 10] - expected).max() <= 2
     assert (out[m + 6 :, :] == 100).all() and (out[:m] == 100).all()
     fbo.release()
+
+
+def test_the_default_window_fits_a_1280_pixel_screen_side_by_side():
+    from play.cli import MAX_WINDOW_WIDTH, WINDOW_HEIGHT, default_window_size
+    from play.renderer import PANEL_GAP
+
+    assert default_window_size(1, 128, 128) == (WINDOW_HEIGHT, WINDOW_HEIGHT)
+    assert default_window_size(2, 128, 128) == (2 * WINDOW_HEIGHT + PANEL_GAP, WINDOW_HEIGHT)
+    for panels, w, h in ((2, 160, 120), (3, 160, 120), (2, 640, 120)):
+        width, height = default_window_size(panels, w, h)
+        assert width <= MAX_WINDOW_WIDTH and height < WINDOW_HEIGHT
+        assert abs((width - (panels - 1) * PANEL_GAP) / panels / height - w / h) < 0.02  # the frames keep their aspect

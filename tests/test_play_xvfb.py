@@ -175,5 +175,33 @@ def test_bench_measures_fps_and_latency(display, monkeypatch, tmp_path, capsys):
     figures = {k.strip(): v for k, v in figures.items()}
     assert figures["renderer"] == "gl" and int(figures["moving_frames"]) > 0
     assert 0 < float(figures["latency_ms_median"]) < 1000 and float(figures["model_fps_shown"]) > 1
+    assert float(figures["load_before"]) >= 0 and float(figures["load_after"]) >= 0
     image = np.asarray(Image.open(shot).convert("RGB"))
     assert image.shape == (512, 512, 3) and image.std() > 5
+
+
+def test_controls_are_printed_and_f1_shows_them_over_the_frames(display, tmp_path):
+    proc, log, window = launch(display, tmp_path)
+    try:
+        xdotool(display, "key", "p")  # paused: only the overlay changes between the shots
+        wait_for(lambda: any(e["event"] == "key" and e["command"] == "pause" for e in log_events(log)), "pause")
+        time.sleep(0.4)
+        before = screenshot(display, tmp_path / "before.png")
+        xdotool(display, "key", "F1")
+        wait_for(lambda: any(e["event"] == "help" and e["on"] for e in log_events(log)), "the help overlay")
+        time.sleep(0.4)
+        shown = screenshot(display, tmp_path / "help.png")
+        xdotool(display, "key", "shift+slash")  # "?" hides it again
+        wait_for(lambda: any(e["event"] == "help" and not e["on"] for e in log_events(log)), "the overlay to go")
+        geometry = dict(line.split("=") for line in xdotool(display, "getwindowgeometry", "--shell", window).split())
+        x, y, w, h = (int(geometry[k]) for k in ("X", "Y", "WIDTH", "HEIGHT"))
+    finally:
+        xdotool(display, "key", "q")
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "mouse: look around, turn left / right" in out and "a / left: strafe left" in out and "f1 or ?" in out
+    changed = np.abs(shown - before).sum(-1) > 0
+    ys, xs = np.nonzero(changed)
+    assert changed.sum() > 2000, "F1 changed nothing on screen"
+    cx, cy = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2
+    assert abs(cx - (x + w / 2)) < 0.1 * w and abs(cy - (y + h / 2)) < 0.1 * h  # centred in the window

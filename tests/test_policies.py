@@ -46,8 +46,9 @@ def test_actions_are_valid_play_like_and_move_the_camera(name):
     assert set(keys.unique().tolist()) <= {0.0, 1.0} and actions.dtype == torch.float32
     assert torch.equal(actions[..., -2:], actions[..., -2:].round())  # integer mouse counts, like a real mouse
     lengths = [runs(item)[:-1] for item in keys.numpy()]  # the last run of each item is cut off by the end
-    assert min(min(r, default=400) for r in lengths) >= 5  # keys are held for whole segments, never flicker
-    assert 16 <= sum(map(len, lengths)) <= 8 * 80  # but they do change
+    held = np.concatenate([r for r in lengths if len(r)])
+    assert held[held >= 5].sum() > 0.7 * held.sum()  # keys are held for whole segments, short taps aside
+    assert 16 <= len(held) <= 8 * 400 / 3  # and they change, but never flicker frame by frame
     dx = actions[..., -2]
     assert (dx.abs().sum(1) > 0).all()  # everyone turns
     lag1 = [np.corrcoef(row[:-1], row[1:])[0, 1] for row in dx.numpy() if row.std() > 0]
@@ -55,6 +56,32 @@ def test_actions_are_valid_play_like_and_move_the_camera(name):
     poses, _ = integrate(actions, SPEC, ControllerSpec())
     assert poses[..., :3, 3].norm(dim=-1).amax(1).min() > 1.0 or name == "looker"  # they go places
     assert poses[..., 1, 3].eq(-1.0).all()
+
+
+def key_changes(actions: torch.Tensor) -> float:
+    """Share of frames whose held keys differ from the previous frame's: ``actions [B, T, A]``."""
+    keys = actions[..., :-2]
+    return float((keys[:, 1:] != keys[:, :-1]).any(-1).double().mean())
+
+
+def test_players_tap_keys_and_flick_the_mouse_more_than_walkers():
+    player, walker = (roll(make_policy(n, SPEC, batch=32, seed=2), 300) for n in ("player", "walker"))
+    assert key_changes(player) > 1.5 * key_changes(walker) > 0
+    taps = np.concatenate([runs(item)[:-1] for item in player[..., :-2].numpy()])
+    assert (taps < 5).mean() > 0.5  # mostly taps of 1-4 frames
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        flick = draw_segment("flick", rng, SPEC.mouse_scale)
+        turned = np.degrees(abs(flick["dx"]) * flick["length"] * SPEC.mouse_scale)
+        assert 2 <= flick["length"] <= 6 and 20 <= turned <= 120 and flick["smoothing"] == 1.0
+
+
+def test_fidgets_jitter_independently_from_frame_to_frame():
+    policy = make_policy("player", SPEC, batch=1, seed=0)
+    policy._start_segment(0, "fidget")
+    policy.length[0] = 10_000  # one long fidget
+    dx = torch.stack([policy(t)[0, -2] for t in range(400)]).numpy()
+    assert dx.std() > 0 and abs(np.corrcoef(dx[:-1], dx[1:])[0, 1]) < 0.5
 
 
 def test_mix_spreads_policies_over_items():

@@ -1,6 +1,7 @@
 """Stage 0: the per-frame autoencoder, trained on frames of the run's data.
 
-Input: none. Output: a WorldModel whose autoencoder is trained (EMA weights, latent statistics set
+Input: none, or ``init.autoencoder`` (a checkpoint of any stage) to go on training its autoencoder:
+a later session adds to what an earlier one trained. Output: a WorldModel whose autoencoder is trained (EMA weights, latent statistics set
 from data so that latents are zero-mean, unit-variance per channel) and whose DiT is freshly
 initialised; stage ``teacher`` takes it as ``init.autoencoder``.
 Loss: :func:`worldmodel.autoencoder.reconstruction_loss` (L1 + SSIM + a light KL) on
@@ -12,8 +13,10 @@ from __future__ import annotations
 import torch
 from einops import repeat
 
+from omegaconf import OmegaConf
+
 from train.common import StageInputError, bundle, ema_copy, side_by_side
-from train.config import fresh_model_config
+from train.config import STAGES, fit_dit_to_autoencoder, fresh_model_config
 from train.data import StepBatches, derive_seed
 from train.trainer import Stage
 from worldmodel.autoencoder import reconstruction_loss
@@ -27,8 +30,16 @@ class AutoencoderStage(Stage):
     model_overrides = ("autoencoder", "dit", "sampler")
 
     @classmethod
+    def accepted_inputs(cls, cfg):
+        return {"autoencoder": STAGES} if OmegaConf.select(cfg, "init.autoencoder", default=None) else {}
+
+    @classmethod
     def model_config(cls, cfg, inputs, data_info):
-        return fresh_model_config(str(cfg.preset), data_info)
+        model_cfg = fresh_model_config(str(cfg.preset), data_info)
+        if "autoencoder" in inputs:
+            model_cfg.autoencoder = inputs["autoencoder"].config.autoencoder
+            model_cfg = fit_dit_to_autoencoder(model_cfg)
+        return model_cfg
 
     def __init__(self, trainer, inputs):
         super().__init__(trainer, inputs)
@@ -37,6 +48,12 @@ class AutoencoderStage(Stage):
             raise StageInputError(f"autoencoder.frames_per_clip must be in 1..data.clip_len, got {ae_cfg.frames_per_clip}")
         torch.manual_seed(derive_seed(self.cfg.seed, "init"))
         self.model = WorldModel(self.cfg.model)  # the DiT stays as initialised: stage 1 trains it
+        if "autoencoder" in inputs:
+            try:
+                self.model.autoencoder.load_state_dict(inputs["autoencoder"].autoencoder.state_dict())
+            except RuntimeError:
+                raise StageInputError("init.autoencoder: its autoencoder does not fit model.autoencoder as "
+                                      "overridden on the command line") from None
         self.ae = self.model.autoencoder.to(self.device).train()
         self.ae_ema = ema_copy(self.ae)
 

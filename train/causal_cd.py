@@ -2,7 +2,7 @@
 
 Input: ``init.teacher`` (a stage ``ar_teacher`` checkpoint): the frozen teacher, and the start of
 the student and of its EMA target network. Output: a WorldModel of stage ``causal_cd`` (the EMA
-student) that samples with ``model.sampler.steps`` (e.g. 1.0, 0.83) and is stage 4's input.
+student) that samples with ``model.sampler.steps`` (e.g. 1.0, 0.5) and is stage 4's input.
 
 Per step, all online, nothing stored: real clips are encoded; per block a pair of adjacent points
 (s, s') of the teacher grid (``cd.grid_steps`` shifted steps, the student's sampling sigmas

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from worldmodel.actions import ActionSpec
 from worldmodel.autoencoder import AutoencoderConfig
 from worldmodel.camera import ControllerSpec
+from worldmodel.files import atomic_output
 from worldmodel.model import DEFAULT_SAMPLER, WorldModel
 from worldmodel.transformer import DiTConfig
 
@@ -62,17 +63,9 @@ SCHEMA = {
 
 
 def atomic_save_file(tensors: dict, path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """``safetensors`` save through a temp file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    """``safetensors`` save through a temp file in the same folder, then rename (worldmodel.files)."""
+    with atomic_output(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def shard_paths(path: str | os.PathLike, count: int) -> list[Path]:

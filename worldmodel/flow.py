@@ -79,7 +79,7 @@ def few_step_sample(
 ) -> torch.Tensor:
     """Few-step student sampler: predict x0, re-noise with fresh noise to the next sigma.
 
-    ``x0_fn(x, sigma: float) -> x0``; ``sigmas`` e.g. (1.0, 0.83); ``noise`` is x at ``sigmas[0]``
+    ``x0_fn(x, sigma: float) -> x0``; ``sigmas`` e.g. (1.0, 0.5); ``noise`` is x at ``sigmas[0]``
     (pure Gaussian noise when it is 1). The fresh noise is drawn from ``generator``, or taken from
     ``renoise [len(sigmas) - 1, *noise.shape]`` (drawn in advance, e.g. outside a CUDA graph).
     Returns the last x0 prediction.

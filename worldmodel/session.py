@@ -81,6 +81,14 @@ class Session:
         self.frame_index = -1
         self.last_latency_s = 0.0
 
+    def cast(self, dtype: torch.dtype) -> None:
+        """Run in ``dtype`` from the next ``reset`` (weights, cache and noise); the current play ends."""
+        self.dtype = dtype
+        self.model.to(dtype)
+        self.cache = self.model.dit.new_cache(self._copies * self.batch, self.device, dtype)
+        self._graphs = self._new_graphs()
+        self.state, self._pending, self.frame_index = None, None, -1
+
     @property
     def steps(self) -> list[float]:
         return self._steps

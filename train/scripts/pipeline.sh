@@ -18,7 +18,10 @@
 #             teacher + AR teacher at flow shift 5 (the old recipe) and at shift 1, and shift 1 with context
 #             noise; then causal CD from the shift-1 context-noise AR teacher. Evaluate with EVAL_ROWS="ablation".
 #
+# The stages' configs hold the recipe the ablation chose (flow shift 1, context noise 0.1, students at sigmas 1, 0.5).
+#
 # Environment: RUNS (run folders, default /tmp/runs), OUT (results, default out), PRESET (default),
+# AE_INIT (a checkpoint of any stage whose autoencoder the autoencoder stage goes on training),
 # DEVICE (cuda), budgets in seconds AE_S TEACHER_S AR_S AR3_S CD_S ODE_S DMD_S, EPISODES, FRAMES,
 # COLLECTORS, WORKERS (data workers per stage), ODE_BATCHES, ODE_GRID, EXTRA (more KEY=VALUE for every stage), EVAL (more
 # train.evaluate arguments), EVAL_ROWS (evaluate only these rows), EVAL_PARALLEL (1: evaluate rows side by side),
@@ -95,8 +98,9 @@ collect() {
   log "collected $(find "$RUNS/episodes" -name meta.json | wc -l) episodes"
 }
 
+AE=(optim.lr=3e-4 optim.warmup_steps=200 data.batch=32 ${AE_INIT:+"init.autoencoder=$AE_INIT"})
 base() {
-  stage autoencoder autoencoder "${AE_S:-100}" optim.lr=3e-4 optim.warmup_steps=200 data.batch=32
+  stage autoencoder autoencoder "${AE_S:-100}" "${AE[@]}"
   stage teacher teacher "${TEACHER_S:-180}" optim.lr="$LR" optim.warmup_steps=200 "init.autoencoder=$(model autoencoder)" ${TEACHER_EXTRA:-}
   stage ar_teacher ar_teacher "${AR_S:-100}" sample.steps=16 optim.lr="$(rate 5e-5)" "init.teacher=$(model teacher)" ${AR_EXTRA:-}
   if [ "${COMPARE:-0}" = 1 ]; then
@@ -117,7 +121,7 @@ DMD=("init.teacher=$(model teacher)")  # the real score: the bidirectional teach
 ODE=(ode.num_batches="${ODE_BATCHES:-24}" ode.grid_steps="${ODE_GRID:-48}" model.sampler.steps="$CHUNK_STEPS")
 chain_cfpp() {
   stage causal_cd causal_cd "${CD_S:-120}" optim.lr="$(rate 2e-5)" "init.teacher=$(model ar_teacher)" ${CD_EXTRA:-}
-  stage dmd dmd "${DMD_S:-120}" "init.student=$(model causal_cd)" "${DMD[@]}"
+  stage dmd dmd "${DMD_S:-120}" "init.student=$(model causal_cd)" "${DMD[@]}" ${DMD_EXTRA:-}
 }
 chain_cf() {
   stage causal_ode_chunk causal_ode "${ODE_S:-120}" "${ODE[@]}" "init.teacher=$(model ar_teacher_chunk)"
@@ -143,23 +147,24 @@ distill() {
   export_model dmd "$WORLD"
 }
 
-SHIFT1=(flow.shift=1 sample.shift=1)
+SHIFT5=(flow.shift=5 sample.shift=5)
 ablate() {  # after the autoencoder: the recipe rows side by side (see the header)
-  stage autoencoder autoencoder "${AE_S:-100}" optim.lr=3e-4 optim.warmup_steps=200 data.batch=32
+  stage autoencoder autoencoder "${AE_S:-100}" "${AE[@]}"
   local t=(optim.lr="$LR" optim.warmup_steps=200 "init.autoencoder=$(model autoencoder)")
   local a=(sample.steps=16 optim.lr="$(rate 5e-5)")
   { stage teacher_shift5 teacher "${TEACHER_S:-180}" "${t[@]}" &&
-    stage ar_shift5 ar_teacher "${AR_S:-100}" "${a[@]}" "init.teacher=$(model teacher_shift5)"; } > "$RUNS/ablate_shift5.out" 2>&1 &
+    stage ar_shift5 ar_teacher "${AR_S:-100}" "${a[@]}" "${SHIFT5[@]}" flow.context_noise=0 "init.teacher=$(model teacher_shift5)"; } \
+    > "$RUNS/ablate_shift5.out" 2>&1 &
   local p5=$!
-  stage teacher_shift1 teacher "${TEACHER_S:-180}" "${t[@]}" "${SHIFT1[@]}" > "$RUNS/ablate_shift1.out" 2>&1
-  stage ar_shift1 ar_teacher "${AR_S:-100}" "${a[@]}" "${SHIFT1[@]}" "init.teacher=$(model teacher_shift1)" >> "$RUNS/ablate_shift1.out" 2>&1 &
+  stage teacher_shift1 teacher "${TEACHER_S:-180}" "${t[@]}" > "$RUNS/ablate_shift1.out" 2>&1
+  stage ar_shift1 ar_teacher "${AR_S:-100}" "${a[@]}" flow.context_noise=0 "init.teacher=$(model teacher_shift1)" \
+    >> "$RUNS/ablate_shift1.out" 2>&1 &
   local p1=$!
-  stage ar_shift1_ctx ar_teacher "${AR_S:-100}" "${a[@]}" "${SHIFT1[@]}" flow.context_noise=0.1 \
-    "init.teacher=$(model teacher_shift1)" > "$RUNS/ablate_ctx.out" 2>&1
+  stage ar_shift1_ctx ar_teacher "${AR_S:-100}" "${a[@]}" "init.teacher=$(model teacher_shift1)" > "$RUNS/ablate_ctx.out" 2>&1
   local failed=0
   wait $p1 || failed=1
-  stage cd_shift1_ctx causal_cd "${CD_S:-120}" optim.lr="$(rate 2e-5)" cd.shift=1 "model.sampler.steps=[1.0,0.5]" \
-    "init.teacher=$(model ar_shift1_ctx)" >> "$RUNS/ablate_ctx.out" 2>&1 || failed=1
+  stage cd_shift1_ctx causal_cd "${CD_S:-120}" optim.lr="$(rate 2e-5)" "init.teacher=$(model ar_shift1_ctx)" \
+    >> "$RUNS/ablate_ctx.out" 2>&1 || failed=1
   wait $p5 || failed=1
   cat "$RUNS"/ablate_*.out
   return $failed

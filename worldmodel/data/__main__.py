@@ -5,16 +5,17 @@
                                       [--split train|heldout] [--size HxW]
     python -m worldmodel.data sheet EPISODE --out sheet.png [--every K] [--cols C] [--scale S]
     python -m worldmodel.data video EPISODE --out video.mp4 [--scale S]
-    python -m worldmodel.data info EPISODE
+    python -m worldmodel.data info EPISODE      (exit status 2 if a record is out of order or impossible)
+    python -m worldmodel.data export EPISODE --format npz [--out FILE.npz]
     python -m worldmodel.data bench EPISODE      (write/read frames/s and bytes/frame of a copy)
     python -m worldmodel.data stats DIR_OR_EPISODE... [--json OUT] [--turn-threshold DEG] [--move-threshold UNITS]
 
-Bad inputs print one line ``error: ...`` and exit with status 2.
+Bad inputs print one line ``error: ...`` and exit with status 2. Outputs are written to a temp
+name and renamed when complete, so a failing run never replaces an existing file.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -26,12 +27,16 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from worldmodel.cli_args import parse_size, positive_int
+from worldmodel.cli_args import ArgumentParser, device_name, int_in, parse_size, positive_int, run_cli, seed_int
 from worldmodel.data.episode import STEPS_NAME, EpisodeFile, EpisodeMeta, EpisodeWriter
+from worldmodel.envs import WORLDS
+from worldmodel.files import atomic_output, write_text_atomic
 from worldmodel.data.splits import SPLITS, doom_maps, split_seeds
 from worldmodel.data.stats import MOVE_UNITS, TURN_DEG, format_stats, recording_stats
 
 LABEL_HEIGHT = 12
+MAX_SCALE = 16
+EXPORT_FORMATS = ("npz",)
 
 
 class CliError(ValueError):
@@ -121,42 +126,47 @@ def sheet(args) -> None:
         raise CliError(f"episode {args.episode} has no readable steps")
     every = args.every or math.ceil(len(episode) / 64)
     indices = list(range(0, len(episode), every))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    contact_sheet(episode.frames.numpy(), indices, min(args.cols, len(indices)), args.scale).save(out)
+    image = contact_sheet(episode.frames.numpy(), indices, min(args.cols, len(indices)), args.scale)
+    with atomic_output(out) as tmp:
+        image.save(tmp)
     print(f"wrote {out}: {len(indices)} of {len(episode)} frames, every {every}")
 
 
-def even_pad(frames: np.ndarray) -> np.ndarray:
-    """Pad uint8 [T, H, W, 3] by repeating the last row/column so H and W are even (needed by H.264)."""
-    h, w = frames.shape[1:3]
-    return np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-
-
 def video(args) -> None:
-    import imageio.v2 as imageio
+    from worldmodel.video import export_episode
 
     out = Path(args.out)
     if out.suffix.lower() != ".mp4":
         raise CliError(f"--out must be an .mp4 file, got {out}")
-    episode = EpisodeFile(args.episode).read()
-    if len(episode) == 0:
-        raise CliError(f"episode {args.episode} has no readable steps")
-    frames = episode.frames.numpy()
-    if args.scale > 1:
-        frames = frames.repeat(args.scale, axis=1).repeat(args.scale, axis=2)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with imageio.get_writer(out, fps=episode.meta.fps, codec="libx264", quality=8, macro_block_size=1) as writer:
-        for frame in even_pad(frames):
-            writer.append_data(frame)
-    print(f"wrote {out}: {len(frames)} frames at {episode.meta.fps} fps")
+    count = export_episode(args.episode, out, args.scale)
+    print(f"wrote {out}: {count} frames")
 
 
 def info(args) -> None:
+    """Print the meta, length and status; every record is decoded, and the first bad one is the error."""
     episode = EpisodeFile(args.episode)
     print(f"episode: {episode.path}")
     print(json.dumps(episode.meta.to_dict(), indent=2))
     print(f"steps: {len(episode)} ({len(episode) / episode.meta.fps:.2f} s at {episode.meta.fps} fps)")
+    episode.check()
     print(f"status: {episode.status}")
+
+
+def export(args) -> None:
+    """Write the episode's actions, commanded and true poses, timestamps and meta to an ``.npz``
+    (plain arrays and strings, readable with numpy alone; the frames go to ``video``)."""
+    out = Path(args.out) if args.out is not None else Path(args.episode).with_suffix(".npz")
+    if out.suffix.lower() != ".npz":
+        raise CliError(f"--out must be an .npz file, got {out}")
+    episode = EpisodeFile(args.episode).read()
+    arrays = {
+        "actions": episode.actions.numpy(), "commanded_poses": episode.commanded_poses.numpy(),
+        "true_poses": episode.true_poses.numpy(), "timestamps": episode.timestamps.numpy(),
+        "keys": np.array(episode.meta.action_spec.keys), "meta": np.array(json.dumps(episode.meta.to_dict())),
+    }
+    with atomic_output(out) as tmp:
+        np.savez(tmp, **arrays)
+    print(f"wrote {out}: {len(episode)} steps ({', '.join(arrays)})")
 
 
 def bench(args) -> None:
@@ -191,25 +201,23 @@ def stats(args) -> None:
     result = recording_stats(args.paths, args.turn_threshold, args.move_threshold)
     print(format_stats(result))
     if args.json is not None:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
+        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m worldmodel.data", description="Collect and inspect recordings.")
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m worldmodel.data", description="Collect and inspect recordings.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("collect", help="record episodes from a world with an exploration policy")
-    p.add_argument("--world", required=True, choices=["procedural", "doom"])
+    p.add_argument("--world", required=True, choices=WORLDS)
     p.add_argument("--episodes", required=True, type=positive_int)
     p.add_argument("--frames", required=True, type=positive_int, help="frames per episode, the reset frame included")
     p.add_argument("--out", required=True, help="directory to hold the episodes")
-    p.add_argument("--seed", type=int, default=0, help="index of the first seed within the split")
+    p.add_argument("--seed", type=seed_int, default=0, help="index of the first seed within the split")
     p.add_argument("--policy", default="mix")
-    p.add_argument("--batch", type=positive_int, default=16, help="episodes played at once by one batched world")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int_in(1, 4096), default=16, help="episodes played at once by one batched world")
+    p.add_argument("--device", type=device_name, default="cpu")
     p.add_argument("--split", choices=SPLITS, default="train")
     p.add_argument("--size", type=parse_size, default=None, help="frame size WIDTHxHEIGHT (default: the world's)")
     p.set_defaults(run=collect)
@@ -218,15 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("episode")
     p.add_argument("--out", required=True)
     p.add_argument("--every", type=positive_int, default=None, help="show every K-th frame (default: at most 64 tiles)")
-    p.add_argument("--cols", type=positive_int, default=8)
-    p.add_argument("--scale", type=positive_int, default=1, help="nearest-neighbour upscale factor")
+    p.add_argument("--cols", type=int_in(1, 64), default=8)
+    p.add_argument("--scale", type=int_in(1, MAX_SCALE), default=1, help="nearest-neighbour upscale factor")
     p.set_defaults(run=sheet)
 
     p = sub.add_parser("video", help="write an mp4 of an episode")
     p.add_argument("episode")
     p.add_argument("--out", required=True)
-    p.add_argument("--scale", type=positive_int, default=4, help="nearest-neighbour upscale factor")
+    p.add_argument("--scale", type=int_in(1, MAX_SCALE), default=4, help="nearest-neighbour upscale factor")
     p.set_defaults(run=video)
+
+    p = sub.add_parser("export", help="write actions, poses and timestamps to a file usable without this package")
+    p.add_argument("episode")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="npz", help="npz: numpy arrays (default)")
+    p.add_argument("--out", default=None, help="output file (default: EPISODE.npz beside the episode folder)")
+    p.set_defaults(run=export)
 
     p = sub.add_parser("bench", help="measure write/read speed and size on disk with a copy of an episode")
     p.add_argument("episode")
@@ -249,19 +263,16 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
     print(f"warning: {message}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings():
         warnings.showwarning = show_warning
-        try:
-            args.run(args)
-        except (ValueError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print("interrupted; episodes written so far are closed and readable", file=sys.stderr)
-            return 130
+        args.run(args)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(lambda: run(argv), "interrupted; episodes written so far are closed and readable")
 
 
 if __name__ == "__main__":

@@ -22,13 +22,19 @@ Each record is flushed to the OS as it is appended (a killed process loses at mo
 flight) and fsynced every ``fsync_every`` records and on close. Reading walks the records and
 stops at the first short or corrupt one: the steps before it are returned and a warning says how
 many were recovered. Everything else that does not fit (missing or unknown meta, wrong magic,
-frame or action shapes that disagree with the meta) raises :class:`EpisodeError`.
+frame or action shapes that disagree with the meta, records out of order, impossible actions or
+timestamps) raises :class:`EpisodeError`.
+
+Recordings are untrusted input: meta.json is size-limited and its nesting depth is bounded, a
+frame is decompressed as a stream that stops one byte past the size meta.json gives it (a zlib
+bomb costs one frame of memory), and no record may claim more bytes than such a frame can take.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import numbers
 import os
 import struct
@@ -43,6 +49,7 @@ import torch
 
 from worldmodel.actions import ActionError, ActionSpec, validate_actions
 from worldmodel.camera import ControllerSpec
+from worldmodel.files import atomic_output
 
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
@@ -53,6 +60,10 @@ RECORD_MAGIC = b"STEP"
 RECORD_HEADER = struct.Struct("<4sII")  # magic, payload length, CRC32 of payload
 STEP_HEADER = struct.Struct("<IdHHH")  # step index, timestamp, action width, height, width
 POSE_BYTES = 16 * 4
+MAX_FRAME_PIXELS = 4096 * 4096
+"""The largest frame (height x width) an episode may have."""
+MAX_META_BYTES = 1 << 20
+"""The largest meta.json a reader accepts."""
 
 
 class EpisodeError(ValueError):
@@ -96,6 +107,8 @@ class EpisodeMeta:
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536):
                 raise EpisodeError(f"meta {name} must be an integer in 1..65535, got {value!r}")
+        if self.height * self.width > MAX_FRAME_PIXELS:
+            raise EpisodeError(f"meta frame size {self.width}x{self.height} exceeds {MAX_FRAME_PIXELS} pixels")
         if not (isinstance(self.source, str) and self.source):
             raise EpisodeError(f"meta source must be a non-empty string, got {self.source!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
@@ -223,22 +236,8 @@ def _as_numpy(x, dtype, name: str) -> np.ndarray:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 class EpisodeWriter:
@@ -345,10 +344,14 @@ def read_meta(path) -> EpisodeMeta:
     meta_path = path / META_NAME
     if not meta_path.is_file():
         raise EpisodeError(f"no episode at {path}: {META_NAME} is missing")
+    if meta_path.stat().st_size > MAX_META_BYTES:
+        raise EpisodeError(f"{meta_path} is larger than {MAX_META_BYTES} bytes")
     try:
         data = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EpisodeError(f"{meta_path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise EpisodeError(f"{meta_path} is nested too deeply to be an episode meta") from None
     return EpisodeMeta.from_dict(data)
 
 
@@ -367,9 +370,13 @@ class EpisodeFile:
         steps_path = self.path / STEPS_NAME
         if not steps_path.is_file():
             raise EpisodeError(f"episode {self.path} has no {STEPS_NAME}")
-        data = steps_path.read_bytes()
-        self.offsets, problem = _scan_records(data, self.path)
-        self.dropped_bytes = len(data) - int(self.offsets[-1])
+        with open(steps_path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < FILE_HEADER.size:
+                raise EpisodeError(f"episode {self.path}: {STEPS_NAME} is too short to hold its file header")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                self.offsets, problem = _scan_records(data, self.path, _max_payload(self.meta))
+        self.dropped_bytes = size - int(self.offsets[-1])
         n = len(self)
         if self.meta.length is not None and n > self.meta.length:
             raise EpisodeError(
@@ -400,20 +407,31 @@ class EpisodeFile:
         dropped = f"; {self.dropped_bytes} bytes after the last good record ignored" if self.dropped_bytes else ""
         return f"{state}; {n} steps readable{dropped}"
 
+    def _records(self, start: int, stop: int):
+        """Decoded steps ``start:stop`` (see :func:`_decode_step`), each checked; the first bad one raises."""
+        with open(self.path / STEPS_NAME, "rb") as f:
+            f.seek(int(self.offsets[start]))
+            data = f.read(int(self.offsets[stop] - self.offsets[start]))
+        base, previous = int(self.offsets[start]), -math.inf
+        for i in range(start, stop):
+            step = _decode_step(data, int(self.offsets[i]) - base, int(self.offsets[i + 1]) - base, i, self.meta,
+                                self.path, previous)
+            previous = step[-1]
+            yield step
+
+    def check(self) -> None:
+        """Decode every readable record (frames included) and raise EpisodeError at the first one that
+        is out of order, holds an impossible action, pose or timestamp, or a frame that does not decode."""
+        for _ in self._records(0, len(self)):
+            pass
+
     def read(self, start: int = 0, stop: int | None = None) -> Episode:
         """Steps ``start:stop`` as an :class:`Episode` (decodes only those records)."""
         n = len(self)
         stop = n if stop is None else stop
         if not 0 <= start <= stop <= n:
             raise EpisodeError(f"episode {self.path}: steps {start}:{stop} out of range 0:{n}")
-        with open(self.path / STEPS_NAME, "rb") as f:
-            f.seek(int(self.offsets[start]))
-            data = f.read(int(self.offsets[stop] - self.offsets[start]))
-        base = int(self.offsets[start])
-        steps = [
-            _decode_step(data, int(self.offsets[i]) - base, int(self.offsets[i + 1]) - base, i, self.meta, self.path)
-            for i in range(start, stop)
-        ]
+        steps = list(self._records(start, stop))
         m = self.meta
         if steps:
             frames, actions, commanded, true, times = (np.stack(x) for x in zip(*steps))
@@ -433,10 +451,17 @@ class EpisodeFile:
         )
 
 
-def _scan_records(data: bytes, path: Path) -> tuple[np.ndarray, str | None]:
-    """Record offsets int64 [T + 1] of the readable prefix, and why reading stopped early (None if it did not)."""
-    if len(data) < FILE_HEADER.size:
-        raise EpisodeError(f"episode {path}: {STEPS_NAME} is too short to hold its file header")
+def _max_payload(meta: EpisodeMeta) -> int:
+    """The most bytes a record of this episode can hold: its header, the widest action the header can
+    state (the width is checked when the step is decoded), poses and an incompressible frame (zlib's
+    worst case adds 5 bytes per 16 KiB block, plus 6 for the stream)."""
+    frame = meta.height * meta.width * 3
+    return STEP_HEADER.size + 4 * 0xFFFF + 2 * POSE_BYTES + frame + 5 * (frame // 16384 + 1) + 6
+
+
+def _scan_records(data, path: Path, max_payload: int) -> tuple[np.ndarray, str | None]:
+    """Record offsets int64 [T + 1] of the readable prefix of ``data`` (bytes or an mmap), and why
+    reading stopped early (None if it did not)."""
     magic, version = FILE_HEADER.unpack_from(data, 0)
     if magic != FILE_MAGIC:
         raise EpisodeError(f"episode {path}: {STEPS_NAME} has wrong magic {magic!r}, expected {FILE_MAGIC!r}")
@@ -455,6 +480,9 @@ def _scan_records(data: bytes, path: Path) -> tuple[np.ndarray, str | None]:
             problem = f"record {step} at byte {pos} has wrong magic {magic!r}"
             break
         body = pos + RECORD_HEADER.size
+        if length > max_payload:
+            problem = f"record {step} at byte {pos} claims {length} bytes, more than a step of this episode can hold"
+            break
         if end - body < length:
             problem = f"record {step} is cut short ({end - body} of {length} payload bytes)"
             break
@@ -466,12 +494,19 @@ def _scan_records(data: bytes, path: Path) -> tuple[np.ndarray, str | None]:
     return np.asarray(offsets, dtype=np.int64), problem
 
 
-def _decode_step(data: bytes, start: int, stop: int, step: int, meta: EpisodeMeta, path: Path):
-    """One record's (frame [H, W, 3], action [A], commanded [4, 4], true [4, 4], timestamp)."""
+def _decode_step(data: bytes, start: int, stop: int, step: int, meta: EpisodeMeta, path: Path,
+                 previous: float = -math.inf):
+    """One record's (frame [H, W, 3], action [A], commanded [4, 4], true [4, 4], timestamp), checked
+    against the meta and the ``previous`` step's timestamp."""
     body = start + RECORD_HEADER.size
+    if stop - body < STEP_HEADER.size:
+        raise EpisodeError(f"episode {path}: record {step} is too short to hold a step")
     index, timestamp, a, h, w = STEP_HEADER.unpack_from(data, body)
     if index != step:
-        raise EpisodeError(f"episode {path}: record {step} is labelled step {index}")
+        raise EpisodeError(f"episode {path}: record {step} is labelled step {index} (records out of order)")
+    if not (math.isfinite(timestamp) and timestamp >= previous):
+        raise EpisodeError(f"episode {path}: step {step} has timestamp {timestamp}, before the previous step's "
+                           f"{previous} or not finite")
     if a != meta.action_spec.width:
         raise EpisodeError(
             f"episode {path}: step {step} has action width {a}, the action spec has {meta.action_spec.width} "
@@ -480,19 +515,36 @@ def _decode_step(data: bytes, start: int, stop: int, step: int, meta: EpisodeMet
     if (h, w) != (meta.height, meta.width):
         raise EpisodeError(f"episode {path}: step {step} has a {h}x{w} frame, meta.json says {meta.height}x{meta.width}")
     pos = body + STEP_HEADER.size
+    if stop - pos < 4 * a + 2 * POSE_BYTES:
+        raise EpisodeError(f"episode {path}: record {step} is too short to hold its action and poses")
     action = np.frombuffer(data, np.float32, a, pos)
+    try:
+        validate_actions(torch.from_numpy(action.copy()), meta.action_spec)
+    except ActionError as e:
+        raise EpisodeError(f"episode {path}: step {step} holds an impossible action: {e}") from None
     pos += 4 * a
     commanded = np.frombuffer(data, np.float32, 16, pos).reshape(4, 4)
+    if not np.isfinite(commanded).all():
+        raise EpisodeError(f"episode {path}: step {step} has a commanded pose with NaN or infinite values")
     true = np.frombuffer(data, np.float32, 16, pos + POSE_BYTES).reshape(4, 4)
     pos += 2 * POSE_BYTES
-    try:
-        raw = zlib.decompress(memoryview(data)[pos:stop])
-    except zlib.error as e:
-        raise EpisodeError(f"episode {path}: step {step} frame does not decompress: {e}") from None
-    if len(raw) != h * w * 3:
-        raise EpisodeError(f"episode {path}: step {step} frame holds {len(raw)} bytes, expected {h}x{w}x3 = {h * w * 3}")
-    frame = np.frombuffer(raw, np.uint8).reshape(h, w, 3)
+    frame = _decompress_frame(memoryview(data)[pos:stop], h, w, f"episode {path}: step {step}")
     return frame, action, commanded, true, timestamp
+
+
+def _decompress_frame(compressed, h: int, w: int, where: str) -> np.ndarray:
+    """uint8 [H, W, 3] from zlib ``compressed``, decompressing at most one byte more than that."""
+    expected = h * w * 3
+    stream = zlib.decompressobj()
+    try:
+        raw = stream.decompress(compressed, expected + 1)
+    except zlib.error as e:
+        raise EpisodeError(f"{where} frame does not decompress: {e}") from None
+    if len(raw) > expected or stream.unconsumed_tail:
+        raise EpisodeError(f"{where} frame decompresses to more than {h}x{w}x3 = {expected} bytes")
+    if len(raw) < expected or not stream.eof:
+        raise EpisodeError(f"{where} frame holds {len(raw)} bytes, expected {h}x{w}x3 = {expected}")
+    return np.frombuffer(raw, np.uint8).reshape(h, w, 3)
 
 
 def read_episode(path) -> Episode:

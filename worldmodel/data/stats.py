@@ -41,7 +41,7 @@ class Motion:
     """The motion of N transitions: ``yaw, pitch [N]`` float64 degrees per frame (commanded; yaw
     wrapped to [-180, 180)), ``move [N]`` commanded translation and ``true_move [N]`` true translation
     (world units per frame; NaN where the true pose is unknown), ``keys [N, K]`` 0/1 held, named
-    ``key_names``."""
+    ``key_names``; ``first [N]`` bool marks each recording's first transition (it has no predecessor)."""
 
     yaw: torch.Tensor
     pitch: torch.Tensor
@@ -49,6 +49,7 @@ class Motion:
     true_move: torch.Tensor
     keys: torch.Tensor
     key_names: tuple[str, ...]
+    first: torch.Tensor
 
     def __len__(self) -> int:
         return self.yaw.shape[0]
@@ -61,8 +62,9 @@ def motion(actions: torch.Tensor, poses: torch.Tensor, true_poses: torch.Tensor,
     true = motion_targets(true_poses[None].double())
     yaw_pitch = torch.rad2deg(commanded["yaw_pitch"][0])
     keys = actions[1:, : len(key_names)].double()
+    first = torch.arange(keys.shape[0]) == 0
     return Motion(yaw_pitch[:, 0], yaw_pitch[:, 1], commanded["translation"][0].norm(dim=-1),
-                  true["translation"][0].norm(dim=-1), keys, tuple(key_names))
+                  true["translation"][0].norm(dim=-1), keys, tuple(key_names), first)
 
 
 def join(motions: list[Motion]) -> Motion:
@@ -70,8 +72,24 @@ def join(motions: list[Motion]) -> Motion:
     names = {m.key_names for m in motions}
     if len(names) != 1:
         raise StatsError(f"recordings with different action keys cannot be summarised together: {sorted(names)}")
-    return Motion(*(torch.cat([getattr(m, f) for m in motions]) for f in ("yaw", "pitch", "move", "true_move", "keys")),
-                  motions[0].key_names)
+    cat = lambda f: torch.cat([getattr(m, f) for m in motions])  # noqa: E731
+    return Motion(*(cat(f) for f in ("yaw", "pitch", "move", "true_move", "keys")), motions[0].key_names, cat("first"))
+
+
+def predictability(m: Motion) -> dict[str, float | None]:
+    """How much of the next action the motion so far gives away, over consecutive transitions of one
+    recording: ``yaw_lag1_r2``, the squared correlation of the yaw rate with the previous one (1: a model
+    can extrapolate turns without reading the mouse; None without variance), and ``key_changes``, the
+    share of transitions whose held keys differ from the previous one's (None without pairs)."""
+    pair = ~m.first[1:]
+    if not pair.any():
+        return {"yaw_lag1_r2": None, "key_changes": None}
+    before, after = m.yaw[:-1][pair], m.yaw[1:][pair]
+    r2 = None
+    if len(before) > 1 and before.std() > 0 and after.std() > 0:
+        r2 = float(torch.corrcoef(torch.stack([before, after]))[0, 1] ** 2)
+    changed = (m.keys[1:] != m.keys[:-1]).any(-1)[pair]
+    return {"yaw_lag1_r2": r2, "key_changes": float(changed.double().mean())}
 
 
 def rate_summary(rates: torch.Tensor) -> dict[str, float]:
@@ -102,6 +120,7 @@ def summarize(m: Motion, turn_deg: float = TURN_DEG, move_units: float = MOVE_UN
         "yaw": rate_summary(m.yaw), "pitch": rate_summary(m.pitch),
         "keys": {name: share(m.keys[:, i] > 0) for i, name in enumerate(m.key_names)},
         "no_keys": share(m.keys.sum(-1) == 0),
+        **predictability(m),
     }
 
 
@@ -173,6 +192,9 @@ def format_stats(stats: dict) -> str:
         table(["deg/frame", *(f"p{p}" for p in PERCENTILES), "max", *(f">{v}" for v in RATE_LEVELS)],
               [rate_row("yaw", total["yaw"]), rate_row("pitch", total["pitch"])]),
         table(["keys", *keys, "none"], [["held"] + [percent(total["keys"][k]) for k in keys] + [percent(total["no_keys"])]]),
+        f"predictability: yaw rate from the previous one R^2 "
+        f"{'-' if total['yaw_lag1_r2'] is None else format(total['yaw_lag1_r2'], '.3f')}; "
+        f"held keys change on {percent(total['key_changes'])} of transitions",
         table(["episode", "n", "turn only", "move only", "both", "idle", "yaw p50", "p90", "p99", ">3", *keys],
               [episode_row(e, keys) for e in stats["episodes"]]),
     ])

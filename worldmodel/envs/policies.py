@@ -1,11 +1,14 @@
 """Seeded exploration policies whose actions look like play, not per-frame noise.
 
-A policy strings together segments of 5-90 frames, each holding a set of keys and a mouse
+A policy strings together segments of 1-90 frames, each holding a set of keys and a mouse
 profile: walk (with a little wobble), walk while turning, sprint, stop, look around (turn out and
 back again: the view is revisited), look up/down, strafe, circle-strafe, back up, and turn round
-followed by walking back the way it came (a revisit). Mouse motion follows each segment's
-profile through a low-pass filter, in integer counts like a real mouse, so turns start and end
-smoothly; pitch is pulled back towards level. When the world blocks the walk (the true pose
+followed by walking back the way it came (a revisit). Players are rougher than that, and a model
+must read the actions rather than extrapolate the motion it sees: flicks (a fast turn of 20-120
+degrees in 2-6 frames), taps (random keys held for 1-4 frames, in bursts) and fidgets (a jittery mouse in
+yaw and pitch, independent from frame to frame). Mouse motion follows each segment's profile
+through a low-pass filter (per segment: flicks and fidgets follow the hand at once), in integer
+counts like a real mouse; pitch is pulled back towards level. When the world blocks the walk (the true pose
 barely moves while the commanded one walks on, e.g. against a wall), the segment ends and the
 policy turns away, like a player would.
 
@@ -24,16 +27,24 @@ import torch
 from worldmodel.actions import ActionSpec
 
 SEGMENTS = ("walk", "walk_turn", "sprint", "stop", "look_around", "look_vertical", "strafe", "circle", "back",
-            "turn_around")
+            "turn_around", "flick", "tap", "fidget")
 POLICIES = {
-    "walker": {"walk": 5, "walk_turn": 3, "sprint": 1, "stop": 1, "look_around": 1, "turn_around": 1},
-    "looker": {"look_around": 4, "look_vertical": 2, "walk": 2, "walk_turn": 1, "stop": 2, "turn_around": 1},
-    "strafer": {"strafe": 4, "circle": 2, "walk": 2, "back": 1, "look_around": 1, "stop": 1},
+    "walker": {"walk": 5, "walk_turn": 3, "sprint": 1, "stop": 1, "look_around": 1, "turn_around": 1, "flick": 1,
+               "tap": 3},
+    "looker": {"look_around": 4, "look_vertical": 2, "walk": 2, "walk_turn": 1, "stop": 2, "turn_around": 1,
+               "flick": 2, "fidget": 2, "tap": 1},
+    "strafer": {"strafe": 4, "circle": 2, "walk": 2, "back": 1, "look_around": 1, "stop": 1, "tap": 3, "fidget": 1},
     "explorer": {"walk": 3, "walk_turn": 3, "sprint": 2, "back": 1, "turn_around": 2, "look_around": 2,
-                 "look_vertical": 1, "strafe": 1, "circle": 1, "stop": 1},
+                 "look_vertical": 1, "strafe": 1, "circle": 1, "stop": 1, "flick": 1, "tap": 2, "fidget": 1},
+    "player": {"tap": 6, "flick": 3, "fidget": 3, "walk_turn": 2, "strafe": 2, "walk": 1, "stop": 1,
+               "look_vertical": 1},
 }
-CONSTANT, OUT_AND_BACK, BUMP = 0, 1, 2  # mouse profiles: steady rate; sine (nets to zero); sin^2 bump to a target angle
-SMOOTHING = 0.3  # low-pass factor of the mouse towards its target each frame
+CONSTANT, OUT_AND_BACK, BUMP, JITTER = 0, 1, 2, 3  # mouse profiles: steady rate; sine (nets to zero); sin^2 bump to a
+# target angle; the rate times fresh N(0, 1) noise every frame, per axis
+SMOOTHING = 0.3  # low-pass factor of the mouse towards its target each frame (segments may set their own)
+TAP_KEYS = ("W", "A", "S", "D")  # keys a tap may hold
+TAP_PROBABILITY = 0.4  # each of TAP_KEYS is held in a tap with this probability
+TAP_BURST = 0.8  # chance that a tap is followed by another (bursts of 5 taps on average)
 LEVEL_PULL = 0.04  # fraction of the accumulated pitch (in counts) pulled back per frame
 STUCK_WINDOW = 8  # frames over which a blocked walk is detected
 STUCK_RATIO = 0.25  # true displacement below this fraction of the commanded one means blocked
@@ -48,7 +59,7 @@ def draw_segment(kind: str, rng: np.random.Generator, mouse_scale: float) -> dic
     counts = lambda radians: radians / mouse_scale  # noqa: E731
     side = float(rng.choice([-1.0, 1.0]))
     turn = side * counts(rng.uniform(0.012, 0.06))  # radians per frame -> counts per frame
-    seg = {"keys": (), "dx": 0.0, "dy": 0.0, "profile": CONSTANT, "length": 20}
+    seg = {"keys": (), "dx": 0.0, "dy": 0.0, "profile": CONSTANT, "length": 20, "smoothing": SMOOTHING}
     if kind == "walk":
         seg.update(keys=("W",), dx=0.15 * turn, length=rng.integers(20, 91))
     elif kind == "walk_turn":
@@ -77,6 +88,17 @@ def draw_segment(kind: str, rng: np.random.Generator, mouse_scale: float) -> dic
         length = int(rng.integers(12, 26))
         total = counts(math.pi + rng.uniform(-0.35, 0.35))
         seg.update(dx=side * total / length, profile=BUMP, length=length)  # the bump 2 sin^2 has mean 1
+    elif kind == "flick":
+        length = int(rng.integers(2, 7))
+        total = counts(math.radians(rng.uniform(20.0, 120.0)))
+        seg.update(dx=side * total / length, dy=0.1 * counts(rng.normal(0.0, 0.05)), length=length, smoothing=1.0)
+    elif kind == "tap":
+        keys = tuple(k for k in TAP_KEYS if rng.random() < TAP_PROBABILITY)
+        seg.update(keys=keys, dx=rng.normal(0.0, 0.5) * turn, length=rng.integers(1, 5))
+    elif kind == "fidget":  # about 1-4 degrees per frame of jitter, a third of it in pitch
+        scale = counts(math.radians(rng.uniform(1.0, 4.0)))
+        keys = ("W",) if rng.random() < 0.3 else ()
+        seg.update(keys=keys, dx=scale, dy=scale / 3, profile=JITTER, length=rng.integers(8, 31), smoothing=0.8)
     else:
         raise PolicyError(f"unknown segment kind {kind!r}")
     seg["length"] = int(seg["length"])
@@ -99,6 +121,7 @@ class Policy:
         self.keys = np.zeros((b, len(action_spec.keys)), np.float32)
         self.rate = np.zeros((b, 2))  # the segment's mouse rate (dx, dy), counts/frame
         self.profile = np.zeros(b, np.int64)
+        self.smoothing = np.full(b, SMOOTHING)
         self.length = np.ones(b, np.int64)
         self.age = np.ones(b, np.int64)  # frames into the current segment; >= length: draw a new one
         self.walked = np.zeros(b, np.int64)  # frames walked forward since the last turn round
@@ -122,9 +145,12 @@ class Policy:
             self.walked[i] = 0
         if kind == "turn_around":
             self.forced[i] = "walk"
+        elif kind == "tap" and rng.random() < TAP_BURST:
+            self.forced[i] = "tap"
         self.keys[i] = [1.0 if k in seg["keys"] else 0.0 for k in self.spec.keys]
         self.rate[i] = seg["dx"], seg["dy"]
         self.profile[i], self.length[i], self.age[i] = seg["profile"], seg["length"], 0
+        self.smoothing[i] = seg["smoothing"]
 
     def _blocked(self, world_step) -> np.ndarray:
         """Items whose walk has been blocked for the last STUCK_WINDOW frames."""
@@ -153,8 +179,10 @@ class Policy:
         shape = np.select([self.profile == OUT_AND_BACK, self.profile == BUMP],
                           [np.sin(2 * np.pi * phase), 2 * np.sin(np.pi * phase) ** 2], 1.0)
         target = self.rate * shape[:, None]
+        for i in np.flatnonzero(self.profile == JITTER):
+            target[i] *= self.rngs[i].normal(size=2)
         target[:, 1] -= LEVEL_PULL * self.pitch
-        self.mouse += SMOOTHING * (target - self.mouse)
+        self.mouse += self.smoothing[:, None] * (target - self.mouse)
         mouse = np.round(self.mouse)
         self.pitch += mouse[:, 1]
         if "W" in self.spec.keys:
