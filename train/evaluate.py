@@ -27,7 +27,6 @@ Measures (each also for the baselines "repeat the last frame" and, where it has 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -40,6 +39,9 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from worldmodel import metrics
+from worldmodel.frames import to_model, to_uint8
+from worldmodel.cli_args import ArgumentParser, run_cli
+from worldmodel.files import write_text_atomic
 from worldmodel.idm import InverseDynamics, controllability, default_idm_path, load_idm, observed_poses
 
 HORIZONS = (1, 8, 32, 128)
@@ -328,6 +330,21 @@ def window_stats(frames: torch.Tensor, device="cpu") -> dict:
     }
 
 
+@torch.no_grad()
+def autoencoder_report(autoencoder, frames: torch.Tensor, device="cpu", chunk: int = 64) -> dict:
+    """The autoencoder gate: held-out uint8 ``frames [B, T, H, W, 3]`` through encode and decode, in
+    float32 on ``device``. PSNR of the mean MSE over all frames, mean SSIM, and the reconstructions'
+    sharpness against the frames' own (0..255 units; ``sharpness_ratio`` = reconstruction / truth)."""
+    autoencoder = autoencoder.to(device).float().eval()
+    flat = frames.flatten(0, 1)
+    recon = torch.cat([to_uint8(autoencoder.decode(autoencoder.encode(to_model(flat[None, i : i + chunk].to(device)))))[0].cpu()
+                       for i in range(0, len(flat), chunk)]).view(frames.shape)
+    scores = per_frame_fidelity(recon, frames, device)
+    sharp, truth_sharp = window_stats(recon, device)["sharpness"], window_stats(frames, device)["sharpness"]
+    return {"frames": len(flat), "psnr": float(psnr_of_mean(scores["mse"].flatten())), "ssim": float(scores["ssim"].mean()),
+            "sharpness": sharp, "sharpness_truth": truth_sharp, "sharpness_ratio": sharp / truth_sharp}
+
+
 def stability_report(idm: InverseDynamics, episodes: dict, generated: torch.Tensor, reference: torch.Tensor,
                      window: int, device="cpu") -> dict:
     """Per window of ``window`` frames of a long rollout ``generated [B, T, ...]`` vs ground truth
@@ -523,6 +540,11 @@ def markdown(report: dict, title: str) -> str:
     out += [table(["frames", "FD model", "FD repeat", "FD GT ref", "sharp model", "sharp GT", "RGB mean model",
                    "RGB mean GT", "keys model", "keys GT", "yaw err model", "yaw err GT"], rows), "",
             "![stability](stability.png)", ""]
+    if "autoencoder" in report:
+        ae = report["autoencoder"]
+        out += ["## Autoencoder (the held-out clips' frames, encoded and decoded)", ""]
+        out += [table(["frames", "PSNR", "SSIM", "sharpness", "sharpness GT", "ratio"],
+                      [[ae["frames"], ae["psnr"], ae["ssim"], ae["sharpness"], ae["sharpness_truth"], ae["sharpness_ratio"]]]), ""]
     if "speed" in report:
         sp = report["speed"]
         out += [f"## Speed (batch 1, {sp['dtype']}, worldmodel.bench)", ""]
@@ -658,7 +680,7 @@ def save_panels(path: Path, panels: list[Panel], columns: int = 2) -> None:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint")
     p.add_argument("--world", required=True, choices=["procedural", "doom"])
     p.add_argument("--out", required=True, type=Path)
@@ -675,6 +697,8 @@ def parse_args(argv):
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model precision (default bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--idm", type=Path, default=None, help="IDM weights (default assets/idm/<world>.safetensors)")
+    p.add_argument("--autoencoder-only", action="store_true",
+                   help="measure only the autoencoder on the held-out clips (no rollouts); writes autoencoder.json")
     p.add_argument("--steps", default=None,
                    help="comma-separated noise levels of the sampler, e.g. 1.0 for one step (default: the checkpoint's)")
     return p.parse_args(argv)
@@ -688,44 +712,54 @@ def parse_floats(text: str, what: str) -> list[float]:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        from worldmodel.checkpoint import load
-        from worldmodel.session import Session
+    return run_cli(lambda: evaluate_cli(argv))
 
-        try:
-            horizons = tuple(int(h) for h in args.horizons.split(","))
-        except ValueError:
-            raise EvalError(f"--horizons must be comma-separated integers, got {args.horizons!r}") from None
-        steps = None if args.steps is None else parse_floats(args.steps, "--steps")
-        model = load(args.checkpoint, device=args.device)
-        height, width = model.frame_size
-        settings = EvalSettings(
-            world=args.world, clips=args.clips, horizon=args.horizon, horizons=horizons, long_frames=args.long_frames,
-            long_clips=args.long_clips, window=args.window, speed_frames=args.speed_frames, seed=args.seed,
-            device=args.device, world_device=args.world_device, world_options={"height": height, "width": width},
+
+def evaluate_cli(argv) -> int:
+    """The CLI body: parse, evaluate, write the report (errors propagate to :func:`run_cli`)."""
+    args = parse_args(argv)
+    from worldmodel.checkpoint import load
+    from worldmodel.session import Session
+
+    try:
+        horizons = tuple(int(h) for h in args.horizons.split(","))
+    except ValueError:
+        raise EvalError(f"--horizons must be comma-separated integers, got {args.horizons!r}") from None
+    steps = None if args.steps is None else parse_floats(args.steps, "--steps")
+    model = load(args.checkpoint, device=args.device)
+    height, width = model.frame_size
+    settings = EvalSettings(
+        world=args.world, clips=args.clips, horizon=args.horizon, horizons=horizons, long_frames=args.long_frames,
+        long_clips=args.long_clips, window=args.window, speed_frames=args.speed_frames, seed=args.seed,
+        device=args.device, world_device=args.world_device, world_options={"height": height, "width": width},
+    )
+    if model.config.world not in (args.world, "custom"):
+        raise EvalError(f"checkpoint was trained on world {model.config.world!r}, not {args.world!r}")
+    if args.autoencoder_only:
+        clips = heldout_episodes(settings, "clips", settings.clips, settings.horizon + 1)
+        result = autoencoder_report(model.autoencoder, clips["frames"], args.device)
+        write_text_atomic(args.out / "autoencoder.json", json.dumps(result, indent=1) + "\n")
+        print(f"autoencoder on {result['frames']} held-out frames: PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.3f}, "
+              f"sharpness {result['sharpness']:.1f} against {result['sharpness_truth']:.1f} ({result['sharpness_ratio']:.3f})")
+        return 0
+    idm = load_idm(args.idm or default_idm_path(args.world), device=args.device)
+    if (model.action_spec, model.controller) != (idm.cfg.action_spec, idm.cfg.controller):
+        raise EvalError(
+            f"the checkpoint's actions/controller ({model.action_spec}, {model.controller}) differ from those of "
+            f"the {args.world} world the IDM was trained in ({idm.cfg.action_spec}, {idm.cfg.controller})"
         )
-        if model.config.world not in (args.world, "custom"):
-            raise EvalError(f"checkpoint was trained on world {model.config.world!r}, not {args.world!r}")
-        idm = load_idm(args.idm or default_idm_path(args.world), device=args.device)
-        if (model.action_spec, model.controller) != (idm.cfg.action_spec, idm.cfg.controller):
-            raise EvalError(
-                f"the checkpoint's actions/controller ({model.action_spec}, {model.controller}) differ from those of "
-                f"the {args.world} world the IDM was trained in ({idm.cfg.action_spec}, {idm.cfg.controller})"
-            )
-        block_size = model.dit.cfg.block_size
-        dtype = getattr(torch, args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32"))
-        Session(model, batch=1, device=args.device, steps=steps, dtype=dtype)  # a bad --steps or sampler fails here
-        report = evaluate(lambda b, s: Session(model, batch=b, device=args.device, steps=steps, seed=s, dtype=dtype),
-                          idm, settings, block_size)
-        report["speed"] = speed_report(model, settings, dtype, steps)
-        sampler = {**OmegaConf.to_container(model.config.sampler), **({"steps": steps} if steps else {})}
-        report["checkpoint"] = {"path": str(args.checkpoint), "stage": str(model.config.stage),
-                                "parameters": model.num_parameters(), "sampler": sampler}
-        write_report(report, args.out, f"{Path(args.checkpoint).name} on {args.world}")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    block_size = model.dit.cfg.block_size
+    dtype = getattr(torch, args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32"))
+    Session(model, batch=1, device=args.device, steps=steps, dtype=dtype)  # a bad --steps or sampler fails here
+    report = evaluate(lambda b, s: Session(model, batch=b, device=args.device, steps=steps, seed=s, dtype=dtype),
+                      idm, settings, block_size)
+    report["autoencoder"] = autoencoder_report(
+        model.autoencoder, heldout_episodes(settings, "clips", settings.clips, settings.horizon + 1)["frames"], args.device)
+    report["speed"] = speed_report(model, settings, dtype, steps)
+    sampler = {**OmegaConf.to_container(model.config.sampler), **({"steps": steps} if steps else {})}
+    report["checkpoint"] = {"path": str(args.checkpoint), "stage": str(model.config.stage),
+                            "parameters": model.num_parameters(), "sampler": sampler}
+    write_report(report, args.out, f"{Path(args.checkpoint).name} on {args.world}")
     print(f"wrote {args.out / 'report.md'}")
     return 0
 

@@ -47,10 +47,11 @@ from tqdm import tqdm
 
 from train import algorithms as alg
 from train.common import check_data_fits, load_input
-from train.config import TrainConfigError, apply_model_overrides, compose, require
+from train.config import TrainConfigError, apply_model_overrides, compose, load_yaml, require
 from train.data import DataInfo, StepBatches, derive_seed
 from train.latents import LatentStore
 from worldmodel import checkpoint
+from worldmodel.files import remove_stale_temps, write_text_atomic
 from worldmodel.model import WorldModel
 from worldmodel.transformer import WorldDiT
 
@@ -58,6 +59,7 @@ CHECKPOINT_FORMAT = "worldmodel-train"
 CHECKPOINT_VERSION = "1"
 CHECKPOINT_PATTERN = re.compile(r"step_(\d{9})\.safetensors")
 RESUMABLE_CHANGES = ("run.steps", "run.checkpoint_every", "run.keep_checkpoints", "run.log_every", "run.sample_every",
+                     "run.tensorboard",
                      "run.time_limit_s", "run.compile", "data.workers", "data.latents", "data.latent_cache")
 """Keys a resumed run may change; any other difference to the run's saved config is an error
 (``init.*`` paths may move: the inputs' content is checked by fingerprint)."""
@@ -242,12 +244,15 @@ def optimizer_from_tensors(name: str, opt: torch.optim.Optimizer, tensors: dict,
 
 
 def file_fingerprint(path) -> str:
-    """Size and a hash of a file's content, to notice an input replaced during a run."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return f"{os.path.getsize(path)}:{h.hexdigest()}"
+    """Size and a hash of a checkpoint's content (every shard of a set), to notice an input replaced
+    during a run."""
+    h, size = hashlib.blake2b(digest_size=16), 0
+    for file in checkpoint.checkpoint_files(path):
+        size += os.path.getsize(file)
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    return f"{size}:{h.hexdigest()}"
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -357,7 +362,7 @@ class Trainer:
         if found and not self.cfg.run.resume:
             raise TrainError(f"{self.run_dir} already holds checkpoints; pass run.resume=true to continue it or choose another run.dir")
         if found:
-            saved = OmegaConf.to_container(OmegaConf.load(saved_cfg_path), resolve=True)
+            saved = OmegaConf.to_container(load_yaml(saved_cfg_path), resolve=False)  # written resolved: never resolve it again
             now = OmegaConf.to_container(self.cfg, resolve=True)
             changed = [k for k in _config_differences(saved, now)
                        if k not in RESUMABLE_CHANGES and k != "run.resume" and not k.startswith("init.")]
@@ -374,7 +379,9 @@ class Trainer:
                 raise TrainError(f"no readable checkpoint in {self.run_dir / 'checkpoints'}")
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            _write_text_atomic(saved_cfg_path, OmegaConf.to_yaml(self.cfg, resolve=True))
+            for folder in (self.run_dir, self.run_dir / "checkpoints"):  # left by writes a kill interrupted
+                remove_stale_temps(folder)
+            write_text_atomic(saved_cfg_path, OmegaConf.to_yaml(self.cfg, resolve=True))
             self._truncate_log()
 
     def _checkpoint_tensors(self) -> tuple[dict, dict]:
@@ -463,7 +470,7 @@ class Trainer:
                     keep.append(line)
             except json.JSONDecodeError:  # a line cut short by a kill
                 continue
-        _write_text_atomic(self.log_path, "".join(line + "\n" for line in keep))
+        write_text_atomic(self.log_path, "".join(line + "\n" for line in keep))
 
     def log(self, record: dict) -> None:
         if not self.is_main:
@@ -476,12 +483,13 @@ class Trainer:
                     self._tensorboard.add_scalar(key, value, record.get("step", self.step))
 
     def _open_tensorboard(self):
-        if not self.is_main:
+        """A SummaryWriter into ``run.dir/tensorboard`` when ``run.tensorboard`` asks for one (the optional extra)."""
+        if not self.is_main or not self._switch("run.tensorboard", False):
             return None
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            return None
+            raise TrainConfigError("run.tensorboard=true needs the tensorboard extra: pip install -e '.[tensorboard]'") from None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
     # -- one update (called by stages)
@@ -626,13 +634,6 @@ class Trainer:
             self.save_checkpoint()  # a run resumed at (or configured for) no further steps still leaves its outputs
         self.log({"step": self.step, "wall_seconds": time.perf_counter() - started})
         return self.run_dir / "model.safetensors"
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def run(stage: str, overrides: list[str]) -> Path:

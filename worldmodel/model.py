@@ -29,7 +29,7 @@ from worldmodel.transformer import ConfigError, DiTConfig, WorldDiT
 WORLD_FRAME_SIZE = {"procedural": (128, 128), "doom": (120, 160)}
 """(height, width) of each built-in world's frames."""
 
-DEFAULT_SAMPLER = {"solver": "renoise", "steps": [1.0, 0.83], "first_frame_steps": [1.0, 0.95, 0.9, 0.83, 0.7, 0.5, 0.3, 0.1],
+DEFAULT_SAMPLER = {"solver": "renoise", "steps": [1.0, 0.5], "first_frame_steps": [1.0, 0.95, 0.9, 0.83, 0.7, 0.5, 0.3, 0.1],
                    "guidance": 1.0}
 """The students' sampler (worldmodel.session.SOLVERS); the AR teacher stage exports a guided Euler one."""
 
