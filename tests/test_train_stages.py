@@ -346,6 +346,13 @@ def test_unknown_key_is_refused(capsys):
     assert "unknown config key 'optim.lrr'" in cli_error(capsys, ["teacher", "optim.lrr=1"])
 
 
+def test_tensorboard_without_its_extra_is_refused_before_training(monkeypatch, capsys):
+    from train import config
+
+    monkeypatch.setattr(config.importlib.util, "find_spec", lambda name: None)
+    assert "needs the tensorboard extra" in cli_error(capsys, ["teacher", "run.tensorboard=true", "--print-config"])
+
+
 def test_model_keys_from_the_input_cannot_change(chain, episodes, tmp_path, capsys):
     err = cli_error(capsys, ["causal_cd", *args(episodes, tmp_path / "r", 1), "model.dit.dim=64",
                              f"init.teacher={chain['ar_teacher']}/model.safetensors"])

@@ -236,6 +236,7 @@ CASES = {
     "preset outside configs": ("train teacher preset=../../../etc/passwd --print-config", "unknown model preset"),
     "train abbreviated flag": ("train teacher --print-conf", "did you mean --print-config"),
     "run.dir is a file": (f"{TRAIN} run.dir={{d}}/a_file", "a_file"),
+    "run.dir is a file at --print-config": ("train teacher run.dir={d}/a_file --print-config", "is a file, not a folder"),
     "alias bomb in the run config": (f"{TRAIN} run.dir={{d}}/bomb_run", "cannot read config"),
     "evaluate a truncated checkpoint": ("train.evaluate {d}/truncated.safetensors --world procedural --out {d}/eval",
                                         "corrupt or truncated"),

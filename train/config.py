@@ -16,6 +16,7 @@ are untrusted YAML: an alias bomb or any other YAML error is one line.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
@@ -141,6 +142,11 @@ def check_values(cfg: DictConfig) -> None:
     device = str(cfg.run.device)
     if device != "auto" and not DEVICE.fullmatch(device):
         raise TrainConfigError(f"run.device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    run_dir = Path(str(cfg.run.dir))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainConfigError(f"run.dir {run_dir} is a file, not a folder")
+    if cfg.run.get("tensorboard") is True and importlib.util.find_spec("tensorboard") is None:
+        raise TrainConfigError("run.tensorboard=true needs the tensorboard extra: pip install -e '.[tensorboard]'")
 
 
 def yaml_comments(path: Path) -> dict[str, str]:
