@@ -461,8 +461,12 @@ def test_cli_evaluates_a_tiny_checkpoint_on_the_procedural_world(tmp_path):
     assert first["fidelity"]["rows"]["ground truth"]["psnr"]["3"] == "inf"
     assert first["protocol"]["clip_seeds"][0] >= 1_000_000  # held-out worlds
     text = (tmp_path / "a" / "report.md").read_text()
-    assert "## Swap test" in text and "## Speed" in text
+    assert "## Swap test" in text and "## Speed" in text and "## Autoencoder" in text
+    assert first["autoencoder"]["frames"] == 2 * 4  # the clips' frames, start frames included
     assert (tmp_path / "a" / "stability.png").is_file()
+    assert ev.main(common + ["--out", str(tmp_path / "c"), "--autoencoder-only"]) == 0
+    assert json.loads((tmp_path / "c" / "autoencoder.json").read_text()) == first["autoencoder"]
+    assert not (tmp_path / "c" / "report.json").exists()
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):

@@ -1,9 +1,10 @@
 """Stage 0: the per-frame autoencoder, trained on frames of the run's data.
 
-Input: none, or ``init.autoencoder`` (a checkpoint of any stage) to go on training its autoencoder:
-a later session adds to what an earlier one trained. Output: a WorldModel whose autoencoder is trained (EMA weights, latent statistics set
-from data so that latents are zero-mean, unit-variance per channel) and whose DiT is freshly
-initialised; stage ``teacher`` takes it as ``init.autoencoder``.
+Input: none, or ``init.autoencoder`` (a checkpoint of any stage) to go on training its autoencoder,
+so that a later session adds to what an earlier one trained. Output: a WorldModel whose autoencoder
+is trained (EMA weights, latent statistics set from data so that latents are zero-mean,
+unit-variance per channel) and whose DiT is freshly initialised; stage ``teacher`` takes it as
+``init.autoencoder``.
 Loss: :func:`worldmodel.autoencoder.reconstruction_loss` (L1 + SSIM + a light KL) on
 ``autoencoder.frames_per_clip`` random frames of each clip.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import torch
 from einops import repeat
-
 from omegaconf import OmegaConf
 
 from train.common import StageInputError, bundle, ema_copy, side_by_side

@@ -337,12 +337,16 @@ def autoencoder_report(autoencoder, frames: torch.Tensor, device="cpu", chunk: i
     sharpness against the frames' own (0..255 units; ``sharpness_ratio`` = reconstruction / truth)."""
     autoencoder = autoencoder.to(device).float().eval()
     flat = frames.flatten(0, 1)
-    recon = torch.cat([to_uint8(autoencoder.decode(autoencoder.encode(to_model(flat[None, i : i + chunk].to(device)))))[0].cpu()
-                       for i in range(0, len(flat), chunk)]).view(frames.shape)
+    parts = []
+    for i in range(0, len(flat), chunk):
+        x = to_model(flat[None, i : i + chunk].to(device))  # [1, n, 3, H, W]: the autoencoder takes clips
+        parts.append(to_uint8(autoencoder.decode(autoencoder.encode(x)))[0].cpu())
+    recon = torch.cat(parts).view(frames.shape)
     scores = per_frame_fidelity(recon, frames, device)
     sharp, truth_sharp = window_stats(recon, device)["sharpness"], window_stats(frames, device)["sharpness"]
-    return {"frames": len(flat), "psnr": float(psnr_of_mean(scores["mse"].flatten())), "ssim": float(scores["ssim"].mean()),
-            "sharpness": sharp, "sharpness_truth": truth_sharp, "sharpness_ratio": sharp / truth_sharp}
+    return {"frames": len(flat), "psnr": float(psnr_of_mean(scores["mse"].flatten())),
+            "ssim": float(scores["ssim"].mean()), "sharpness": sharp, "sharpness_truth": truth_sharp,
+            "sharpness_ratio": sharp / truth_sharp}
 
 
 def stability_report(idm: InverseDynamics, episodes: dict, generated: torch.Tensor, reference: torch.Tensor,
@@ -543,8 +547,8 @@ def markdown(report: dict, title: str) -> str:
     if "autoencoder" in report:
         ae = report["autoencoder"]
         out += ["## Autoencoder (the held-out clips' frames, encoded and decoded)", ""]
-        out += [table(["frames", "PSNR", "SSIM", "sharpness", "sharpness GT", "ratio"],
-                      [[ae["frames"], ae["psnr"], ae["ssim"], ae["sharpness"], ae["sharpness_truth"], ae["sharpness_ratio"]]]), ""]
+        row = [ae[k] for k in ("frames", "psnr", "ssim", "sharpness", "sharpness_truth", "sharpness_ratio")]
+        out += [table(["frames", "PSNR", "SSIM", "sharpness", "sharpness GT", "ratio"], [row]), ""]
     if "speed" in report:
         sp = report["speed"]
         out += [f"## Speed (batch 1, {sp['dtype']}, worldmodel.bench)", ""]
@@ -735,12 +739,13 @@ def evaluate_cli(argv) -> int:
     )
     if model.config.world not in (args.world, "custom"):
         raise EvalError(f"checkpoint was trained on world {model.config.world!r}, not {args.world!r}")
+    clips = heldout_episodes(settings, "clips", settings.clips, settings.horizon + 1)  # evaluate() renders them again
+    autoencoder = autoencoder_report(model.autoencoder, clips["frames"], args.device)  # before sessions cast the model
     if args.autoencoder_only:
-        clips = heldout_episodes(settings, "clips", settings.clips, settings.horizon + 1)
-        result = autoencoder_report(model.autoencoder, clips["frames"], args.device)
-        write_text_atomic(args.out / "autoencoder.json", json.dumps(result, indent=1) + "\n")
-        print(f"autoencoder on {result['frames']} held-out frames: PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.3f}, "
-              f"sharpness {result['sharpness']:.1f} against {result['sharpness_truth']:.1f} ({result['sharpness_ratio']:.3f})")
+        write_text_atomic(args.out / "autoencoder.json", json.dumps(autoencoder, indent=1) + "\n")
+        print(f"autoencoder on {autoencoder['frames']} held-out frames: PSNR {autoencoder['psnr']:.2f} dB, "
+              f"SSIM {autoencoder['ssim']:.3f}, sharpness {autoencoder['sharpness']:.1f} against "
+              f"{autoencoder['sharpness_truth']:.1f} ({autoencoder['sharpness_ratio']:.3f})")
         return 0
     idm = load_idm(args.idm or default_idm_path(args.world), device=args.device)
     if (model.action_spec, model.controller) != (idm.cfg.action_spec, idm.cfg.controller):
@@ -753,8 +758,7 @@ def evaluate_cli(argv) -> int:
     Session(model, batch=1, device=args.device, steps=steps, dtype=dtype)  # a bad --steps or sampler fails here
     report = evaluate(lambda b, s: Session(model, batch=b, device=args.device, steps=steps, seed=s, dtype=dtype),
                       idm, settings, block_size)
-    report["autoencoder"] = autoencoder_report(
-        model.autoencoder, heldout_episodes(settings, "clips", settings.clips, settings.horizon + 1)["frames"], args.device)
+    report["autoencoder"] = autoencoder
     report["speed"] = speed_report(model, settings, dtype, steps)
     sampler = {**OmegaConf.to_container(model.config.sampler), **({"steps": steps} if steps else {})}
     report["checkpoint"] = {"path": str(args.checkpoint), "stage": str(model.config.stage),

@@ -5,12 +5,12 @@ profile: walk (with a little wobble), walk while turning, sprint, stop, look aro
 back again: the view is revisited), look up/down, strafe, circle-strafe, back up, and turn round
 followed by walking back the way it came (a revisit). Players are rougher than that, and a model
 must read the actions rather than extrapolate the motion it sees: flicks (a fast turn of 20-120
-degrees in 2-6 frames), taps (random keys held for 1-4 frames, in bursts) and fidgets (a jittery mouse in
-yaw and pitch, independent from frame to frame). Mouse motion follows each segment's profile
-through a low-pass filter (per segment: flicks and fidgets follow the hand at once), in integer
-counts like a real mouse; pitch is pulled back towards level. When the world blocks the walk (the true pose
-barely moves while the commanded one walks on, e.g. against a wall), the segment ends and the
-policy turns away, like a player would.
+degrees in 2-6 frames), taps (random keys held for 1-4 frames, in bursts) and fidgets (a jittery
+mouse in yaw and pitch, independent from frame to frame). Mouse motion follows each segment's
+profile through a low-pass filter (per segment: flicks and fidgets follow the hand at once), in
+integer counts like a real mouse; pitch is pulled back towards level. When the world blocks the
+walk (the true pose barely moves while the commanded one walks on, e.g. against a wall), the
+segment ends and the policy turns away, like a player would.
 
 Each policy name weighs the segment kinds differently; ``mix`` gives every batch item one policy,
 chosen from its own seed. Item i of ``make_policy(name, spec, batch, seed)`` depends only on
