@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from worldmodel.flow import sigma_grid
+from worldmodel.flow import step_list
 
 START_FRAMES = Path(__file__).resolve().parent.parent / "assets" / "start_frames"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -37,20 +37,6 @@ class Generated:
     start: str
     steps: int
     generate_s: float
-
-
-def steps_schedule(n: int, default: list[float]) -> list[float]:
-    """``n`` noise levels for the few-step sampler: ``default`` itself when it has ``n``; otherwise the
-    points of a shifted uniform grid (``flow.sigma_grid``) whose shift reproduces ``default``'s second level."""
-    if n < 1:
-        raise ValueError(f"steps per frame must be at least 1, got {n}")
-    if n == len(default):
-        return list(default)
-    shift = 1.0
-    if len(default) >= 2:
-        u, s = 1.0 - 1.0 / len(default), default[1]  # unshifted and shifted second level
-        shift = s * (1.0 - u) / (u * (1.0 - s))
-    return [float(v) for v in sigma_grid(n, shift)[:-1]]
 
 
 def start_images(world: str, directory: Path = START_FRAMES) -> list[Path]:
@@ -118,7 +104,7 @@ class FrameGenerator:
 
     def set_steps(self, n: int) -> None:
         if self.session is not None and n != self.steps:
-            self.session.steps = steps_schedule(n, self.default_steps)
+            self.session.steps = step_list(n, self.default_steps)
             self.steps = n
 
     def commit(self) -> None:

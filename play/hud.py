@@ -10,7 +10,6 @@ DIM = (150, 150, 150)
 RED = (255, 70, 60)
 YELLOW = (255, 210, 60)
 BACKGROUND = (0, 0, 0, 170)
-MARGIN = 8  # pixels between the window corner and the HUD
 PADDING = 6
 HELP_KEYS = ("f1", "slash")  # toggle the help overlay ("?" is shift + slash) unless the controls file binds them
 ACTION_HELP = {"W": "walk forward", "S": "walk back", "A": "strafe left", "D": "strafe right", "SHIFT": "sprint"}

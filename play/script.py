@@ -14,7 +14,6 @@ again from the top. Actions are produced as they are needed, so a segment may be
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -96,8 +95,3 @@ def script_cycle(segments: list[Segment], spec: ActionSpec) -> Iterator[torch.Te
         for action, frames in actions:
             for _ in range(frames):  # range, not itertools.repeat: counts beyond 2**63 stay lazy
                 yield action
-
-
-def script_actions(segments: list[Segment], spec: ActionSpec, count: int) -> torch.Tensor:
-    """The first ``count`` actions ``[count, A]`` of the script, repeating it as often as needed."""
-    return torch.stack(list(itertools.islice(script_cycle(segments, spec), count)) or [torch.zeros(spec.width)])[:count]

@@ -1,8 +1,8 @@
 """Action/frame alignment, end to end: the action of frame t moves the camera from frame t-1 to frame t.
 
 Checked where it must hold: the controller (actions -> commanded poses); the worlds' frames and poses
-(procedural, Doom when vizdoom is installed) as play_clip, WorldClipStream and ``collect`` record
-them; and what the networks get, in training (to_clip, Plücker rays, the per-frame action in a
+(procedural, Doom when vizdoom is installed) as play_clip (train.data's world source) and ``collect``
+record them; and what the networks get, in training (to_clip, Plücker rays, the per-frame action in a
 causal forward, CachedRollout) and in play (Session). Most tests drive a *pulse*: an action that is
 non-zero at one frame only, so a shift by one frame either way fails them.
 """
@@ -16,7 +16,7 @@ from train.common import CachedRollout, Clip, block_ranges, to_clip
 from worldmodel.actions import ActionSpec, make_action, normalize_actions
 from worldmodel.camera import CameraState, ControllerSpec, integrate, relative_motion, state_to_pose, step_state
 from worldmodel.data.__main__ import main as data_main
-from worldmodel.data.dataset import WorldClipStream, find_episodes, play_clip
+from worldmodel.data.dataset import find_episodes, play_clip
 from worldmodel.data.episode import EpisodeFile
 from worldmodel.envs import make_world
 from worldmodel.envs.policies import make_policy
@@ -144,25 +144,6 @@ def test_procedural_true_and_commanded_poses_agree_in_timing():
     assert free.double().mean() > 0.8  # where nothing blocks it, the true step is the commanded step, same frame
     assert torch.equal(changed(clip["frames"]), moved(true)), "the image changes exactly when the true camera moves"
     assert_actions_move_each_pose(commanded, clip["actions"], world.controller)
-
-
-def test_world_clip_stream_records_action_t_with_frame_t(monkeypatch):
-    pulses = {k: PULSES["turn right"] if k % 3 else PULSES["walk"] for k in range(4, 40, 4)}
-    monkeypatch.setattr("worldmodel.envs.policies.make_policy", lambda *a, batch, **kw: PulsePolicy(batch, pulses))
-    stream = WorldClipStream("procedural", clip_len=12, batch=2, seed=4, max_warmup=7, num_batches=3,
-                             world_options={"height": SIZE, "width": SIZE})
-    for clip in stream:
-        acted = clip["actions"][:, 1:].abs().sum(-1) > 0
-        assert acted.any() and not acted.all()
-        assert torch.equal(changed(clip["frames"]), acted)
-        assert torch.equal(moved(clip["poses"]), acted) and torch.equal(moved(clip["true_poses"]), acted)
-
-
-def test_world_clip_stream_mix_policy_actions_move_each_pose():
-    stream = WorldClipStream("procedural", clip_len=40, batch=2, seed=1, max_warmup=9, num_batches=1,
-                             world_options={"height": SIZE, "width": SIZE})
-    (clip,) = list(stream)
-    assert_actions_move_each_pose(clip["poses"], clip["actions"], ControllerSpec())
 
 
 def collect(tmp_path, frames: int) -> list:

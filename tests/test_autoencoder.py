@@ -12,12 +12,10 @@ from worldmodel.autoencoder import (
     FrameAutoencoder,
     crop_frames,
     gaussian_kl,
-    gaussian_window,
-    main,
     pad_frames,
     reconstruction_loss,
-    ssim_map,
 )
+from worldmodel.metrics import gaussian_window, ssim_map
 
 TINY = dict(
     latent_channels=4,
@@ -145,7 +143,6 @@ def test_bad_inputs_give_clear_errors():
         model.encode(torch.zeros(1, 2, 3, 16, 16, dtype=torch.uint8))
     with pytest.raises(AutoencoderError, match=r"latents must be \[B, T, 4, 8, 8\]"):
         model.decode(torch.zeros(2, 4, 8, 8))
-    assert main(["--bench", "--sizes", "128by128"]) == 2
 
 
 def test_set_latent_stats_gives_unit_variance_per_channel():
@@ -193,14 +190,14 @@ def test_ssim_matches_definition():
     fresh_seed()
     x = torch.rand(2, 3, 14, 13, dtype=torch.float64)
     y = (x + 0.2 * torch.randn_like(x)).clamp(0, 1)
-    fast = ssim_map(x, y)
+    fast = ssim_map(x, y, data_range=1.0)
     assert fast.shape == (2, 3, 4, 3)
     for n in range(2):
         for c in range(3):
             for i in range(4):
                 for j in range(3):
                     torch.testing.assert_close(fast[n, c, i, j], slow_ssim(x, y, n, c, i, j), rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(ssim_map(x, x), torch.ones_like(fast))
+    torch.testing.assert_close(ssim_map(x, x, data_range=1.0), torch.ones_like(fast))
     g = gaussian_window()
     assert g.shape == (11,) and abs(float(g.sum()) - 1) < 1e-6 and int(g.argmax()) == 5
 
@@ -224,6 +221,8 @@ def test_loss_terms_combine_as_documented():
     torch.testing.assert_close(stats["kl"], gaussian_kl(mean, logvar).detach() / frames.numel())
     recon = model.decode_raw(mean)
     torch.testing.assert_close(stats["l1"], (recon - frames).abs().mean().detach())
+    to_images = lambda v: ((v + 1) / 2).flatten(0, 1)  # noqa: E731
+    assert torch.equal(stats["ssim"], ssim_map(to_images(recon), to_images(frames), data_range=1.0).mean().detach())
 
 
 def test_ssim_term_is_float32_under_bf16_autocast():
@@ -235,15 +234,16 @@ def test_ssim_term_is_float32_under_bf16_autocast():
     mean, _ = model.encode_moments(frames)
     recon = model.decode_raw(mean).detach()
     to_images = lambda v: ((v + 1) / 2).flatten(0, 1)  # noqa: E731
-    expected = ssim_map(to_images(recon.double()), to_images(frames.double())).mean()
+    ssim = lambda a, b: ssim_map(a, b, data_range=1.0).mean()  # noqa: E731  the loss's SSIM
+    expected = ssim(to_images(recon.double()), to_images(frames.double()))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = ssim_map(to_images(recon), to_images(frames)).mean()  # what the loss must avoid
+        got = ssim(to_images(recon), to_images(frames))  # what the loss must avoid
         _, stats = reconstruction_loss(model, frames, sample_posterior=False)
     assert abs(float(got) - float(expected)) > 1e-4  # bf16 SSIM is visibly off
     assert stats["ssim"].dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         recon_bf16 = model.decode_raw(model.encode_moments(frames)[0]).float().detach()
-    exact = ssim_map(to_images(recon_bf16.double()), to_images(frames.double())).mean()
+    exact = ssim(to_images(recon_bf16.double()), to_images(frames.double()))
     assert abs(float(stats["ssim"]) - float(exact)) < 1e-5
 
 

@@ -7,17 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from worldmodel.actions import ActionSpec
 from worldmodel.camera import CameraState, ControllerSpec, integrate, state_to_pose, step_state
 from worldmodel.data.dataset import (
     ClipDataset,
     DatasetError,
-    WorldClipStream,
     find_episodes,
     play_clip,
-    stream_seed,
     world_seeds,
 )
 from worldmodel.data.episode import EpisodeMeta, EpisodeWriter, read_episode
@@ -26,9 +24,8 @@ from worldmodel.data.splits import (
     DOOM_TRAIN_MAPS,
     HELDOUT_SEED_START,
     SplitError,
-    doom_maps,
     heldout_seeds,
-    is_heldout,
+    split_options,
     split_seeds,
     train_seeds,
 )
@@ -58,7 +55,8 @@ def test_index_covers_every_clip_once_and_matches_episode_slices(recordings):
     with pytest.warns(UserWarning, match="fewer than clip_len=4; skipped"):
         dataset = ClipDataset(recordings, clip_len=4, stride=2)
     expected = [(p, s) for p, n in [("a", 10), ("b", 7), ("c/d", 4)] for s in range(0, n - 4 + 1, 2)]
-    assert [(str(p.relative_to(recordings)), s) for p, s in map(dataset.clip_source, range(len(dataset)))] == expected
+    sources = [(dataset.episodes[o].path, int(s)) for o, s in zip(dataset.owners, dataset.starts)]
+    assert [(str(p.relative_to(recordings)), s) for p, s in sources] == expected
     for i, (name, start) in enumerate(expected):
         episode = read_episode(recordings / name)[start : start + 4]
         item = dataset[i]
@@ -176,38 +174,11 @@ def test_play_clip_records_the_steps_after_the_warmup(warmup):
     torch.testing.assert_close(clip["true_poses"], clip["poses"] + 1.0)
 
 
-class SeedProbe(IterableDataset):
-    def __iter__(self):
-        yield torch.tensor(stream_seed(5))
-
-
-def test_stream_seeds_differ_between_workers_and_ranks(monkeypatch):
-    seeds = [int(s) for s in DataLoader(SeedProbe(), batch_size=None, num_workers=2)]
-    assert len(seeds) == 2 and seeds[0] != seeds[1]
-    monkeypatch.setenv("RANK", "1")
-    assert stream_seed(5) not in seeds and stream_seed(5) != stream_seed(6)
-
-
-def test_world_clip_stream_plays_seeded_batches_in_the_procedural_world():
-    pytest.importorskip("worldmodel.envs.procedural", reason="the procedural world (worldmodel.envs) is not written yet")
-    options = {"height": 16, "width": 16}
-    stream = WorldClipStream("procedural", clip_len=3, batch=2, seed=1, max_warmup=2, world_options=options,
-                             num_batches=2)
-    first, again = list(stream), list(stream)
-    assert len(first) == 2
-    for a, b in zip(first, again):
-        assert a["frames"].shape == (2, 3, 16, 16, 3) and a["frames"].dtype == torch.uint8
-        assert a["actions"].shape == (2, 3, 7) and a["poses"].shape == a["true_poses"].shape == (2, 3, 4, 4)
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)  # seeded: the same stream twice
-
-
 def test_world_seeds_come_from_the_split():
     rng = np.random.default_rng(0)
     train, heldout = world_seeds(rng, "train", 500), world_seeds(rng, "heldout", 500)
     assert all(0 <= s < HELDOUT_SEED_START for s in train) and len(set(train)) > 490
     assert all(s >= HELDOUT_SEED_START for s in heldout)
-    assert not any(map(is_heldout, train)) and all(map(is_heldout, heldout))
     with pytest.raises(ValueError, match="unknown split"):
         world_seeds(rng, "test", 1)
 
@@ -215,11 +186,11 @@ def test_world_seeds_come_from_the_split():
 def test_split_functions():
     assert train_seeds(3, start=5) == [5, 6, 7] and heldout_seeds(2) == [HELDOUT_SEED_START, HELDOUT_SEED_START + 1]
     assert split_seeds("heldout", 1, start=4) == [HELDOUT_SEED_START + 4]
-    assert set(DOOM_TRAIN_MAPS).isdisjoint(DOOM_HELDOUT_MAPS) and doom_maps("heldout") == DOOM_HELDOUT_MAPS
-    assert is_heldout("map09") and not is_heldout("MAP01")
+    assert set(DOOM_TRAIN_MAPS).isdisjoint(DOOM_HELDOUT_MAPS)
+    assert split_options("doom", "heldout", {"pitch": True}) == {"pitch": True, "maps": list(DOOM_HELDOUT_MAPS)}
+    assert split_options("doom", "train", {"maps": ["MAP02"]}) == {"maps": ["MAP02"]}  # named maps win
+    assert split_options("procedural", "heldout") == {}
     with pytest.raises(SplitError, match="do not fit"):
         train_seeds(2, start=HELDOUT_SEED_START - 1)
-    with pytest.raises(SplitError, match="neither split"):
-        is_heldout("E1M1")
-    with pytest.raises(SplitError, match="non-negative integer"):
-        is_heldout(-1)
+    with pytest.raises(SplitError, match="unknown split"):
+        split_options("doom", "test")

@@ -1,9 +1,11 @@
 import math
 
+import pytest
 import torch
 
-from worldmodel.flow import (add_noise, cfg_velocity, eps_from_v, euler_sample, few_step_sample, shift_sigma,
-                             sigma_grid, velocity_target, x0_from_v)
+from worldmodel.flow import (add_noise, cfg_velocity, euler_sample, few_step_sample, shift_sigma, sigma_grid, step_list,
+                             velocity_target, x0_from_v)
+from worldmodel.model import DEFAULT_SAMPLER
 
 
 def test_parameterisation_round_trip():
@@ -13,7 +15,6 @@ def test_parameterisation_round_trip():
     xt = add_noise(x0, eps, sigma)
     v = velocity_target(x0, eps)
     assert torch.allclose(x0_from_v(xt, v, sigma), x0, atol=1e-12)
-    assert torch.allclose(eps_from_v(xt, v, sigma), eps, atol=1e-12)
     assert torch.allclose(add_noise(x0, eps, 1.0), eps) and torch.allclose(add_noise(x0, eps, 0.0), x0)
 
 
@@ -26,6 +27,20 @@ def test_shift_and_grid():
     assert (shifted[1:-1] > s[1:-1]).all()
     grid = sigma_grid(4, 1.0)
     assert torch.allclose(grid, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+
+
+def test_step_list_keeps_a_default_and_its_grid():
+    default = [1.0, 0.83]
+    assert step_list(2, default) == default
+    assert step_list(1, default) == [1.0]
+    four = step_list(4, default)
+    k = 0.83 * 0.5 / (0.5 * 0.17)  # the shift that maps the unshifted midpoint 0.5 to 0.83
+    assert four == pytest.approx([float(shift_sigma(u, k)) for u in (1.0, 0.75, 0.5, 0.25)], abs=1e-6)
+    assert four[2] == pytest.approx(0.83, abs=1e-6)
+    assert step_list(4, DEFAULT_SAMPLER["steps"]) == [1.0, 0.75, 0.5, 0.25]  # the students' [1.0, 0.5]: shift 1
+    assert step_list(4, shift=5.0) == pytest.approx([1.0, 0.9375, 0.8333, 0.625], abs=1e-4)  # Self Forcing's
+    with pytest.raises(ValueError):
+        step_list(0, default)
 
 
 def test_euler_is_exact_on_the_straight_path_of_a_point_mass():

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from worldmodel.actions import make_action
-from worldmodel.camera import integrate, relative_to
+from worldmodel.camera import integrate, rigid_inverse
 from worldmodel.data.episode import read_episode
 
 from play.cli import build_app, build_parser, main
@@ -130,8 +130,8 @@ def test_recording_round_trip_and_windowed_replay(dummy_video, tmp_path):
         assert np.array_equal(ep.frames[index].numpy(), frame)
     assert (ep.timestamps.diff() >= 0).all() and ep.timestamps[-1] > 0
     poses, _ = integrate(ep.actions[None, 1:], ep.meta.action_spec, ep.meta.controller)
-    expected = relative_to(poses, ep.commanded_poses[None, 0])[0]
-    assert torch.allclose(relative_to(ep.commanded_poses[None, 1:], ep.commanded_poses[None, 0])[0], expected, atol=1e-5)
+    to_start = rigid_inverse(ep.commanded_poses[0])  # both relative to the first commanded pose
+    assert torch.allclose(to_start @ ep.commanded_poses[1:], to_start @ poses[0], atol=1e-5)
     assert torch.isnan(ep.true_poses).all()
 
     replay = app_for(["--display-fps", "200", "--replay", str(path), "--record", str(tmp_path / "again")])

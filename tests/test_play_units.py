@@ -1,5 +1,6 @@
 """Unit tests of the client's pure parts: controls file, input mapping, scripts, mailbox, layout, filters, HUD."""
 
+import itertools
 import threading
 
 import numpy as np
@@ -7,15 +8,13 @@ import pytest
 import torch
 
 from worldmodel.actions import ActionSpec, make_action
-from worldmodel.flow import shift_sigma
 
 from play.controls import COMMANDS, ControlsError, load_controls
-from play.generator import steps_schedule
 from play.hud import HudState, MeanMeter, RateMeter, hud_lines, model_too_slow
 from play.input import InputMapper, InputSample, merge_samples
 from play.keys import KEY_CONSTANTS, KeyNameError, canonical_key, key_table
 from play.renderer import panel_rects, sharpen
-from play.script import ScriptError, load_script, parse_script, script_actions
+from play.script import ScriptError, load_script, parse_script, script_cycle
 from play.worker import Mailbox, ResetJob, StepJob, StopJob
 
 SPEC = ActionSpec()
@@ -148,7 +147,7 @@ def test_mailbox_wakes_a_waiting_taker():
 def test_script_parses_and_repeats(tmp_path):
     text = "# comment\n2 W+shift 1.5 -2  # walk\n\n1 - 0 0\n"
     segments = parse_script(text, SPEC)
-    actions = script_actions(segments, SPEC, 7)
+    actions = torch.stack(list(itertools.islice(script_cycle(segments, SPEC), 7)))
     one = [make_action(SPEC, ("W", "SHIFT"), 1.5, -2)] * 2 + [make_action(SPEC)]
     assert torch.equal(actions, torch.stack(one + one + one[:1]))
 
@@ -209,19 +208,7 @@ def test_sharpen_matches_a_slow_reference():
     assert np.array_equal(sharpen(flat), flat)
 
 
-# -- steps, HUD
-
-
-def test_steps_schedule_keeps_the_model_default_and_its_grid():
-    default = [1.0, 0.83]
-    assert steps_schedule(2, default) == default
-    assert steps_schedule(1, default) == [1.0]
-    four = steps_schedule(4, default)
-    k = 0.83 * 0.5 / (0.5 * 0.17)  # the shift that maps the unshifted midpoint 0.5 to 0.83
-    assert four == pytest.approx([float(shift_sigma(u, k)) for u in (1.0, 0.75, 0.5, 0.25)], abs=1e-6)
-    assert four[2] == pytest.approx(0.83, abs=1e-6)
-    with pytest.raises(ValueError):
-        steps_schedule(0, default)
+# -- HUD
 
 
 def test_meters():

@@ -20,11 +20,12 @@ from train import trainer as trainer_module
 from train.__main__ import main
 from train.bench import write_synthetic
 from train.common import StageInputError, check_same_autoencoder
+from train.config import compose
 from train.trainer import run
 from worldmodel import checkpoint
 from worldmodel.actions import ActionSpec, make_action
 from worldmodel.camera import ControllerSpec, integrate
-from worldmodel.model import build_model
+from worldmodel.model import PRESETS, build_model
 from worldmodel.session import Session
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +78,18 @@ def read_log(run_dir: Path) -> list[dict]:
 
 EXPECTED_LOSS = {"autoencoder": "loss", "teacher": "loss", "ar_teacher": "loss", "causal_cd": "loss",
                  "causal_ode": "loss", "causal_ode_bidirectional": "loss", "dmd": "critic_loss"}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_files_hold_training_settings_whose_clips_fit_the_cache(preset):
+    """train/configs/model/<preset>.yaml adds only training settings to worldmodel.model.PRESETS, and its
+    clips fit the preset's KV window + sink frames (as the files' comments say)."""
+    from omegaconf import OmegaConf
+
+    cfg, _ = compose("teacher", [f"preset={preset}"])
+    dit = PRESETS[preset]["dit"]
+    assert cfg.data.clip_len <= dit["window_frames"] + dit["sink_frames"]
+    assert "model" not in OmegaConf.load(REPO / "train" / "configs" / "model" / f"{preset}.yaml")
 
 
 @pytest.mark.parametrize("key", list(EXPECTED_LOSS))

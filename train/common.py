@@ -119,7 +119,7 @@ def rebuilt(model_cfg, source: WorldModel) -> WorldModel:
 
 def teacher_sampler(sample_cfg) -> dict:
     """The sampler a teacher checkpoint plays with: guided Euler over ``sample.steps`` shifted steps."""
-    sigmas = flow.sigma_grid(int(sample_cfg.steps), float(sample_cfg.shift))[:-1].tolist()
+    sigmas = flow.step_list(int(sample_cfg.steps), shift=float(sample_cfg.shift))
     return {"solver": "euler", "steps": sigmas, "first_frame_steps": sigmas, "guidance": float(sample_cfg.guidance)}
 
 

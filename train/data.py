@@ -5,7 +5,7 @@ uninterrupted run would, with no loader state to save. Rank r of W takes rows ``
 of the global batch of ``W*b`` clips. For recordings, the global batch is the same whatever W is
 (one shuffled order of all clips per epoch), so a 2-GPU run sees the data of a 1-GPU run at the
 same global batch. Worlds play each rank's clips from seeds drawn from (seed, k, rank), built on
-:func:`worldmodel.data.dataset.play_clip` (the same clips WorldClipStream plays, but addressable by step).
+:func:`worldmodel.data.dataset.play_clip` (addressable by step; Doom plays the split's maps).
 
 Every batch is a dict of CPU tensors ``frames uint8 [b, T, H, W, 3]``, ``actions [b, T, A]`` (raw),
 ``poses [b, T, 4, 4]`` (commanded), ``true_poses [b, T, 4, 4]``.
@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_in
 from worldmodel.actions import ActionSpec
 from worldmodel.camera import ControllerSpec
 from worldmodel.data.dataset import ClipDataset, DatasetError, play_clip, world_seeds
+from worldmodel.data.splits import split_options
 
 SOURCES = ("world", "recordings")
 
@@ -99,7 +100,8 @@ class _WorldSteps(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         cfg = self.cfg
-        world = make_world(cfg.world, batch=self.batch, device="cpu", **dict(cfg.world_options))
+        options = split_options(cfg.world, cfg.split, cfg.world_options)
+        world = make_world(cfg.world, batch=self.batch, device="cpu", **options)
         try:
             for step in itertools.islice(_iterate(self.steps), worker, None, workers):
                 rng = np.random.default_rng(derive_seed(self.seed, "world", step, self.rank))

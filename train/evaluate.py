@@ -130,12 +130,9 @@ def heldout_episodes(settings: EvalSettings, which: str, count: int, length: int
 
 def heldout_options(settings: EvalSettings) -> dict:
     """World options for held-out play: Doom plays its held-out maps."""
-    options = dict(settings.world_options)
-    if settings.world == "doom":
-        from worldmodel.data.splits import DOOM_HELDOUT_MAPS
+    from worldmodel.data.splits import split_options
 
-        options.setdefault("maps", list(DOOM_HELDOUT_MAPS))
-    return options
+    return split_options(settings.world, "heldout", settings.world_options)
 
 
 def replay(settings: EvalSettings, seeds: list[int], actions: torch.Tensor) -> torch.Tensor:

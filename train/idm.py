@@ -48,13 +48,11 @@ def world_episodes(world_name: str, split: str, count: int, length: int, batch: 
     "heldout"), the policy seeded by ``seed``, played ``batch`` at a time: frames uint8 ``[E, T, H, W, 3]``,
     actions ``[E, T, A]``, poses ``[E, T, 4, 4]`` (observed)."""
     from worldmodel.data.dataset import play_clip
-    from worldmodel.data.splits import doom_maps, split_seeds
+    from worldmodel.data.splits import split_options, split_seeds
     from worldmodel.envs import make_world
     from worldmodel.envs.policies import make_policy
 
-    options = dict(world_options or {})
-    if world_name == "doom":
-        options.setdefault("maps", list(doom_maps(split)))
+    options = split_options(world_name, split, world_options)
     seeds = split_seeds(split, count)
     world = make_world(world_name, batch=batch, device=device, **options)
     parts = []

@@ -8,8 +8,7 @@ Each frame is coded on its own with 8x spatial compression (three stride-2 level
 
 The encoder is a small VAE encoder (GroupNorm residual blocks, a mean and a log-variance per
 latent element). The decoder runs once per displayed frame in play, so it has no normalisation
-layers and puts its wide layers at low resolution; ``python -m worldmodel.autoencoder --bench``
-prints its latency.
+layers and puts its wide layers at low resolution; ``python -m worldmodel.bench`` prints its latency.
 
 Latents seen by callers are normalised per channel: ``encode`` returns ``(mean - shift) / scale``
 and ``decode`` undoes it. The buffers ``latent_shift`` and ``latent_scale`` are set from data
@@ -17,9 +16,9 @@ with :meth:`FrameAutoencoder.set_latent_stats` after training, so that diffusion
 unit-variance latents; they are saved with the weights.
 
 Loss (:func:`reconstruction_loss`): ``(1 - a) * L1 + a * (1 - SSIM) + kl_weight * KL``.
-No pretrained perceptual network is available, so the structural term is SSIM (Gaussian
-window 11, sigma 1.5, on frames mapped to [0, 1]); ``a = 0.84`` is the L1/SSIM mix found best
-for image restoration by Zhao et al., "Loss Functions for Image Restoration with Neural
+No pretrained perceptual network is available, so the structural term is SSIM
+(:func:`worldmodel.metrics.ssim_map`: Gaussian window 11, sigma 1.5, on frames mapped to [0, 1]);
+``a = 0.84`` is the L1/SSIM mix found best for image restoration by Zhao et al., "Loss Functions for Image Restoration with Neural
 Networks" (2017). The KL term is summed over latent elements and divided by the number of
 pixel values, so ``kl_weight = 1e-6`` means what it means in Stable Diffusion's KL autoencoder:
 a light pull that keeps latents bounded without costing reconstruction.
@@ -27,11 +26,7 @@ a light pull that keeps latents bounded without costing reconstruction.
 
 from __future__ import annotations
 
-import argparse
 import math
-import statistics
-import sys
-import time
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -39,11 +34,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from worldmodel.metrics import ssim_map
+
 PAD_MODES = ("replicate", "reflect")
-SSIM_WINDOW = 11
-SSIM_SIGMA = 1.5
-SSIM_C1 = 0.01**2  # (K1 * data range)^2 with K1 = 0.01, data range 1 (Wang et al. 2004)
-SSIM_C2 = 0.03**2  # (K2 * data range)^2 with K2 = 0.03
 LOGVAR_RANGE = (-30.0, 20.0)  # keeps exp(logvar) finite in fp32
 
 
@@ -340,29 +333,6 @@ class FrameAutoencoder(nn.Module):
             raise AutoencoderError(f"latents must be [B, T, {', '.join(map(str, expected))}], got {got}")
 
 
-def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA, dtype=torch.float32) -> torch.Tensor:
-    """Normalised 1-D Gaussian ``[size]`` centred on the middle tap."""
-    offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(offsets**2) / (2 * sigma**2))
-    return (g / g.sum()).to(dtype)
-
-
-def ssim_map(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """SSIM of images ``[N, C, H, W]`` in [0, 1] per window position: ``[N, C, H - 10, W - 10]`` (valid windows)."""
-    if x.shape[-1] < SSIM_WINDOW or x.shape[-2] < SSIM_WINDOW:
-        raise AutoencoderError(f"SSIM needs frames of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {tuple(x.shape[-2:])}")
-    channels = x.shape[1]
-    g = gaussian_window(dtype=x.dtype).to(x.device)
-    stacked = torch.cat([x, y, x * x, y * y, x * y], dim=1)
-    rows = F.conv2d(stacked, g.view(1, 1, 1, -1).expand(5 * channels, 1, 1, -1), groups=5 * channels)
-    blurred = F.conv2d(rows, g.view(1, 1, -1, 1).expand(5 * channels, 1, -1, 1), groups=5 * channels)
-    mu_x, mu_y, xx, yy, xy = blurred.chunk(5, dim=1)
-    var_x, var_y, cov = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
-    luminance = (2 * mu_x * mu_y + SSIM_C1) / (mu_x**2 + mu_y**2 + SSIM_C1)
-    structure = (2 * cov + SSIM_C2) / (var_x + var_y + SSIM_C2)
-    return luminance * structure
-
-
 def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL( N(mean, exp(logvar)) || N(0, 1) ) summed over all elements (a 0-d tensor)."""
     return 0.5 * (mean**2 + logvar.exp() - 1.0 - logvar).sum()
@@ -387,91 +357,10 @@ def reconstruction_loss(
     l1 = (recon - frames).abs().mean()
     as_images = lambda v: rearrange((v.float() + 1.0) / 2.0, "b t c h w -> (b t) c h w")  # noqa: E731
     with torch.autocast(frames.device.type, enabled=False):  # SSIM's local variances cancel badly in bf16
-        ssim = ssim_map(as_images(recon), as_images(frames)).mean()
+        ssim = ssim_map(as_images(recon), as_images(frames), data_range=1.0).mean()
     kl = gaussian_kl(mean.float(), logvar.float()) / frames.numel()
     loss = (1.0 - ssim_mix) * l1 + ssim_mix * (1.0 - ssim) + kl_weight * kl
     mse = (recon.detach().clamp(-1.0, 1.0) - frames).pow(2).mean()
     psnr = 10.0 * torch.log10(4.0 / mse.clamp_min(1e-12))  # peak-to-peak range of [-1, 1] is 2
     stats = {"loss": loss, "l1": l1, "ssim": ssim, "kl": kl, "psnr": psnr}
     return loss, {k: v.detach() for k, v in stats.items()}
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def _median_ms(fn, arg, device: torch.device, warmup: int, repeats: int) -> float:
-    times = []
-    for i in range(warmup + repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn(arg)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
-def benchmark(
-    config: AutoencoderConfig = AutoencoderConfig(),
-    *,
-    device: str = "cpu",
-    batch: int = 1,
-    warmup: int = 10,
-    repeats: int = 50,
-) -> dict[str, float]:
-    """Median latency (ms) of encode and decode of ``batch`` single frames, plus parameter counts.
-
-    Uses whatever ``torch.get_num_threads()`` is set to; the CLI sets it (2 by default).
-    """
-    dev = torch.device(device)
-    model = FrameAutoencoder(config).to(dev).eval()
-    frames = torch.rand(batch, 1, config.in_channels, config.frame_height, config.frame_width, device=dev) * 2 - 1
-    with torch.inference_mode():
-        latents = model.encode(frames)
-        return {
-            "decode_ms": _median_ms(model.decode, latents, dev, warmup, repeats),
-            "encode_ms": _median_ms(model.encode, frames, dev, warmup, repeats),
-            "decoder_params": count_parameters(model.decoder),
-            "encoder_params": count_parameters(model.encoder),
-        }
-
-
-def benchmark_decode(config: AutoencoderConfig = AutoencoderConfig(), **kwargs) -> float:
-    """Median decode latency (ms) of one frame; see :func:`benchmark`."""
-    return benchmark(config, **kwargs)["decode_ms"]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worldmodel.autoencoder", description=__doc__.splitlines()[0])
-    parser.add_argument("--bench", action="store_true", help="print encode/decode latency and parameter counts")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--sizes", default="128x128,160x120", help="comma-separated WIDTHxHEIGHT frame sizes")
-    args = parser.parse_args(argv)
-    if not args.bench:
-        parser.print_help()
-        return 0
-    try:
-        torch.set_num_threads(args.threads)
-        sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")]
-        print(f"device={args.device} threads={torch.get_num_threads()} batch={args.batch} (median of 50 after 10 warm-up)")
-        for width, height in sizes:
-            cfg = AutoencoderConfig(frame_height=height, frame_width=width)
-            r = benchmark(cfg, device=args.device, batch=args.batch)
-            print(
-                f"{width}x{height} -> latent {'x'.join(map(str, cfg.latent_shape))}: decode {r['decode_ms']:.2f} ms, "
-                f"encode {r['encode_ms']:.2f} ms, decoder {r['decoder_params'] / 1e6:.2f} M params, "
-                f"encoder {r['encoder_params'] / 1e6:.2f} M params"
-            )
-    except (ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

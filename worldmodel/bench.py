@@ -4,7 +4,8 @@ For frame-wise and chunk-wise models and 1, 2 and 4 denoising steps it prints, d
 - latency: time of one ``step`` (input in -> frame(s) out; the t = 0 cache write of the previous
   frame is not in it, a client runs it while it waits for input);
 - FPS: frames per second of a loop of step + cache write;
-- first frame: from ``reset`` with a start image to the first generated frame.
+- first frame: from ``reset`` with a start image to the first generated frame;
+- the autoencoder alone: decode (once per displayed frame) and encode (the start image) of one frame.
 Weights are random: speed does not depend on them.
 """
 
@@ -17,10 +18,11 @@ import time
 import torch
 
 from worldmodel.actions import make_action
+from worldmodel.flow import step_list
 from worldmodel.model import build_model
 from worldmodel.session import Session
 
-STEP_LISTS = {1: [1.0], 2: [1.0, 0.83], 4: [1.0, 0.9, 0.75, 0.5]}
+STEP_COUNTS = (1, 2, 4)  # each a flow.step_list of the model's own sampler
 
 
 def _now(device):
@@ -60,11 +62,29 @@ def measure(session: Session, frames: int, warmup: int = 5) -> dict:
     }
 
 
+def autoencoder_ms(model, batch: int, repeats: int = 20, warmup: int = 5) -> dict:
+    """Median decode and encode latency (ms) of ``batch`` single frames by ``model``'s autoencoder."""
+    ae, h, w = model.autoencoder, *model.frame_size
+    weight = next(ae.parameters())
+    frames = torch.rand(batch, 1, 3, h, w, device=weight.device, dtype=weight.dtype) * 2 - 1
+    out = {}
+    with torch.inference_mode():
+        for name, fn, arg in (("decode_ms", ae.decode, ae.encode(frames)), ("encode_ms", ae.encode, frames)):
+            times = []
+            for _ in range(warmup + repeats):
+                t0 = _now(weight.device)
+                fn(arg)
+                times.append(_now(weight.device) - t0)
+            out[name] = 1000 * statistics.median(times[warmup:])
+    return out
+
+
 def run(preset: str, world: str, device: str, batch: int, frames: int, chunk: int, dtype: torch.dtype, cuda_graphs):
     rows = []
     for block_size in (1, chunk):
         model = build_model(preset, world, block_size=block_size)
-        for n_steps, sigmas in STEP_LISTS.items():
+        for n_steps in STEP_COUNTS:
+            sigmas = step_list(n_steps, model.config.sampler.steps)
             session = Session(model, batch=batch, device=device, steps=sigmas, dtype=dtype, cuda_graphs=cuda_graphs)
             r = measure(session, frames)
             rows.append({"granularity": "frame" if block_size == 1 else f"chunk{block_size}", "steps": n_steps, **r})
@@ -95,6 +115,8 @@ def main(argv=None):
     print(f"# {args.preset} model, {args.world} {model.frame_size[1]}x{model.frame_size[0]}: DiT {params['dit'] / 1e6:.1f}M params, "
           f"autoencoder {params['autoencoder'] / 1e6:.1f}M, {cfg.tokens_per_frame} tokens/frame, window {cfg.window_frames}+{cfg.sink_frames} sink")
     print(f"# {where}, batch {args.batch}, {str(dtype).replace('torch.', '')}, cuda graphs {'on' if graphs else 'off'}")
+    ae = autoencoder_ms(model, args.batch)
+    print(f"# autoencoder alone: decode {ae['decode_ms']:.2f} ms, encode {ae['encode_ms']:.2f} ms")
     print(f"{'granularity':>11} {'steps':>5} {'latency ms':>11} {'FPS':>8} {'first frame ms':>15}")
     for r in rows:
         print(f"{r['granularity']:>11} {r['steps']:>5} {r['latency_ms']:>11.2f} {r['fps']:>8.1f} {r['first_frame_ms']:>15.2f}")

@@ -123,16 +123,11 @@ def rigid_inverse(pose: torch.Tensor) -> torch.Tensor:
     return inv
 
 
-def relative_to(poses: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-    """Poses ``[B, T, 4, 4]`` expressed in the frame of ``anchor [B, 4, 4]``: anchor^-1 @ pose.
-
-    Any rigid transform G applied to all poses (G @ pose, G @ anchor) leaves the result unchanged;
-    this is what makes camera conditioning (and a rolling KV cache) independent of where a session is.
-    """
-    return rigid_inverse(anchor)[:, None] @ poses
-
-
 def relative_motion(poses: torch.Tensor) -> torch.Tensor:
-    """Per-frame motion ``[B, T, 4, 4]``: pose_{t-1}^-1 @ pose_t, identity for t = 0."""
+    """Per-frame motion ``[B, T, 4, 4]``: pose_{t-1}^-1 @ pose_t, identity for t = 0.
+
+    A rigid transform G applied to all poses leaves it unchanged: what makes camera conditioning
+    (and a rolling KV cache) independent of where a session is.
+    """
     prev = torch.cat([poses[:, :1], poses[:, :-1]], 1)
     return rigid_inverse(prev) @ poses

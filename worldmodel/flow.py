@@ -37,10 +37,6 @@ def x0_from_v(x_t: torch.Tensor, v: torch.Tensor, sigma) -> torch.Tensor:
     return x_t - _per_frame(sigma, x_t) * v
 
 
-def eps_from_v(x_t: torch.Tensor, v: torch.Tensor, sigma) -> torch.Tensor:
-    return x_t + (1 - _per_frame(sigma, x_t)) * v
-
-
 def shift_sigma(sigma, shift: float):
     """Timestep shift s' = k s / (1 + (k - 1) s); k > 1 spends more steps at high noise."""
     return shift * sigma / (1 + (shift - 1) * sigma)
@@ -49,6 +45,25 @@ def shift_sigma(sigma, shift: float):
 def sigma_grid(num_steps: int, shift: float = 1.0) -> torch.Tensor:
     """``num_steps + 1`` decreasing noise levels from 1 to 0, shifted."""
     return shift_sigma(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), shift).float()
+
+
+def step_list(num_steps: int, default: Sequence[float] | None = None, shift: float = 1.0) -> list[float]:
+    """The ``num_steps`` noise levels of a few-step sampler: ``sigma_grid(num_steps, shift)`` without its final 0.
+
+    With ``default`` (a sampler's own list, e.g. ``model.DEFAULT_SAMPLER["steps"]``): ``default`` itself when
+    it has ``num_steps`` levels; otherwise the grid whose shift maps the unshifted second level of a
+    ``len(default)``-step grid onto ``default[1]`` (``shift`` is then ignored).
+    """
+    if num_steps < 1:
+        raise ValueError(f"steps per frame must be at least 1, got {num_steps}")
+    if default is not None:
+        if num_steps == len(default):
+            return [float(v) for v in default]
+        shift = 1.0
+        if len(default) >= 2:
+            u, s = 1.0 - 1.0 / len(default), default[1]  # unshifted and shifted second level
+            shift = s * (1.0 - u) / (u * (1.0 - s))
+    return [float(v) for v in sigma_grid(num_steps, shift)[:-1]]
 
 
 def cfg_velocity(velocity_fn: Callable, x: torch.Tensor, sigma, guidance: float) -> torch.Tensor:

@@ -60,19 +60,34 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = DATA_RANG
 
 
 def gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float64, device=None) -> torch.Tensor:
-    """Normalised 1-D Gaussian ``[size]`` centred on the middle tap."""
+    """Normalised 1-D Gaussian ``[size]`` centred on the middle tap (computed in float64, then cast)."""
     if size < 1 or size % 2 == 0 or sigma <= 0:
         raise MetricError(f"window size must be odd and positive and sigma > 0, got size={size} sigma={sigma}")
-    x = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     w = torch.exp(-(x**2) / (2 * sigma**2))
-    return w / w.sum()
+    return (w / w.sum()).to(dtype=dtype, device=device)
 
 
-def _blur_valid(maps: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian filter of ``maps [N, 1, H, W]`` without padding -> ``[N, 1, H-k+1, W-k+1]``."""
-    k = window.numel()
-    maps = F.conv2d(maps, window.view(1, 1, k, 1))
-    return F.conv2d(maps, window.view(1, 1, 1, k))
+def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float = DATA_RANGE, window_size: int = 11,
+             sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+    """SSIM per window position of images ``[N, C, H, W]``: ``[N, C, H - k + 1, W - k + 1]`` (valid windows).
+
+    Computed in the inputs' dtype (the autoencoder's training loss calls it with images in [0, 1],
+    ``data_range=1``, in float32 outside autocast).
+    """
+    if min(x.shape[-2:]) < window_size:
+        raise MetricError(f"ssim: frames {x.shape[-2]}x{x.shape[-1]} are smaller than the {window_size}-pixel window")
+    channels = 5 * x.shape[1]
+    g = gaussian_window(window_size, sigma, x.dtype, x.device)
+    stacked = torch.cat([x, y, x * x, y * y, x * y], dim=1)
+    rows = F.conv2d(stacked, g.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    blurred = F.conv2d(rows, g.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    mu_x, mu_y, xx, yy, xy = blurred.chunk(5, dim=1)
+    var_x, var_y, cov = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    luminance = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
+    structure = (2 * cov + c2) / (var_x + var_y + c2)
+    return luminance * structure
 
 
 def ssim(
@@ -90,21 +105,10 @@ def ssim(
     """
     _same_shape(pred, target, "ssim")
     _frames(pred, "ssim")
-    h, w = pred.shape[-2:]
-    if min(h, w) < window_size:
-        raise MetricError(f"ssim: frames {h}x{w} are smaller than the {window_size}-pixel window")
     dtype = torch.float64 if pred.dtype == torch.float64 else torch.float32
-    lead = pred.shape[:-3]
     x = rearrange(pred.to(dtype), "... c h w -> (...) c h w")
     y = rearrange(target.to(dtype), "... c h w -> (...) c h w")
-    n, c = x.shape[:2]
-    stacked = rearrange(torch.stack([x, y, x * x, y * y, x * y]), "s n c h w -> (s n c) 1 h w")
-    blurred = _blur_valid(stacked, gaussian_window(window_size, sigma, dtype, pred.device))
-    mu_x, mu_y, e_xx, e_yy, e_xy = rearrange(blurred, "(s n c) 1 h w -> s n c h w", s=5, n=n, c=c)
-    var_x, var_y, cov = e_xx - mu_x**2, e_yy - mu_y**2, e_xy - mu_x * mu_y
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return ssim_map.mean(dim=(-3, -2, -1)).reshape(lead)
+    return ssim_map(x, y, data_range, window_size, sigma, k1, k2).mean(dim=(-3, -2, -1)).reshape(pred.shape[:-3])
 
 
 # ---------------------------------------------------------------- stability

@@ -38,7 +38,8 @@ OUT=${OUT:-out}/$WORLD
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$RUNS" "$OUT"
 export PYTHONUNBUFFERED=1
-CHUNK_STEPS="[1.0,0.9375,0.8333,0.625]"  # 4 steps: uniform 1, .75, .5, .25 under shift 5 (Self Forcing's)
+# 4 steps: uniform 1, .75, .5, .25 under shift 5 (Self Forcing's): [1.0,0.9375,0.8333,0.625]
+CHUNK_STEPS=$(python3 -c "from worldmodel.flow import step_list; print([round(s, 4) for s in step_list(4, shift=5.0)])" | tr -d ' ')
 BATCH=${BATCH:-64}
 SCALE=$(python3 -c "print(($BATCH / 32) ** 0.5)")
 LR=${LR:-$(python3 -c "print(3e-4 * $SCALE)")}

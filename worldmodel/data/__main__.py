@@ -31,7 +31,7 @@ from worldmodel.cli_args import ArgumentParser, device_name, int_in, parse_size,
 from worldmodel.data.episode import STEPS_NAME, EpisodeFile, EpisodeMeta, EpisodeWriter
 from worldmodel.envs import WORLDS
 from worldmodel.files import atomic_output, write_text_atomic
-from worldmodel.data.splits import SPLITS, doom_maps, split_seeds
+from worldmodel.data.splits import SPLITS, split_options, split_seeds
 from worldmodel.data.stats import MOVE_UNITS, TURN_DEG, format_stats, recording_stats
 
 LABEL_HEIGHT = 12
@@ -58,11 +58,9 @@ def collect(args) -> None:
     if existing:
         raise CliError(f"{out} already holds {len(existing)} of these episodes (e.g. {existing[0]}); "
                        f"choose another --out or --seed")
-    options = {}
+    options = split_options(args.world, args.split)
     if args.size is not None:
         options["width"], options["height"] = args.size
-    if args.world == "doom":
-        options["maps"] = list(doom_maps(args.split))
     batch = min(args.batch, args.episodes)
     world = make_world(args.world, batch=batch, device=args.device, **options)
     try:

@@ -1,23 +1,22 @@
 """Fixed-length clips for training: from recorded episodes on disk, or generated on the fly from a world.
 
-Both yield dicts of ``frames uint8 [T, H, W, 3]``, ``actions float32 [T, A]`` (raw),
+Both give dicts of ``frames uint8 [T, H, W, 3]``, ``actions float32 [T, A]`` (raw),
 ``poses float32 [T, 4, 4]`` (commanded) and ``true_poses float32 [T, 4, 4]`` (NaN where unknown);
-:class:`WorldClipStream` yields them batched, ``[B, T, ...]``.
+:func:`play_clip` plays them batched, ``[B, T, ...]`` (train.data draws its seeds and warm-ups).
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset
 
 from worldmodel.data.episode import META_NAME, EpisodeFile
-from worldmodel.data.splits import HELDOUT_SEED_START, SPLITS, SplitError, doom_maps
+from worldmodel.data.splits import HELDOUT_SEED_START, SPLITS, SplitError
 
 
 class DatasetError(ValueError):
@@ -92,12 +91,6 @@ class ClipDataset(Dataset):
     def __len__(self) -> int:
         return len(self.starts)
 
-    def clip_source(self, index: int) -> tuple[Path, int]:
-        """The episode path and first step of clip ``index``."""
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"clip index {index} out of range for {len(self)} clips")
-        return self.episodes[self.owners[index]].path, int(self.starts[index])
-
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not -len(self) <= index < len(self):
             raise IndexError(f"clip index {index} out of range for {len(self)} clips")
@@ -111,75 +104,12 @@ class ClipDataset(Dataset):
         }
 
 
-def stream_seed(seed: int) -> int:
-    """A seed distinct for every (seed, distributed rank, DataLoader worker)."""
-    info = get_worker_info()
-    worker = info.id if info is not None else 0
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank = torch.distributed.get_rank()
-    else:
-        rank = int(os.environ.get("RANK", 0))
-    return int(np.random.SeedSequence([seed, rank, worker]).generate_state(1)[0])
-
-
 def world_seeds(rng: np.random.Generator, split: str, n: int) -> list[int]:
     """``n`` random world seeds from ``split`` (procedural: seeds below / from HELDOUT_SEED_START)."""
     if split not in SPLITS:
         raise SplitError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
     offset = 0 if split == "train" else HELDOUT_SEED_START
     return [offset + int(s) for s in rng.integers(0, HELDOUT_SEED_START, n)]
-
-
-class WorldClipStream(IterableDataset):
-    """Endless batches of clips ``[B, T, ...]`` played out in a world by an exploration policy.
-
-    Each batch resets the world to ``batch`` fresh seeds of ``split`` (Doom: plays the split's maps), runs a random warm-up of
-    0..``max_warmup`` steps (so clips do not all start at a reset), then records ``clip_len`` frames.
-    A clip that starts at the reset has an all-zero first action. Seeded: every DataLoader worker
-    and distributed rank draws its own stream (see :func:`stream_seed`). Use ``batch_size=None`` in
-    a DataLoader; a CUDA world needs ``num_workers=0``. ``num_batches`` ends the stream early.
-    """
-
-    def __init__(
-        self,
-        world_name: str,
-        clip_len: int,
-        batch: int,
-        seed: int = 0,
-        device="cpu",
-        policy: str = "mix",
-        split: str = "train",
-        max_warmup: int = 0,
-        world_options: dict | None = None,
-        num_batches: int | None = None,
-    ):
-        if clip_len < 1 or batch < 1 or max_warmup < 0:
-            raise DatasetError(f"need clip_len >= 1, batch >= 1, max_warmup >= 0; got {clip_len}, {batch}, {max_warmup}")
-        if split not in SPLITS:
-            raise SplitError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
-        self.world_name, self.clip_len, self.batch, self.seed = world_name, clip_len, batch, seed
-        self.device, self.policy, self.split, self.max_warmup = device, policy, split, max_warmup
-        self.world_options = dict(world_options or {})
-        self.num_batches = num_batches
-
-    def __iter__(self):
-        from worldmodel.envs import make_world
-        from worldmodel.envs.policies import make_policy
-
-        seed = stream_seed(self.seed)
-        rng = np.random.default_rng(seed)
-        options = dict(self.world_options)
-        if self.world_name == "doom":
-            options.setdefault("maps", list(doom_maps(self.split)))
-        world = make_world(self.world_name, batch=self.batch, device=self.device, **options)
-        try:
-            batches = itertools.count() if self.num_batches is None else range(self.num_batches)
-            for b in batches:
-                policy = make_policy(self.policy, world.action_spec, batch=self.batch, seed=seed + b)
-                yield play_clip(world, policy, world_seeds(rng, self.split, self.batch),
-                                int(rng.integers(0, self.max_warmup + 1)), self.clip_len)
-        finally:
-            world.close()
 
 
 def play_clip(world, policy, seeds: list[int], warmup: int, clip_len: int) -> dict[str, torch.Tensor]:

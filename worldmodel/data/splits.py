@@ -40,20 +40,11 @@ def split_seeds(split: str, n: int, start: int = 0) -> list[int]:
     return train_seeds(n, start) if split == "train" else heldout_seeds(n, start)
 
 
-def doom_maps(split: str) -> tuple[str, ...]:
-    """The Doom maps of a split."""
+def split_options(world: str, split: str, options: dict | None = None) -> dict:
+    """A copy of the world ``options`` that plays ``split``: Doom gets the split's maps unless they are named."""
     if split not in SPLITS:
         raise SplitError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
-    return DOOM_TRAIN_MAPS if split == "train" else DOOM_HELDOUT_MAPS
-
-
-def is_heldout(seed_or_map: int | str) -> bool:
-    """Whether a procedural seed (int) or a Doom map name (str, e.g. "MAP09") is held out."""
-    if isinstance(seed_or_map, str):
-        name = seed_or_map.upper()
-        if name not in DOOM_TRAIN_MAPS + DOOM_HELDOUT_MAPS:
-            raise SplitError(f"map {seed_or_map!r} is in neither split; known maps {list(DOOM_TRAIN_MAPS + DOOM_HELDOUT_MAPS)}")
-        return name in DOOM_HELDOUT_MAPS
-    if isinstance(seed_or_map, bool) or not isinstance(seed_or_map, int) or seed_or_map < 0:
-        raise SplitError(f"a seed must be a non-negative integer, got {seed_or_map!r}")
-    return seed_or_map >= HELDOUT_SEED_START
+    options = dict(options or {})
+    if world == "doom":
+        options.setdefault("maps", list(DOOM_TRAIN_MAPS if split == "train" else DOOM_HELDOUT_MAPS))
+    return options

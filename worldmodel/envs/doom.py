@@ -56,6 +56,7 @@ import torch
 
 from worldmodel.actions import ActionSpec
 from worldmodel.camera import CameraState, ControllerSpec, rigid_inverse, state_to_pose, yaw_pitch_rotation
+from worldmodel.data.splits import DOOM_TRAIN_MAPS
 from worldmodel.envs.base import World, WorldError, WorldStep
 
 TICS_PER_FRAME = 2
@@ -64,7 +65,6 @@ WALK_THRUST = 25.0  # Doom's walking forwardmove; running doubles it
 EYE_HEIGHT = 41.0 / MAP_UNITS  # Doom's default view height
 WALK_SPEED = TICS_PER_FRAME * (WALK_THRUST * 2048 / 65536) / (1 - 0xE800 / 0x10000) / MAP_UNITS
 MAX_PITCH = math.radians(32.0)  # Doom's free look: 32 degrees up (56 down)
-DEFAULT_MAPS = tuple(f"MAP{i:02d}" for i in range(1, 9))
 START_TICS = 14  # tics Doom runs before the player can move (spawn freeze)
 SETTLE_TICS = 40  # after the seeded start walk: momentum decays to ~2%
 RESOLUTIONS = {(120, 160): "RES_160X120", (125, 200): "RES_200X125", (150, 200): "RES_200X150",
@@ -252,9 +252,9 @@ class Worker:
 class DoomWorld(World):
     """ViZDoom behind the World interface; see the module docstring.
 
-    Options: ``maps`` (names in the WAD; item i plays ``maps[i % len(maps)]``), ``height``/``width``
-    (a ViZDoom resolution, default 120x160), ``workers`` (0: games in this process; n: spread over n
-    processes), ``pitch`` (free look), ``wad`` (default: vizdoom's freedoom2.wad). ``device`` is
+    Options: ``maps`` (names in the WAD, default the training split's; item i plays ``maps[i % len(maps)]``),
+    ``height``/``width`` (a ViZDoom resolution, default 120x160), ``workers`` (0: games in this process;
+    n: spread over n processes), ``pitch`` (free look), ``wad`` (default: vizdoom's freedoom2.wad). ``device`` is
     accepted for a uniform interface; Doom renders on the CPU. ``controller`` overrides the commanded
     motion only: Doom itself always moves at its own walking/running speed.
     """
@@ -273,7 +273,7 @@ class DoomWorld(World):
                              f"{sorted(f'{h}x{w}' for h, w in RESOLUTIONS)} (height x width)")
         wad = wad or default_wad()
         available = wad_maps(wad)
-        maps = [str(m).upper() for m in (DEFAULT_MAPS if maps is None else ([maps] if isinstance(maps, str) else maps))]
+        maps = [str(m).upper() for m in (DOOM_TRAIN_MAPS if maps is None else ([maps] if isinstance(maps, str) else maps))]
         unknown = [m for m in maps if m not in available]
         if not maps or unknown:
             raise WorldError(f"unknown maps {unknown or maps} for {os.path.basename(wad)}; it has {available}")

@@ -26,8 +26,6 @@ import torch
 
 from worldmodel.actions import ActionSpec
 
-SEGMENTS = ("walk", "walk_turn", "sprint", "stop", "look_around", "look_vertical", "strafe", "circle", "back",
-            "turn_around", "flick", "tap", "fidget")
 POLICIES = {
     "walker": {"walk": 5, "walk_turn": 3, "sprint": 1, "stop": 1, "look_around": 1, "turn_around": 1, "flick": 1,
                "tap": 3},
