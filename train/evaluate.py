@@ -27,6 +27,7 @@ Measures (each also for the baselines "repeat the last frame" and, where it has 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -391,8 +392,10 @@ def speed_report(model, settings: EvalSettings, dtype: torch.dtype, steps: list[
 # ---------------------------------------------------------------- the evaluation
 
 
-def evaluate(make_session: SessionFactory, idm: InverseDynamics, settings: EvalSettings, block_size: int = 1) -> dict:
-    """Run every measure; returns the report as a dict of plain numbers (see the module docstring)."""
+def evaluate(make_session: SessionFactory, idm: InverseDynamics, settings: EvalSettings, block_size: int = 1,
+             autoencoder=None) -> dict:
+    """Run every measure; returns the report as a dict of plain numbers (see the module docstring). With
+    ``autoencoder`` (float32, untouched by the sessions) the report also has its gate on the clips' frames."""
     notes = []
     horizons = settings.report_horizons
     clips = heldout_episodes(settings, "clips", settings.clips, settings.horizon + 1)
@@ -461,6 +464,7 @@ def evaluate(make_session: SessionFactory, idm: InverseDynamics, settings: EvalS
         "controllability": control,
         "swap_test": swap,
         "stability": stability,
+        **({"autoencoder": autoencoder_report(autoencoder, truth, settings.device)} if autoencoder is not None else {}),
         "notes": notes,
     }
 
@@ -736,9 +740,9 @@ def evaluate_cli(argv) -> int:
     )
     if model.config.world not in (args.world, "custom"):
         raise EvalError(f"checkpoint was trained on world {model.config.world!r}, not {args.world!r}")
-    clips = heldout_episodes(settings, "clips", settings.clips, settings.horizon + 1)  # evaluate() renders them again
-    autoencoder = autoencoder_report(model.autoencoder, clips["frames"], args.device)  # before sessions cast the model
     if args.autoencoder_only:
+        clips = heldout_episodes(settings, "clips", settings.clips, settings.horizon + 1)
+        autoencoder = autoencoder_report(model.autoencoder, clips["frames"], args.device)
         write_text_atomic(args.out / "autoencoder.json", json.dumps(autoencoder, indent=1) + "\n")
         print(f"autoencoder on {autoencoder['frames']} held-out frames: PSNR {autoencoder['psnr']:.2f} dB, "
               f"SSIM {autoencoder['ssim']:.3f}, sharpness {autoencoder['sharpness']:.1f} against "
@@ -752,10 +756,10 @@ def evaluate_cli(argv) -> int:
         )
     block_size = model.dit.cfg.block_size
     dtype = getattr(torch, args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32"))
+    autoencoder = copy.deepcopy(model.autoencoder)  # float32: the sessions cast the model to their dtype
     Session(model, batch=1, device=args.device, steps=steps, dtype=dtype)  # a bad --steps or sampler fails here
     report = evaluate(lambda b, s: Session(model, batch=b, device=args.device, steps=steps, seed=s, dtype=dtype),
-                      idm, settings, block_size)
-    report["autoencoder"] = autoencoder
+                      idm, settings, block_size, autoencoder)
     report["speed"] = speed_report(model, settings, dtype, steps)
     sampler = {**OmegaConf.to_container(model.config.sampler), **({"steps": steps} if steps else {})}
     report["checkpoint"] = {"path": str(args.checkpoint), "stage": str(model.config.stage),

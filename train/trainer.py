@@ -483,13 +483,12 @@ class Trainer:
                     self._tensorboard.add_scalar(key, value, record.get("step", self.step))
 
     def _open_tensorboard(self):
-        """A SummaryWriter into ``run.dir/tensorboard`` when ``run.tensorboard`` asks for one (the optional extra)."""
+        """A SummaryWriter into ``run.dir/tensorboard`` when ``run.tensorboard`` asks for one (the optional
+        extra; composing the config checked that it is installed)."""
         if not self.is_main or not self._switch("run.tensorboard", False):
             return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise TrainConfigError("run.tensorboard=true needs the tensorboard extra: pip install -e '.[tensorboard]'") from None
+        from torch.utils.tensorboard import SummaryWriter
+
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
     # -- one update (called by stages)
