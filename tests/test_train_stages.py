@@ -411,3 +411,14 @@ def test_context_noise_trains_on_a_noised_history_and_zero_is_the_clean_one(chai
     clean = [r["loss"] for r in read_log(chain["ar_teacher"]) if "loss" in r][:2]
     assert got["0.0"] == pytest.approx(clean, rel=1e-6, abs=1e-7)
     assert all(math.isfinite(v) for v in got["0.3"]) and got["0.3"] != clean  # the tiny net barely reads its history yet
+
+
+def test_exports_on_the_run_clock_load_as_models(chain, episodes, tmp_path):
+    run_dir = tmp_path / "timed"
+    run("teacher", args(episodes, run_dir, 3, f"init.autoencoder={chain['autoencoder']}/model.safetensors",
+                        "run.log_every=1", "run.export_every_s=0.001"))
+    exports = [r for r in read_log(run_dir) if "export" in r]
+    assert [r["step"] for r in exports] == [1, 2]  # every log step but the last (the final export is model.safetensors)
+    assert all(a["run_seconds"] < b["run_seconds"] for a, b in zip(exports, exports[1:]))
+    for record in exports:
+        assert checkpoint.load(record["export"]).config.stage == "teacher"

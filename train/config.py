@@ -34,7 +34,7 @@ from worldmodel.transformer import DiTConfig
 CONFIG_DIR = Path(__file__).parent / "configs"
 STAGES = ("autoencoder", "teacher", "ar_teacher", "causal_cd", "causal_ode", "dmd")
 POSITIVE = ("run.steps", "run.checkpoint_every", "run.keep_checkpoints", "run.log_every", "data.batch", "data.clip_len")
-NON_NEGATIVE = ("seed", "run.time_limit_s", "run.sample_every", "data.workers", "data.max_warmup")
+NON_NEGATIVE = ("seed", "run.time_limit_s", "run.export_every_s", "run.sample_every", "data.workers", "data.max_warmup")
 
 
 class TrainConfigError(ValueError):

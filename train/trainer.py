@@ -60,7 +60,7 @@ CHECKPOINT_VERSION = "1"
 CHECKPOINT_PATTERN = re.compile(r"step_(\d{9})\.safetensors")
 RESUMABLE_CHANGES = ("run.steps", "run.checkpoint_every", "run.keep_checkpoints", "run.log_every", "run.sample_every",
                      "run.tensorboard",
-                     "run.time_limit_s", "run.compile", "data.workers", "data.latents", "data.latent_cache")
+                     "run.time_limit_s", "run.export_every_s", "run.compile", "data.workers", "data.latents", "data.latent_cache")
 """Keys a resumed run may change; any other difference to the run's saved config is an error
 (``init.*`` paths may move: the inputs' content is checked by fingerprint)."""
 
@@ -417,12 +417,25 @@ class Trainer:
             old.unlink(missing_ok=True)
         self.export()
 
-    def export(self) -> Path:
-        """Write ``model.safetensors`` (a WorldModel the client can load) into the run dir."""
-        path = self.run_dir / "model.safetensors"
+    def export(self, name: str = "model.safetensors") -> Path:
+        """Write ``name`` (a WorldModel the client can load) into the run dir."""
+        path = self.run_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
         model = self.stage.export()
         checkpoint.save(path, model, extra={"step": self.step, "stage": self.cfg.stage})
         return path
+
+    def _export_due(self, started: float, exported: int) -> int:
+        """Export ``exports/model_<seconds>s.safetensors`` once per ``run.export_every_s`` of the run
+        clock (checked at log steps, like the time limit); returns how many intervals are done."""
+        every = float(self.cfg.run.export_every_s)
+        if every <= 0 or not self.is_main:
+            return exported
+        due = int((time.perf_counter() - started) // every)
+        if due > exported:
+            path = self.export(f"exports/model_{due * every:06.0f}s.safetensors")
+            self.log({"step": self.step, "export": str(path), "run_seconds": time.perf_counter() - started})
+        return max(due, exported)
 
     def _load_checkpoint(self, path: Path) -> None:
         try:
@@ -584,6 +597,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         window_start, window_frames, window_steps = time.perf_counter(), 0, 0
+        exported = 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
@@ -620,6 +634,8 @@ class Trainer:
                         self.log({"step": self.step, "sample": str(path)})
                 if self.step % int(run.checkpoint_every) == 0 or last:
                     self.save_checkpoint()
+                if logged and not last:
+                    exported = self._export_due(started, exported)
                 if out_of_time:
                     break
                 if logged:  # the next window times training steps only, not samples and checkpoints

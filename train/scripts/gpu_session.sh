@@ -1,53 +1,108 @@
 #!/usr/bin/env bash
 # One GPU lease, started in the background so that it outlives the 10-minute device command:
-#   setsid nohup bash train/scripts/gpu_session.sh > /tmp/session.log 2>&1 &
-# then poll /tmp/session/status with short commands, and copy /tmp/session/out/* to $OUT at the end.
-# It runs the procedural world's whole method on the stages' recipe: data -> autoencoder (going on from
-# the shipped model's, AE_INIT) -> teacher -> AR teacher -> causal CD -> DMD, then evaluates the AR
-# teacher, both students and the shipped model on the same held-out data, exports the students as fp16
-# shards, and spends what is left of the lease (until DEADLINE_S after the start) on the training benchmark.
+#   setsid nohup bash train/scripts/gpu_session.sh > /tmp/session.log 2>&1 < /dev/null &
+# then poll /tmp/session/status with short commands and copy /tmp/session/out/* to $OUT (at most 8 files:
+# session.tgz holds the texts, results.tgz the evaluation reports, the students' fp16 shards).
+# It runs, in order:
+#   1. the GPU tests of the kernels (TRITON_INTERPRET=0) beside the data collection, then the attention-JVP
+#      benchmark alone;
+#   2. the procedural world's base: autoencoder (going on from the shipped model's, AE_INIT) -> teacher ->
+#      AR teacher;
+#   3. from that AR teacher, on equal budgets one after the other: causal CD (3a) and sCM (3c), each exporting
+#      every CURVE_S seconds of its run clock; then DMD from sCM;
+#   4. evaluations side by side: full reports of the AR teacher, both students, sCM + DMD and the shipped
+#      model, and the short curve protocol on every timed export (held-out PSNR@8 and swap vs GPU-seconds);
+#   5. the training benchmark on what is left of the lease (until DEADLINE_S after the start).
 # Wheels missing on the GPU image (omegaconf) come from .whl/.
 set -uo pipefail
 START=$(date +%s)
 S=${S:-/tmp/session}
-mkdir -p "$S/out"
+mkdir -p "$S/out" "$S/text"
 [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 RUNS=$S/runs OUT=$S/pipeline
 note() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$S/status"; }
+pack_texts() {  # the status, every phase's text and the stage logs, as $S/out/session.tgz
+  cp "$S/status" "$S/text/" 2>/dev/null
+  (cd "$RUNS/.." 2>/dev/null && find runs -maxdepth 3 \( -name log.jsonl -o -name '*.log' -o -name '*.out' \) \
+     | grep -v episodes) > "$S/.files" 2>/dev/null
+  tar czf "$S/out/session.tgz.part" -C "$S" text -C "$S" -T "$S/.files" 2>/dev/null
+  mv "$S/out/session.tgz.part" "$S/out/session.tgz"
+}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$S/status"
 P=train/scripts/pipeline.sh
+T=$S/text
 SHIPPED=${SHIPPED:-assets/models/procedural.safetensors}  # the shard set
+CURVE_S=${CURVE_S:-25}
 
-note "data"
-bash $P procedural data > "$S/out/data.txt" 2>&1 || note "data failed"
-python3 -m worldmodel.data stats "$RUNS/procedural/episodes" --json "$S/out/motion.json" 2>&1 | grep -v "^procedural-" \
-  > "$S/out/motion.txt"
+note "GPU tests beside the data"
+TRITON_INTERPRET=0 timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_attention_jvp.py tests/test_kernels.py \
+  tests/test_cuda.py > "$T/gpu_tests.txt" 2>&1 &
+tests=$!
+bash $P procedural data > "$T/data.txt" 2>&1 || note "data failed"
+wait $tests; note "GPU tests: $(tail -1 "$T/gpu_tests.txt")"
+timeout 180 python3 -m kernels.bench_attention_jvp --out "$T/attention_jvp.json" > "$T/attention_jvp.txt" 2>&1 \
+  || note "attention JVP bench failed"
+python3 -m worldmodel.data stats "$RUNS/procedural/episodes" --json "$T/motion.json" 2>&1 | grep -v "^procedural-" > "$T/motion.txt"
+pack_texts
+
 note "base"
-AE_INIT=${AE_INIT:-$SHIPPED} AE_S=${AE_S:-100} TEACHER_S=${TEACHER_S:-300} AR_S=${AR_S:-210} \
-  bash $P procedural base > "$S/out/base.txt" 2>&1 || note "base failed"
-note "distill"
-CD_S=${CD_S:-120} DMD_S=${DMD_S:-120} OUT=$S/out bash $P procedural distill > "$S/out/distill.txt" 2>&1 || note "distill failed"
+AE_INIT=${AE_INIT:-$SHIPPED} AE_S=${AE_S:-60} TEACHER_S=${TEACHER_S:-220} AR_S=${AR_S:-130} \
+  bash $P procedural base > "$T/base.txt" 2>&1 || note "base failed"
+pack_texts
+note "causal CD"
+CD_S=${CD_S:-100} DMD_S=0 CD_EXTRA="run.export_every_s=$CURVE_S" bash $P procedural distill > "$T/distill.txt" 2>&1 \
+  || note "causal CD failed"
+pack_texts
+note "sCM -> DMD"
+SCM_S=${SCM_S:-${CD_S:-100}} DMD_SCM_S=${DMD_SCM_S:-60} SCM_EXTRA="run.export_every_s=$CURVE_S" bash $P procedural scm \
+  > "$T/scm.txt" 2>&1 || note "sCM chain failed"
+pack_texts
+
 note "evaluate"
-EVAL=${EVAL:---long-frames 400 --long-clips 2 --window 100}
-# shellcheck disable=SC2086
-OMP_NUM_THREADS=4 python3 -m train.evaluate "$SHIPPED" --world procedural --out "$OUT/procedural/eval/shipped" --device cuda \
-  $EVAL > "$RUNS/procedural/eval-shipped.log" 2>&1 &
-shipped=$!
-EVAL_ROWS="cf_pp_2step causal_cd_2step ar_teacher" EVAL_PARALLEL=1 bash $P procedural evaluate > "$S/out/evaluate.txt" 2>&1 \
-  || note "evaluate failed"
-wait $shipped || note "shipped evaluation failed"
-bash $P procedural pack >> "$S/out/evaluate.txt" 2>&1
+R=$RUNS/procedural
+E=$OUT/procedural/eval
+mkdir -p "$E"
+evaluate() {  # evaluate NAME CHECKPOINT [ARGS...]: in the background, timed, under $E/NAME
+  local name=$1 ckpt=$2
+  shift 2
+  [ -f "$ckpt" ] || [ -f "${ckpt%.safetensors}-01-of-02.safetensors" ] || return 0
+  ( s=$(date +%s)
+    OMP_NUM_THREADS=2 timeout 420 python3 -m train.evaluate "$ckpt" --world procedural --out "$E/$name" --device cuda "$@" \
+      > "$R/eval-$name.log" 2>&1
+    echo "$name rc=$? $(( $(date +%s) - s ))s" >> "$T/eval_times.txt" ) &
+}
+FULL=(--clips 32)
+CURVE=(--clips 32 --horizon 32 --horizons 1,8,32 --long-frames 100 --long-clips 1 --window 50 --speed-frames 10)
+evaluate causal_cd_2step "$R/causal_cd/model.safetensors" "${FULL[@]}"
+evaluate scm_2step "$R/causal_scm/model.safetensors" "${FULL[@]}"
+evaluate scm_dmd_2step "$R/dmd_scm/model.safetensors" "${FULL[@]}"
+evaluate shipped "$SHIPPED" "${FULL[@]}"
+evaluate ar_teacher "$R/ar_teacher/model.safetensors" --clips 32 --long-frames 400 --long-clips 2 --window 100
+for run in causal_cd causal_scm; do
+  for f in "$R/$run"/exports/model_*s.safetensors; do
+    [ -f "$f" ] && evaluate "curve_${run}_$(basename "$f" .safetensors | sed 's/model_//')" "$f" "${CURVE[@]}"
+  done
+  evaluate "curve_${run}_final" "$R/$run/model.safetensors" "${CURVE[@]}"
+done
+wait
+note "evaluated: $(tr '\n' ' ' < "$T/eval_times.txt")"
+bash $P procedural pack > "$T/pack.txt" 2>&1
 cp "$OUT/procedural/results.tgz" "$S/out/results.tgz" 2>/dev/null
-python3 - "$RUNS/procedural/causal_cd/model.safetensors" "$S/out/causal_cd.safetensors" <<'PY' || note "export causal_cd failed"
+for run in causal_cd causal_scm; do
+  python3 - "$R/$run/model.safetensors" "$S/out/$run.safetensors" <<'PY' || note "export $run failed"
 import sys, torch
 from worldmodel import checkpoint
 checkpoint.save(sys.argv[2], checkpoint.load(sys.argv[1]), dtype=torch.float16, max_shard_mib=15)
 PY
-left=$(( ${DEADLINE_S:-1560} - ($(date +%s) - START) ))
+done
+pack_texts
+
+left=$(( ${DEADLINE_S:-1200} - ($(date +%s) - START) ))
 note "bench (${left}s left)"
 if [ "$left" -gt 90 ]; then
-  timeout "$left" python3 -m train.bench --stages teacher,ar_teacher,causal_cd,dmd --preset default \
-    --batches 128 --variants after --window 10 --device cuda --data "$RUNS/procedural/episodes" \
-    --out "$S/out/bench.json" > "$S/out/bench.txt" 2>&1 || note "bench stopped ($?)"
+  timeout "$left" python3 -m train.bench --stages teacher,ar_teacher,causal_cd,causal_scm,dmd --preset default \
+    --batches 128 --variants after --window 10 --device cuda --data "$R/episodes" \
+    --out "$T/bench.json" > "$T/bench.txt" 2>&1 || note "bench stopped ($?)"
 fi
 note "done"
+pack_texts

@@ -7,10 +7,12 @@
 # Phases:
 #   data      collect training episodes (COLLECTORS processes in parallel)
 #   base      autoencoder -> bidirectional teacher -> frame-wise AR teacher (+ chunk-wise AR teacher if COMPARE=1)
-#   distill   CF++: causal CD -> DMD (frame-wise, 2 steps); exports the shipped student as fp16 shards.
+#   distill   CF++: causal CD -> DMD (frame-wise, 2 steps); exports the student (DMD's, or CD's when DMD_S=0) as
+#             fp16 shards.
 #             With COMPARE=1, in parallel (same budgets, same data):
 #               Causal Forcing:      causal ODE from the chunk-wise AR teacher -> DMD (chunk, 4 steps)
 #               Self-Forcing-style:  ODE from the bidirectional teacher        -> DMD (chunk, 4 steps)
+#   scm       Causal-rCM: sCM from the frame-wise AR teacher (stage 3c) -> DMD, on CD's budgets (SCM_S, DMD_SCM_S)
 #   evaluate  python -m train.evaluate on every model the runs hold (reports under $OUT/eval/ROW)
 #   speed     time every evaluated model again, alone on the GPU (evaluations may have shared it)
 #   pack      the reports and stage logs into $OUT/results.tgz (for python -m train.compare)
@@ -22,7 +24,7 @@
 #
 # Environment: RUNS (run folders, default /tmp/runs), OUT (results, default out), PRESET (default),
 # AE_INIT (a checkpoint of any stage whose autoencoder the autoencoder stage goes on training),
-# DEVICE (cuda), budgets in seconds AE_S TEACHER_S AR_S AR3_S CD_S ODE_S DMD_S, EPISODES, FRAMES,
+# DEVICE (cuda), budgets in seconds AE_S TEACHER_S AR_S AR3_S CD_S SCM_S ODE_S DMD_S DMD_SCM_S (0 skips the stage), EPISODES, FRAMES,
 # COLLECTORS, WORKERS (data workers per stage), ODE_BATCHES, ODE_GRID, EXTRA (more KEY=VALUE for every stage), EVAL (more
 # train.evaluate arguments), EVAL_ROWS (evaluate only these rows), EVAL_PARALLEL (1: evaluate rows side by side),
 # EVAL_THREADS (CPU threads per evaluation, default 4), BATCH (global clips per step, default 64) and LR (the
@@ -55,6 +57,7 @@ stage() {  # stage RUN STAGE SECONDS KEY=VALUE...: train until the budget is spe
   local run=$1 name=$2 seconds=$3
   shift 3
   if [ -f "$RUNS/$run/done" ]; then log "$run: done before"; return 0; fi
+  if [ "$seconds" = 0 ]; then log "$run: skipped (budget 0)"; return 0; fi
   log "$run: $name for ${seconds}s"
   if ! python3 -m train "$name" "${COMMON[@]}" "run.dir=$RUNS/$run" "run.time_limit_s=$seconds" "$@" >"$RUNS/$run.log" 2>&1; then
     last_lines 5 <"$RUNS/$run.log"
@@ -124,6 +127,10 @@ chain_cfpp() {
   stage causal_cd causal_cd "${CD_S:-120}" optim.lr="$(rate 2e-5)" "init.teacher=$(model ar_teacher)" ${CD_EXTRA:-}
   stage dmd dmd "${DMD_S:-120}" "init.student=$(model causal_cd)" "${DMD[@]}" ${DMD_EXTRA:-}
 }
+chain_scm() {
+  stage causal_scm causal_scm "${SCM_S:-${CD_S:-120}}" optim.lr="$(rate 2e-5)" "init.teacher=$(model ar_teacher)" ${SCM_EXTRA:-}
+  stage dmd_scm dmd "${DMD_SCM_S:-${DMD_S:-120}}" "init.student=$(model causal_scm)" "${DMD[@]}" ${DMD_EXTRA:-}
+}
 chain_cf() {
   stage causal_ode_chunk causal_ode "${ODE_S:-120}" "${ODE[@]}" "init.teacher=$(model ar_teacher_chunk)"
   stage dmd_cf dmd "${DMD_S:-120}" "init.student=$(model causal_ode_chunk)" "${DMD[@]}"
@@ -145,7 +152,7 @@ distill() {
   for p in "${pids[@]}"; do wait "$p" || failed=1; done
   cat "$RUNS"/chain_*.out
   [ "$failed" = 0 ] || return 1
-  export_model dmd "$WORLD"
+  if [ -f "$(model dmd)" ]; then export_model dmd "$WORLD"; else export_model causal_cd "$WORLD"; fi
 }
 
 SHIFT5=(flow.shift=5 sample.shift=5)
@@ -173,7 +180,7 @@ ablate() {  # after the autoencoder: the recipe rows side by side (see the heade
 
 # Evaluation rows: NAME RUN [train.evaluate arguments]; EVAL_ROWS=ablation picks the ablation's rows
 ROWS=("cf_pp_2step dmd" "ar_teacher ar_teacher" "causal_forcing_4step dmd_cf" "self_forcing_4step dmd_sf"
-      "cf_pp_1step dmd --steps 1.0" "causal_cd_2step causal_cd"
+      "cf_pp_1step dmd --steps 1.0" "causal_cd_2step causal_cd" "scm_2step causal_scm" "scm_dmd_2step dmd_scm"
       "ar_shift5 ar_shift5" "ar_shift1 ar_shift1" "ar_shift1_ctx ar_shift1_ctx" "cd_shift1_ctx cd_shift1_ctx")
 
 evaluate() {  # one train.evaluate per row; EVAL_PARALLEL=1 runs them side by side (then run "speed" after)
@@ -227,10 +234,11 @@ for phase in "$@"; do
     data) collect ;;
     base) base ;;
     distill) distill ;;
+    scm) chain_scm ;;
     evaluate) evaluate ;;
     speed) speed ;;
     pack) pack ;;
     ablate) ablate ;;
-    *) echo "unknown phase $phase (data | base | distill | evaluate | speed | pack | ablate)" >&2; exit 2 ;;
+    *) echo "unknown phase $phase (data | base | distill | scm | evaluate | speed | pack | ablate)" >&2; exit 2 ;;
   esac
 done
