@@ -139,3 +139,14 @@ def test_a_tiny_run_of_both_variants(tmp_path, capsys):
     printed = capsys.readouterr().out.rstrip().splitlines()
     assert printed[-4].startswith("| stage | preset | batch | variant | step ms")
     assert printed[-2].startswith("| teacher | tiny | 2 | before |") and printed[-1].endswith("| - | ok |")
+
+
+def test_profile_runs_a_third_window_and_prints_its_top_kernels(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    assert bench.main(["--stages", "teacher", "--preset", "tiny", "--batches", "2", "--variants", "after", "--window", "2",
+                       "--device", "cpu", "--source", "synthetic", "--episodes", "2", "--frames", "6", "--profile",
+                       "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["status"] == "ok" and row["profile"].startswith("steps 4..6 of teacher\n")
+    assert "aten::" in row["profile"] and "Self CPU" in row["profile"]
+    assert "top kernels by device time" in capsys.readouterr().out

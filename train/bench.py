@@ -236,11 +236,13 @@ def child_env() -> dict:
 
 
 def run_overrides(stage: str, preset: str, batch: int, variant: str, window: int, device: str, data: Path,
-                  inputs: dict[str, Path], run_dir: Path, extra: list[str]) -> list[str]:
-    """The ``python -m train STAGE`` overrides of one configuration."""
+                  inputs: dict[str, Path], run_dir: Path, extra: list[str], profile: bool = False) -> list[str]:
+    """The ``python -m train STAGE`` overrides of one configuration (``profile``: a third window under
+    torch.profiler, after the timed one)."""
     init = [f"init.{key}={inputs[accepted[0]]}" for key, accepted in stage_class(stage).inputs.items()]
+    steps = [f"run.steps={3 * window}", "run.profile=true"] if profile else [f"run.steps={2 * window}"]
     return [f"preset={preset}", "data.source=recordings", f"data.recordings={data}", f"data.batch={batch}",
-            f"run.device={device}", f"run.dir={run_dir}", f"run.steps={2 * window}", f"run.log_every={window}",
+            f"run.device={device}", f"run.dir={run_dir}", *steps, f"run.log_every={window}",
             f"run.checkpoint_every={10**9}", "run.sample_every=0", *init, *VARIANTS[variant], *extra]
 
 
@@ -275,7 +277,8 @@ def bench_one(stage: str, preset: str, batch: int, variant: str, args, data: Pat
     row = {"stage": stage, "preset": preset, "batch": batch, "variant": variant}
     run_dir = runs / f"{stage}-{preset}-b{batch}-{variant}"
     command = [sys.executable, "-m", "train", stage,
-               *run_overrides(stage, preset, batch, variant, args.window, args.device, data, inputs, run_dir, args.overrides)]
+               *run_overrides(stage, preset, batch, variant, args.window, args.device, data, inputs, run_dir, args.overrides,
+                              args.profile)]
     try:
         done = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True,
                               timeout=args.timeout or None)
@@ -289,7 +292,9 @@ def bench_one(stage: str, preset: str, batch: int, variant: str, args, data: Pat
     except (OSError, ValueError) as e:
         return {**row, "status": f"no timing: {e}"}
     flops = window_flops(OmegaConf.load(run_dir / "config.yaml"), args.window)
-    return {**row, "status": "ok", **measure(record, flops, args.peak_tflops)}
+    profile = run_dir / "profile.txt"
+    return {**row, "status": "ok", **measure(record, flops, args.peak_tflops),
+            **({"profile": profile.read_text()} if profile.exists() else {})}
 
 
 # ----------------------------------------------------------------------------- report
@@ -327,6 +332,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--episodes", type=int, default=64)
     parser.add_argument("--frames", type=int, default=80, help="frames per episode")
     parser.add_argument("--timeout", type=float, default=0, help="seconds per configuration (0: no limit)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile a third window per configuration (torch.profiler); print its top kernels")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
     args.stages, args.variants = args.stages.split(","), args.variants.split(",")
@@ -352,13 +359,17 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(bench_one(stage, args.preset, batch, variant, args, data, inputs, tmp / "runs"))
                     r = rows[-1]
                     print(f"{stage} {args.preset} batch {batch} {variant}: "
-                          + (f"{r['step_ms']:.1f} ms/step" if r["status"] == "ok" else r["status"]), flush=True)
+                          + (f"{r['step_ms']:.1f} ms/step, {r['frames_per_second']:,.0f} frames/s, "
+                             f"{_fmt(r['tflops'], '.3g')} TFLOP/s" if r["status"] == "ok" else r["status"]), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"device": args.device, "peak_tflops": args.peak_tflops, "window": args.window,
                                         "note": NOT_COUNTED, "rows": rows}, indent=1) + "\n")
     print(f"\n{NOT_COUNTED}; peak {args.peak_tflops:g} TFLOP/s\n")
     print(table(rows))
+    for r in rows:
+        if "profile" in r:
+            print(f"\n{r['stage']} {r['preset']} batch {r['batch']} {r['variant']}, top kernels by device time:\n{r['profile']}")
     return 0
 
 

@@ -59,7 +59,7 @@ CHECKPOINT_FORMAT = "worldmodel-train"
 CHECKPOINT_VERSION = "1"
 CHECKPOINT_PATTERN = re.compile(r"step_(\d{9})\.safetensors")
 RESUMABLE_CHANGES = ("run.steps", "run.checkpoint_every", "run.keep_checkpoints", "run.log_every", "run.sample_every",
-                     "run.tensorboard",
+                     "run.tensorboard", "run.profile",
                      "run.time_limit_s", "run.export_every_s", "run.compile", "data.workers", "data.latents", "data.latent_cache")
 """Keys a resumed run may change; any other difference to the run's saved config is an error
 (``init.*`` paths may move: the inputs' content is checked by fingerprint)."""
@@ -425,6 +425,27 @@ class Trainer:
         checkpoint.save(path, model, extra={"step": self.step, "stage": self.cfg.stage})
         return path
 
+    def _profile_window(self, profiler):
+        """Start torch.profiler at step ``2 * run.log_every`` (``run.profile``); at ``3 *`` stop it and
+        write the top kernels by device time to ``run.dir/profile.txt``. Returns the running profiler."""
+        every = int(self.cfg.run.log_every)
+        if not (self.cfg.run.profile is True and self.is_main) or self.step not in (2 * every, 3 * every):
+            return profiler
+        if profiler is None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            profiler = torch.profiler.profile(activities=activities)
+            profiler.start()
+            return profiler
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        profiler.stop()
+        sort = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        text = profiler.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
+        write_text_atomic(self.run_dir / "profile.txt", f"steps {2 * every}..{3 * every} of {self.cfg.stage}\n{text}\n")
+        return None
+
     def _export_due(self, started: float, exported: int) -> int:
         """Export ``exports/model_<seconds>s.safetensors`` once per ``run.export_every_s`` of the run
         clock (checked at log steps, like the time limit); returns how many intervals are done."""
@@ -597,7 +618,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         window_start, window_frames, window_steps = time.perf_counter(), 0, 0
-        exported = 0
+        exported, profiler = 0, None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
@@ -639,6 +660,7 @@ class Trainer:
                 if out_of_time:
                     break
                 if logged:  # the next window times training steps only, not samples and checkpoints
+                    profiler = self._profile_window(profiler)
                     sums, counts = {}, {}
                     window_start, window_frames, window_steps = time.perf_counter(), 0, 0
         finally:

@@ -12,7 +12,8 @@
 #      every CURVE_S seconds of its run clock; then DMD from sCM;
 #   4. evaluations side by side: full reports of the AR teacher, both students, sCM + DMD and the shipped
 #      model, and the short curve protocol on every timed export (held-out PSNR@8 and swap vs GPU-seconds);
-#   5. the training benchmark on what is left of the lease (until DEADLINE_S after the start).
+#   5. the training benchmark (the fast path at batch 128 with a profile, then the old path, then batches 32
+#      and 512) on what is left of the lease (until DEADLINE_S after the start).
 # Wheels missing on the GPU image (omegaconf) come from .whl/.
 set -uo pipefail
 START=$(date +%s)
@@ -97,12 +98,18 @@ PY
 done
 pack_texts
 
-left=$(( ${DEADLINE_S:-1200} - ($(date +%s) - START) ))
-note "bench (${left}s left)"
-if [ "$left" -gt 90 ]; then
-  timeout "$left" python3 -m train.bench --stages teacher,ar_teacher,causal_cd,causal_scm,dmd --preset default \
-    --batches 128 --variants after --window 10 --device cuda --data "$R/episodes" \
-    --out "$T/bench.json" > "$T/bench.txt" 2>&1 || note "bench stopped ($?)"
-fi
+bench() {  # bench SECONDS_NEEDED NAME ARGS...: the training benchmark, if the lease has that long left
+  local need=$1 name=$2
+  shift 2
+  local left=$(( ${DEADLINE_S:-1200} - ($(date +%s) - START) ))
+  note "bench $name (${left}s left)"
+  [ "$left" -gt "$need" ] || return 0
+  timeout "$left" python3 -m train.bench --preset default --window 10 --device cuda --data "$R/episodes" \
+    --out "$T/bench_$name.json" "$@" > "$T/bench_$name.txt" 2>&1 || note "bench $name stopped ($?)"
+  pack_texts
+}
+bench 120 after --stages teacher,ar_teacher,causal_cd,causal_scm,dmd --batches 128 --variants after --profile
+bench 60 before --stages teacher,causal_cd --batches 32 --variants before
+bench 60 batches --stages teacher,ar_teacher --batches 32,512 --variants after
 note "done"
 pack_texts
