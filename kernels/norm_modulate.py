@@ -10,6 +10,7 @@ for CUDA inference and to ``norm_modulate_reference`` otherwise (CPU, autograd, 
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 try:
@@ -60,7 +61,8 @@ def norm_modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tens
 
 
 def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Fused kernel for CUDA inference, the reference everywhere else."""
-    if triton is not None and x.is_cuda and not (torch.is_grad_enabled() and (x.requires_grad or shift.requires_grad)):
+    """Fused kernel for CUDA inference, the reference everywhere else (forward-mode dual inputs included)."""
+    if (triton is not None and x.is_cuda and not (torch.is_grad_enabled() and (x.requires_grad or shift.requires_grad))
+            and all(fwAD.unpack_dual(t).tangent is None for t in (x, shift, scale))):
         return norm_modulate_triton(x, shift, scale, eps)
     return norm_modulate_reference(x, shift, scale, eps)

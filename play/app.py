@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from play.hud import HELP_KEYS, WHITE, YELLOW, HudRenderer, HudState, MeanMeter, RateMeter, help_lines, hud_lines
-from play.input import FocusLost, InputMapper, InputSample, KeyEvent, MouseButton, MouseMotion, Quit, Resize
+from play.input import FocusLost, InputMapper, KeyEvent, MouseButton, MouseMotion, Quit, Resize, action_sample
 from play.recorder import Recorder
 from play.renderer import FILTERS
 from play.worker import GenerationWorker, ResetJob, Result, StepJob
@@ -64,12 +64,6 @@ class JsonLog:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
-
-
-def action_sample(action: torch.Tensor, spec, now: float) -> InputSample:
-    """An input sample for a scripted or replayed action ``[A]``."""
-    keys = tuple(k for k, v in zip(spec.keys, action[: len(spec.keys)].tolist()) if v)
-    return InputSample(action, keys, float(action[-2]), float(action[-1]), now, now)
 
 
 class App:
@@ -250,7 +244,7 @@ class App:
 
     def hud_state(self, now: float) -> HudState:
         g = self.last.generated if self.last is not None else None
-        action = g.action if g is not None else None
+        dx, dy = self.mapper.spec.mouse(g.action) if g is not None else (0.0, 0.0)
         keys = self.mapper.pressed_actions() if self.actions is None else (self.last.sample.keys if self.last and self.last.sample else ())
         return HudState(
             display_fps=self.display_meter.rate(now),
@@ -261,8 +255,8 @@ class App:
             generate_ms=self.generate_meter.mean(),
             steps=self.worker.steps,
             keys=keys,
-            dx=float(action[-2]) if action is not None else 0.0,
-            dy=float(action[-1]) if action is not None else 0.0,
+            dx=dx,
+            dy=dy,
             session_frames=g.index if g is not None else 0,
             session_seconds=now - self.session_started if g is not None else 0.0,
             recording=self.recorder.name,

@@ -1,9 +1,11 @@
 """Synchronous frame source of the client: a model session, a ground-truth world, or both side by side.
 
-Every reset and step returns a :class:`Generated` with the panels to show (left to right: world,
-model) and what the recorder needs. Seeds make runs reproducible: a reset with seed ``s`` reseeds
-the session's sampler and resets the world with ``s``, so the same seed and actions give the
-same frames (this is what replay relies on).
+The world and the session are driven alike (``reset(seeds=...)`` and ``step(actions)``, each returning
+a :class:`worldmodel.envs.WorldStep`); side by side, the world integrates each action into the camera
+and the session takes that camera. Every reset and step returns a :class:`Generated` with the panels
+to show (left to right: world, model) and what the recorder needs. Seeds make runs reproducible: a
+reset with seed ``s`` resets both with ``s``, so the same seed and actions give the same frames (this
+is what replay relies on). A chunk-wise model shows each frame ``block_size - 1`` steps late.
 """
 
 from __future__ import annotations
@@ -76,12 +78,8 @@ class FrameGenerator:
         self.start_frames = list(start_frames)
         self.default_steps = list(session.steps) if session is not None else []
         self.steps = len(self.default_steps)
-        self.spec = session.model.action_spec if session is not None else world.action_spec
-        self.controller = session.model.controller if session is not None else world.controller
-        if session is not None:
-            self.height, self.width = session.model.frame_size
-        else:
-            self.height, self.width = world.height, world.width
+        source = session if session is not None else world
+        self.spec, self.controller, self.height, self.width = source.action_spec, source.controller, source.height, source.width
         if session is not None and world is not None and (world.height, world.width) != (self.height, self.width):
             raise ValueError(
                 f"world {world.name} makes {world.width}x{world.height} frames but the model makes "
@@ -120,38 +118,32 @@ class FrameGenerator:
         """A new world from ``seed``. ``start``: an image path, uint8 [H, W, 3], or None (the model
         generates the first frame). With a world, the world's first frame is the start."""
         t0 = time.perf_counter()
-        panels, true_pose, commanded = [], None, None
-        kind = "generated"
+        records = []
+        kind = "generated" if start is None else ("image" if isinstance(start, (str, Path)) else "frame")
         if self.world is not None:
-            ws = self.world.reset([seed])
-            panels.append(ws.frames[0].numpy())
-            true_pose, commanded = ws.true_pose[0], ws.commanded_pose[0]
-            start, kind = ws.frames[0], "world"
+            records.append(self.world.reset([seed]))
+            start, kind = records[0].frames[0], "world"
         if self.session is not None:
-            if kind != "world":
-                kind = "generated" if start is None else ("image" if isinstance(start, (str, Path)) else "frame")
-            self.session.generator.manual_seed(seed)
-            panels.append(self.session.reset(start)[0].numpy())
-            if commanded is None:
-                commanded = self.session.pose[0].cpu()
+            records.append(self.session.reset(start, seeds=[seed]))
         self.seed, self.index = seed, 0
         self.start = f"image:{start}" if kind == "image" else kind
-        return Generated(0, panels, panels[-1], torch.zeros(self.spec.width), commanded, true_pose, seed,
-                         self.start, self.steps, time.perf_counter() - t0)
+        return self._generated(records, torch.zeros(self.spec.width), t0)
 
     def step(self, action: torch.Tensor) -> Generated:
-        """The next frame after ``action`` [A]."""
+        """The next frame after ``action`` [A]: the world integrates it, the session takes its camera."""
         t0 = time.perf_counter()
-        panels, true_pose, commanded = [], None, None
-        batch_action = action[None].float()
+        records, batch_action, camera = [], action[None].float(), None
         if self.world is not None:
-            ws = self.world.step(batch_action)
-            panels.append(ws.frames[0].numpy())
-            true_pose, commanded = ws.true_pose[0], ws.commanded_pose[0]
+            records.append(self.world.step(batch_action))
+            camera = self.world.commanded
         if self.session is not None:
-            panels.append(self.session.step(batch_action)[0].numpy())
-            if commanded is None:
-                commanded = self.session.pose[0].cpu()
+            records.append(self.session.step(batch_action, camera=camera))
         self.index += 1
-        return Generated(self.index, panels, panels[-1], action.clone(), commanded, true_pose, self.seed, self.start,
-                         self.steps, time.perf_counter() - t0)
+        return self._generated(records, action.clone(), t0)
+
+    def _generated(self, records, action: torch.Tensor, t0: float) -> Generated:
+        """The client's frame from the step records (the world's first): panels left to right, poses of the first."""
+        panels = [r.frames[0].numpy() for r in records]
+        true_pose = None if records[0].true_pose is None else records[0].true_pose[0]
+        return Generated(self.index, panels, panels[-1], action, records[0].commanded_pose[0], true_pose, self.seed,
+                         self.start, self.steps, time.perf_counter() - t0)

@@ -49,25 +49,32 @@ Event = KeyEvent | MouseMotion | MouseButton | Resize | FocusLost | Quit
 
 @dataclass(frozen=True)
 class InputSample:
-    """One model action ``[A]`` and what made it; times are ``time.perf_counter()`` seconds.
+    """Pressed keys and mouse counts of one model action; times are ``time.perf_counter()`` seconds.
 
     ``first_sampled_at`` is when the oldest input merged into it was sampled, ``sampled_at`` the newest.
     """
 
-    action: torch.Tensor
+    spec: ActionSpec
     keys: tuple[str, ...]
     dx: float
     dy: float
     first_sampled_at: float
     sampled_at: float
 
+    @property
+    def action(self) -> torch.Tensor:
+        """The model action ``[A]``."""
+        return make_action(self.spec, self.keys, self.dx, self.dy)
+
+
+def action_sample(action: torch.Tensor, spec: ActionSpec, now: float) -> InputSample:
+    """An input sample for a scripted or replayed action ``[A]``."""
+    return InputSample(spec, spec.pressed(action), *spec.mouse(action), now, now)
+
 
 def merge_samples(older: InputSample, newer: InputSample) -> InputSample:
     """One action for two ticks the model could not keep up with: newest keys, summed mouse motion."""
-    dx, dy = older.dx + newer.dx, older.dy + newer.dy
-    action = newer.action.clone()
-    action[-2], action[-1] = dx, dy
-    return replace(newer, action=action, dx=dx, dy=dy, first_sampled_at=older.first_sampled_at)
+    return replace(newer, dx=older.dx + newer.dx, dy=older.dy + newer.dy, first_sampled_at=older.first_sampled_at)
 
 
 class InputMapper:
@@ -109,4 +116,4 @@ class InputMapper:
         keys = self.pressed_actions()
         dx, dy = self._dx, self._dy
         self._dx = self._dy = 0.0
-        return InputSample(make_action(self.spec, keys, dx, dy), keys, dx, dy, now, now)
+        return InputSample(self.spec, keys, dx, dy, now, now)

@@ -2,6 +2,7 @@
 Gaussian flows and scores (via autograd of log-densities), and slow loops."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -320,35 +321,49 @@ def test_sample_exit_steps_shared_by_identical_generators():
     assert set(a) == {0, 1, 2}
 
 
+class ToyDiT:
+    """A cached "network" for :class:`worldmodel.rollout.CachedRollout`: block b's x0 at sampling step i is
+    ``theta[b - 1, i] * x + 0.1 * (sum of the committed blocks)``, a distinct parameter per (block, step)
+    that shows exactly which denoising steps the gradient reaches. ``calls``: (block, step, grad enabled)."""
+
+    cfg = SimpleNamespace(block_size=1)
+
+    def __init__(self, theta, sigmas):
+        self.theta, self.sigmas, self.calls = theta, list(sigmas), []
+
+    def new_cache(self, batch, device, dtype):
+        return []
+
+    def forward_cached(self, x, sigma, actions, poses, cache, write=False, cond_keep=None):
+        if write:
+            assert not torch.is_grad_enabled() and not x.requires_grad  # later blocks see a detached history
+            cache.append(x)
+            return x
+        b, i = len(cache), self.sigmas.index(float(sigma[0, 0]))
+        self.calls.append((b, i, torch.is_grad_enabled()))
+        x0 = self.theta[b - 1, i] * x + 0.1 * sum(cache)
+        return (x - x0) / sigma[:, :, None, None, None]  # the velocity of that x0
+
+
 def test_self_forcing_gradient_reaches_exactly_one_step_per_block():
-    """Toy student: x0 = theta[step] * x + history; a distinct parameter per (block, step) shows
-    exactly which denoising steps the gradient reaches."""
+    from worldmodel.rollout import CachedRollout
+
     sigmas = (1.0, 0.75, 0.5)
     num_blocks = 4
     exit_steps = [2, 0, 1, 2]
     theta = torch.nn.Parameter(torch.linspace(0.5, 1.5, num_blocks * len(sigmas)).view(num_blocks, len(sigmas)))
-    cache = []
-    calls = []
-
-    def step_index(sigma):
-        return [i for i, s in enumerate(sigmas) if s == sigma][0]
-
-    def x0_fn(x, sigma, b):
-        calls.append((b, step_index(sigma), torch.is_grad_enabled()))
-        history = sum(cache) if cache else 0.0
-        return theta[b, step_index(sigma)] * x + 0.1 * history
-
-    def commit_fn(x0, b):
-        assert not torch.is_grad_enabled() and not x0.requires_grad
-        cache.append(x0)
-
-    def noise_fn(b, i):
-        return torch.randn(2, 1, 1, 2, 2, generator=gen(100 * b + i))
-
-    outs = alg.self_forcing_rollout(x0_fn, commit_fn, noise_fn, sigmas, exit_steps)
-    assert [c for c in calls if c[2]] == [(b, e, True) for b, e in enumerate(exit_steps)]
-    assert len(calls) == sum(e + 1 for e in exit_steps)
-    torch.stack(outs).sum().backward()
+    dit = ToyDiT(theta, sigmas)
+    clip = SimpleNamespace(actions=torch.zeros(2, 1 + num_blocks, 1), poses=torch.eye(4).expand(2, 1 + num_blocks, 4, 4))
+    noise = torch.zeros(2, len(sigmas), 1 + num_blocks, 1, 2, 2)
+    for b in range(num_blocks):
+        for i in range(len(sigmas)):
+            noise[:, i, b + 1] = torch.randn(2, 1, 2, 2, generator=gen(100 * b + i))
+    first = torch.zeros(2, 1, 1, 2, 2)
+    out = alg.self_forcing_rollout(CachedRollout(dit, clip), first, noise, sigmas, exit_steps)
+    assert out.shape == (2, 1 + num_blocks, 1, 2, 2) and torch.equal(out[:, 0], first[:, 0])
+    assert [c for c in dit.calls if c[2]] == [(b + 1, e, True) for b, e in enumerate(exit_steps)]
+    assert len(dit.calls) == sum(e + 1 for e in exit_steps)
+    out.sum().backward()
     for b in range(num_blocks):
         for i in range(len(sigmas)):
             assert (theta.grad[b, i] != 0) == (i == exit_steps[b]), (b, i)
@@ -356,19 +371,19 @@ def test_self_forcing_gradient_reaches_exactly_one_step_per_block():
     # values: the same sampler written as a plain loop
     history = []
     for b, e in enumerate(exit_steps):
-        x = noise_fn(b, 0)
+        x = noise[:, 0, b + 1]
         for i in range(e + 1):
             x0 = theta.detach()[b, i] * x + 0.1 * (sum(history) if history else 0.0)
             if i < e:
                 s_next = sigmas[i + 1]
-                x = (1 - s_next) * x0 + s_next * noise_fn(b, i + 1)
+                x = (1 - s_next) * x0 + s_next * noise[:, i + 1, b + 1]
         history.append(x0)
-        torch.testing.assert_close(outs[b].detach(), x0)
+        torch.testing.assert_close(out[:, b + 1].detach(), x0)
 
 
 def test_self_forcing_rejects_bad_exit_step():
     with pytest.raises(alg.AlgorithmError, match="exit step 2"):
-        alg.self_forcing_rollout(lambda x, s, b: x, lambda x, b: None, lambda b, i: torch.zeros(1), (1.0, 0.5), [2])
+        alg.self_forcing_rollout(None, torch.zeros(1), torch.zeros(1), (1.0, 0.5), [2])
 
 
 # ----------------------------------------------------------------------------- EMA

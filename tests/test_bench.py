@@ -80,12 +80,9 @@ def test_rollout_flops_match_the_counter_over_a_real_rollout():
     with 1 sink makes the cache full from the third block on."""
     dit, (x, _, a, p) = tiny_dit(block_size=2, window_frames=2), clip_inputs(frames=7)
     rollout = CachedRollout(dit, Clip(a, p))
-    blocks = rollout.blocks[1:]
 
     def run():
-        rollout.commit(x[:, :1], 0)
-        alg.self_forcing_rollout(lambda z, sigma, b: rollout.x0(z, sigma, b + 1), lambda z, b: rollout.commit(z, b + 1),
-                                 lambda b, i: x[:, blocks[b][0] : blocks[b][1]], [1.0], [0] * len(blocks))
+        alg.self_forcing_rollout(rollout, x[:, :1], x[:, None], [1.0], [0] * (len(rollout.blocks) - 1))
 
     expected = bench.rollout_flops(dit.cfg, 2, 7, 1, trained=False)
     assert counted(run) == pytest.approx(expected, rel=CAMERA_SLACK)
@@ -105,6 +102,7 @@ def test_step_flops_per_stage():
     assert bench.step_flops(stage_config("ar_teacher"), 0) == 3 * tf
     assert bench.step_flops(stage_config("causal_cd", cd={"guidance": 3.0}), 0) == pytest.approx((2 + 1 + 3) * tf)
     assert bench.step_flops(stage_config("causal_cd", cd={"guidance": 1.0}), 0) == pytest.approx((1 + 1 + 3) * tf)
+    assert bench.step_flops(stage_config("causal_scm", scm={"guidance": 3.0}), 0) == pytest.approx((2 + 2 + 3) * tf)
     assert bench.step_flops(stage_config("autoencoder"), 0) is None
 
     dmd = stage_config("dmd", dmd={"critic_updates": 5, "guidance": 3.0})

@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,23 +30,29 @@ def toy_world(start: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     return torch.stack([shifted(start, pan[:, t]) for t in range(actions.shape[1])], 1)
 
 
+def record(frames):
+    """The part of a session's step record the evaluation reads."""
+    return SimpleNamespace(frames=frames)
+
+
 class CopySession:
-    """Repeats the last frame in its cache."""
+    """Repeats the last frame in its cache (frame-wise: steps of one-frame blocks)."""
 
     def __init__(self, batch, seed):
         self.batch = batch
 
     def reset(self, start):
         self.last = start.clone()
-        return start.clone()
+        return record(start.clone())
 
     def step(self, actions, force_frame=None, force_rows=None):
         out = self.last.clone()
         if force_frame is None:
             self.last = out
         else:
-            self.last = force_frame.clone() if force_rows is None else out.index_copy(0, force_rows, force_frame)
-        return out
+            forced = force_frame[:, 0]
+            self.last = forced.clone() if force_rows is None else out.index_copy(0, force_rows, forced)
+        return record(out[:, None])
 
     def narrow(self, batch):
         """Keep the first ``batch`` rows of every per-row tensor."""
@@ -60,11 +67,11 @@ class ActionBlindSession(CopySession):
 
     def reset(self, start):
         self.start, self.t = start.clone(), 0
-        return start.clone()
+        return record(start.clone())
 
     def step(self, actions, force_frame=None, force_rows=None):
         self.t += 1
-        return shifted(self.start, torch.full((self.batch,), self.t))
+        return record(shifted(self.start, torch.full((self.batch,), self.t))[:, None])
 
 
 class ToyOracleSession(CopySession):
@@ -72,11 +79,11 @@ class ToyOracleSession(CopySession):
 
     def reset(self, start):
         self.start, self.pan = start.clone(), torch.zeros(self.batch)
-        return start.clone()
+        return record(start.clone())
 
     def step(self, actions, force_frame=None, force_rows=None):
-        self.pan = self.pan + (actions[:, -2] / 4).round()
-        return shifted(self.start, self.pan)
+        self.pan = self.pan + (actions[:, 0, -2] / 4).round()
+        return record(shifted(self.start, self.pan)[:, None])
 
 
 class BlockSession(CopySession):
@@ -84,14 +91,14 @@ class BlockSession(CopySession):
 
     def reset(self, start):
         self.t, self.forced = 0, []
-        return torch.zeros_like(start)
+        return record(torch.zeros_like(start))
 
     def step(self, actions, force_frame=None, force_rows=None):
         assert actions.shape[1] == 3
         self.forced.append(force_frame)
         frames = [torch.full((self.batch, 4, 4, 3), self.t + i + 1, dtype=torch.uint8) for i in range(3)]
         self.t += 3
-        return torch.stack(frames, 1)
+        return record(torch.stack(frames, 1))
 
 
 def random_actions(batch, length, seed=0):

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from worldmodel.flow import (add_noise, cfg_velocity, euler_sample, few_step_sample, shift_sigma, sigma_grid, step_list,
-                             velocity_target, x0_from_v)
+from worldmodel.flow import (add_noise, apply_cfg, cfg_velocity, euler_sample, sample_euler, sample_renoise, shift_sigma,
+                             sigma_grid, step_list, velocity_target, x0_denoiser, x0_from_v)
 from worldmodel.model import DEFAULT_SAMPLER
 
 
@@ -47,9 +47,12 @@ def test_euler_is_exact_on_the_straight_path_of_a_point_mass():
     """Data = a single point x*: the PF-ODE velocity is (x - x*)/s; Euler from noise lands on x*."""
     g = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ())))
     target = torch.randn(2, 1, 3, 4, 4, generator=g, dtype=torch.float64)
-    velocity = lambda x, s, cond: (x - target) / s  # noqa: E731
-    out = euler_sample(velocity, torch.randn_like(target), sigma_grid(5, 2.0).double().tolist())
+    velocity = lambda x, s: (x - target) / s[:, :, None, None, None]  # noqa: E731
+    seen = []
+    out = sample_euler(velocity, torch.randn_like(target), sigma_grid(5, 2.0).double().tolist(), callback=seen.append)
     assert torch.allclose(out, target, atol=1e-10)
+    assert [step["i"] for step in seen] == list(range(5)) and seen[0]["sigma"] == 1.0
+    assert torch.equal(seen[1]["x"], seen[0]["x"] + (seen[1]["sigma"] - 1.0) * seen[0]["v"])  # the state before each step
 
 
 def test_cfg_combines_conditional_and_unconditional():
@@ -57,23 +60,30 @@ def test_cfg_combines_conditional_and_unconditional():
     x = torch.randn(3)
     assert torch.allclose(cfg_velocity(vel, x, 0.5, 3.0), 0.5 * x + 3.0 * (2.0 * x - 0.5 * x))
     assert torch.allclose(cfg_velocity(vel, x, 0.5, 1.0), 2.0 * x)
+    assert torch.equal(apply_cfg(2.0 * x, 0.5 * x, 3.0), cfg_velocity(vel, x, 0.5, 3.0))
+    guided = euler_sample(vel, x[None, None], [1.0, 0.5, 0.0], guidance=3.0)  # the (x, sigma, cond) convention
+    assert torch.allclose(guided, x * (1 - 0.5 * 5.0) ** 2)
 
 
 def test_few_step_sampler_renoises_with_fresh_noise():
     seen = []
     target = torch.randn(1, 1, 2, 2, 2)
 
-    def x0_fn(x, s):
-        seen.append((x.clone(), s))
-        return target
+    def velocity(x, s):  # the velocity whose x0 is ``target``
+        seen.append((x.clone(), float(s[0, 0])))
+        return (x - target) / s[:, :, None, None, None]
 
     noise = torch.randn_like(target)
-    out = few_step_sample(x0_fn, noise, [1.0, 0.6, 0.2], torch.Generator().manual_seed(0))
-    assert torch.equal(out, target) and [s for _, s in seen] == [1.0, 0.6, 0.2]
+    out = sample_renoise(velocity, noise, [1.0, 0.6, 0.2, 0.0], generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out, target, atol=1e-6) and [s for _, s in seen] == pytest.approx([1.0, 0.6, 0.2])
     assert torch.equal(seen[0][0], noise)
     g = torch.Generator().manual_seed(0)
     eps1 = torch.randn(target.shape, generator=g)
-    assert torch.allclose(seen[1][0], 0.4 * target + 0.6 * eps1)
+    assert torch.allclose(seen[1][0], 0.4 * target + 0.6 * eps1, atol=1e-6)
     eps2 = torch.randn(target.shape, generator=g)
-    assert torch.allclose(seen[2][0], 0.8 * target + 0.2 * eps2)
+    assert torch.allclose(seen[2][0], 0.8 * target + 0.2 * eps2, atol=1e-6)
     assert not math.isclose(float((eps1 - eps2).abs().sum()), 0.0)
+    drawn = torch.stack([eps1, eps2])  # noise drawn in advance replaces the generator
+    again = sample_renoise(velocity, noise, [1.0, 0.6, 0.2, 0.0], noise=drawn)
+    assert torch.equal(again, out) and torch.equal(seen[-1][0], seen[2][0])
+    assert torch.allclose(x0_denoiser(velocity)(noise, torch.ones(1, 1)), target, atol=1e-6)

@@ -324,6 +324,40 @@ def test_plays_a_saved_checkpoint(tmp_path):
     assert torch.equal(ep.frames, read_episode(untrained).frames)  # the same weights play the same
 
 
+def test_plays_a_chunkwise_checkpoint(tmp_path):
+    """A model of blocks of 2 frames plays one action a step: each block's frames show one step late,
+    exactly the frames the session makes from whole blocks of the same actions; replays reproduce them."""
+    from play.generator import play_dtype
+    from worldmodel.checkpoint import load, save
+    from worldmodel.model import build_model
+    from worldmodel.session import Session
+
+    model = build_model(preset="tiny", seed=0, block_size=2)
+    with torch.no_grad():  # open the zero-initialised paths: actions and history change the frames
+        for p in model.dit.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    path = tmp_path / "chunk.safetensors"
+    save(path, model)
+    argv = ["--checkpoint", str(path), "--fps", "50", "--threads", "1", "--headless"]
+    assert main(argv + ["--script", str(DEMO), "--frames", "9", "--seed", "2", "--record", str(tmp_path / "a")]) == 0
+    (first,) = (tmp_path / "a").iterdir()
+    ep = read_episode(first)
+    assert len(ep) == 9 and torch.equal(ep.frames[1], ep.frames[0])  # the start shows until a block is full
+    assert main(argv + ["--replay", str(first), "--record", str(tmp_path / "b")]) == 0
+    (second,) = (tmp_path / "b").iterdir()
+    assert torch.equal(read_episode(second).frames, ep.frames)
+
+    session = Session(load(path), seed=2, dtype=play_dtype(torch.device("cpu")))
+    start = ep.meta.extra["start"]
+    assert torch.equal(session.reset(start[len("image:"):] if start.startswith("image:") else None).frames[0], ep.frames[0])
+    blocks = [session.step(ep.actions[None, t : t + 2]).frames[0] for t in (1, 3, 5, 7)]
+    assert torch.equal(ep.frames[2:], torch.cat(blocks)[:7])
+    assert not torch.equal(ep.frames[2], ep.frames[3])
+    poses, _ = integrate(ep.actions[None, 1:], ep.meta.action_spec, ep.meta.controller)
+    to_start = rigid_inverse(ep.commanded_poses[0])
+    assert torch.allclose(to_start @ ep.commanded_poses[1:], to_start @ poses[0], atol=1e-5)  # the camera of each step
+
+
 def test_controls_print_at_start_and_f1_toggles_the_help_overlay(dummy_video, capsys):
     app = app_for(["--no-hud"])
     try:

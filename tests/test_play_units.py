@@ -11,7 +11,7 @@ from worldmodel.actions import ActionSpec, make_action
 
 from play.controls import COMMANDS, ControlsError, load_controls
 from play.hud import HudState, MeanMeter, RateMeter, hud_lines, model_too_slow
-from play.input import InputMapper, InputSample, merge_samples
+from play.input import InputMapper, InputSample, action_sample, merge_samples
 from play.keys import KEY_CONSTANTS, KeyNameError, canonical_key, key_table
 from play.renderer import panel_rects, sharpen
 from play.script import ScriptError, load_script, parse_script, script_cycle
@@ -105,15 +105,18 @@ def test_mapper_turns_held_keys_and_motion_into_actions(tmp_path):
 
 
 def test_merge_keeps_newest_keys_and_sums_motion():
-    old = InputSample(make_action(SPEC, ("W",), 3, -1), ("W",), 3.0, -1.0, 1.0, 1.0)
-    new = InputSample(make_action(SPEC, ("A",), 2, 5), ("A",), 2.0, 5.0, 2.0, 2.0)
+    old = InputSample(SPEC, ("W",), 3.0, -1.0, 1.0, 1.0)
+    new = InputSample(SPEC, ("A",), 2.0, 5.0, 2.0, 2.0)
     merged = merge_samples(old, new)
     assert torch.equal(merged.action, make_action(SPEC, ("A",), 5, 4))
     assert (merged.keys, merged.dx, merged.dy, merged.first_sampled_at, merged.sampled_at) == (("A",), 5.0, 4.0, 1.0, 2.0)
+    scripted = make_action(SPEC, ("D", "W"), 1.5, -2)
+    assert SPEC.pressed(scripted) == ("W", "D") and SPEC.mouse(scripted) == (1.5, -2.0)
+    assert torch.equal(action_sample(scripted, SPEC, 3.0).action, scripted)
 
 
 def sample(t, dx=0.0, keys=()):
-    return InputSample(make_action(SPEC, keys, dx, 0), keys, dx, 0.0, t, t)
+    return InputSample(SPEC, keys, dx, 0.0, t, t)
 
 
 def test_mailbox_holds_one_job_and_never_queues():

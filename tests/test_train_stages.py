@@ -65,6 +65,7 @@ def chain(episodes, tmp_path_factory) -> dict[str, Path]:
           "run.sample_every=3", "sample.steps=4")
     stage("causal_cd", "causal_cd", 2, f"init.teacher={dirs['ar_teacher']}/model.safetensors", "run.sample_every=2")
     stage("causal_ode", "causal_ode", 2, f"init.teacher={dirs['ar_teacher']}/model.safetensors", *ODE)
+    stage("causal_scm", "causal_scm", 2, f"init.teacher={dirs['ar_teacher']}/model.safetensors")
     stage("causal_ode", "causal_ode_bidirectional", 2, f"init.teacher={dirs['teacher']}/model.safetensors",
           "ode.trajectories=bidirectional", *ODE)
     stage("dmd", "dmd", 3, f"init.student={dirs['causal_cd']}/model.safetensors",
@@ -77,7 +78,7 @@ def read_log(run_dir: Path) -> list[dict]:
 
 
 EXPECTED_LOSS = {"autoencoder": "loss", "teacher": "loss", "ar_teacher": "loss", "causal_cd": "loss",
-                 "causal_ode": "loss", "causal_ode_bidirectional": "loss", "dmd": "critic_loss"}
+                 "causal_ode": "loss", "causal_ode_bidirectional": "loss", "causal_scm": "loss", "dmd": "critic_loss"}
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -141,7 +142,7 @@ def test_teachers_export_their_guided_euler_sampler_and_students_the_few_step_on
     teacher = checkpoint.load(chain["ar_teacher"] / "model.safetensors").config.sampler
     assert teacher.solver == "euler" and teacher.guidance == 3.0
     assert list(teacher.steps) == pytest.approx(sigma_grid(4, 1.0)[:-1].tolist())  # sample.steps=4, ar_teacher.yaml shift
-    for key in ("causal_cd", "causal_ode", "dmd"):
+    for key in ("causal_cd", "causal_ode", "causal_scm", "dmd"):
         sampler = checkpoint.load(chain[key] / "model.safetensors").config.sampler
         assert sampler.solver == "renoise" and list(sampler.steps) == [1.0, 0.5] and sampler.guidance == 1.0
     session = Session(checkpoint.load(chain["ar_teacher"] / "model.safetensors"))
@@ -152,7 +153,7 @@ def test_distilled_model_plays_in_a_session(chain):
     model = checkpoint.load(chain["dmd"] / "model.safetensors")
     session = Session(model)
     session.reset(torch.zeros(32, 32, 3, dtype=torch.uint8))
-    frame = session.step(make_action(model.action_spec, ["W"], dx=5)[None])
+    frame = session.step(make_action(model.action_spec, ["W"], dx=5)[None]).frames
     assert frame.shape == (1, 32, 32, 3) and frame.dtype == torch.uint8
 
 
@@ -163,6 +164,7 @@ def checkpoint_tensors(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 RESUME_CASES = {
     "teacher": lambda c: ["optim.warmup_steps=1", f"init.autoencoder={c['autoencoder']}/model.safetensors"],
     "causal_ode": lambda c: [f"init.teacher={c['ar_teacher']}/model.safetensors", "ode.num_batches=3", "ode.grid_steps=8"],
+    "causal_scm": lambda c: [f"init.teacher={c['ar_teacher']}/model.safetensors", "scm.tangent_warmup=3"],
     "dmd": lambda c: [f"init.student={c['causal_cd']}/model.safetensors",
                       f"init.teacher={c['teacher']}/model.safetensors", "dmd.critic_updates=2"],
 }

@@ -139,9 +139,7 @@ def sample_grid_pairs(grid: Tensor, batch: int, blocks: Tensor, generator: torch
     return _expand_blocks(grid[i], blocks), _expand_blocks(grid[i + 1], blocks)
 
 
-def euler_step(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
-    """One Euler step of the PF-ODE dx/ds = v from ``sigma`` to ``sigma_next`` (``[B, T]`` each)."""
-    return x + _per_frame(sigma_next - sigma, x) * v
+euler_step = flow.euler_step
 
 
 @torch.no_grad()
@@ -174,6 +172,84 @@ def causal_cd_loss(
     return mse(student_x0_fn(x_t, sigma), target)
 
 
+# ----------------------------------------------------------------------------- causal sCM (stage 3c)
+
+
+def sample_scm_sigmas(
+    batch: int, blocks: Tensor, generator: torch.Generator, *, loc: float, scale: float, p_one: float, low: float
+) -> Tensor:
+    """sCM noise levels ``[B, T]``, one per block: exactly 1 with probability ``p_one`` (the student's
+    first sampling step, which a logit-normal never reaches), else ``sigmoid(N(loc, scale^2))``
+    clamped to ``[low, 1]``.
+
+    In rectified flow ``s = sigma / (1 + sigma)`` for the EDM/TrigFlow noise level ``sigma = tan t``,
+    so sCM's log-normal ``log sigma ~ N(P_mean, P_std^2)`` is this logit-normal with ``loc = P_mean``,
+    ``scale = P_std``; a timestep shift ``k`` is ``loc + log k``.
+    """
+    if not 0.0 <= p_one <= 1.0 or not 0.0 < low < 1.0:
+        raise AlgorithmError(f"sCM sigmas need 0 <= p_one <= 1 and 0 < low < 1, got p_one={p_one}, low={low}")
+    n, device = _num_blocks(blocks), generator.device
+    s = torch.sigmoid(loc + scale * torch.randn(batch, n, generator=generator, device=device)).clamp(min=low)
+    one = torch.rand(batch, n, generator=generator, device=device) < p_one
+    return _expand_blocks(torch.where(one, torch.ones_like(s), s), blocks)
+
+
+def tangent_warmup(updates: int, warmup_steps: int) -> float:
+    """The tangent warm-up factor ``r = min(1, updates / warmup_steps)`` (1 without warm-up)."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, updates / warmup_steps)
+
+
+def scm_tangent(x0_tangent: Tensor, velocity_gap: Tensor, warmup: float) -> Tensor:
+    """The warmed-up tangent ``g_r = r df + (1 - r)(v_T - v) = (v_T - v) - r s dv`` ``[B, T, C, h, w]``.
+
+    ``x0_tangent`` is ``df``, the JVP of the student's ``f = x - s v`` along ``(v_T, 1)``, which is
+    ``(v_T - v) - s dv`` with ``dv`` the network's JVP (``v`` the student's, ``v_T`` the guided
+    teacher's velocity, ``velocity_gap = v_T - v``). sCM's tangent warm-up (Lu & Song 2024, "tangent warmup")
+    scales by ``r`` the part of ``df/dt`` that carries the network's time derivative,
+    ``sin t (x_t + sigma_d dF/dt)``, and keeps the velocity mismatch ``cos t (dx_t/dt - sigma_d F)``.
+    In RF the coefficient of ``x`` in ``f`` is constant, so the warmed part is exactly ``-s dv`` and
+    the kept part ``v_T - v``: at ``r = 0`` the update regresses the student's velocity onto the
+    guided teacher's (stable from the teacher's weights), at ``r = 1`` it is the full sCM tangent.
+    """
+    return warmup * x0_tangent.float() + (1.0 - warmup) * velocity_gap.float()
+
+
+def scm_loss(student_x0: Tensor, tangent: Tensor, weight: Tensor, blocks: Tensor,
+             norm_const: float) -> tuple[Tensor, Tensor]:
+    """Continuous-time consistency (sCM) in the rectified-flow x0 parameterisation, per block:
+    ``mean_blocks || f - stopgrad(f - w g_hat) ||^2`` with ``g_hat = g / (||g|| + c)``; returns the
+    loss and the mean block norm ``||g||`` (0-d, detached).
+
+    ``student_x0 [B, T, C, h, w]`` is ``f = x_s - s v_theta(x_s, s)`` with gradient; ``tangent`` its
+    (warmed-up, :func:`scm_tangent`) derivative ``g = df/ds`` along the teacher's PF-ODE
+    ``dx/ds = v_T``, without gradient; ``weight [B, T]`` equal within a block; ``blocks [T]``.
+
+    Why this is the continuous limit of causal CD (:func:`causal_cd_loss`): CD regresses ``f(x_s, s)``
+    onto ``sg f(x_{s - D}, s - D)`` with ``x_{s - D} = x_s - D v_T``; to first order the target is
+    ``f(x_s, s) - D g`` with ``g = (d/ds) f(x(s), s) = df/dx v_T + df/ds``, the JVP of ``f`` along
+    ``(v_T, 1)``, so with the online weights as target CD's gradient is ``2 D g^T df/dtheta + O(D^2)``,
+    the gradient of ``||f - sg(f - D g)||^2``. sCM keeps the limit with a weight ``w`` in place of
+    ``D`` and a normalised tangent, whose gradient ``2 w g_hat^T df/dtheta`` per block (divided by the
+    number of blocks) stays bounded where the JVP is large. ``f = x - s v`` is the x0 predictor the
+    student samples with; ``f(x, 0) = x`` holds by construction, the role of TrigFlow's
+    ``f = cos t x - sin t F``. Each noisy block is normalised on its own: teacher-forced, its ``f``
+    depends on its own noisy input only (the history is clean, with zero tangent), so a block is one
+    consistency sample with its own ``s``, the unit sCM normalises. The loss value is ``mean w^2
+    ||g_hat||^2`` by construction; track the tangent norm, which falls as the student gets consistent.
+    """
+    n, b = _num_blocks(blocks), tangent.shape[0]
+    index = blocks.to(tangent.device)
+    dtype = torch.promote_types(student_x0.dtype, torch.float32)
+    g = tangent.detach().to(dtype)
+    frame_sq = g.pow(2).flatten(2).sum(-1)  # [B, T]
+    block_norm = torch.zeros(b, n, device=g.device, dtype=dtype).index_add_(1, index, frame_sq).sqrt()  # [B, blocks]
+    g_hat = g / _per_frame(_expand_blocks(block_norm, index) + norm_const, g)
+    f = student_x0.to(dtype)
+    # f - sg(f - w g_hat) written as (f - sg(f)) + w g_hat: exact when w g_hat is small against f
+    residual = (f - f.detach()) + _per_frame(weight, f) * g_hat
+    return residual.pow(2).sum() / (b * n), block_norm.mean().detach()
+
+
 # ----------------------------------------------------------------------------- causal ODE (stage 3b)
 
 
@@ -181,7 +257,8 @@ def causal_cd_loss(
 def ode_trajectory(
     velocity_fn: Callable, noise: Tensor, sigmas: Tensor, keep: Sequence[float]
 ) -> tuple[Tensor, Tensor]:
-    """Euler-integrate the PF-ODE from ``noise`` at ``sigmas[0]`` down to ``sigmas[-1] = 0``.
+    """Euler-integrate the PF-ODE (:func:`worldmodel.flow.sample_euler`) from ``noise`` at ``sigmas[0]``
+    down to ``sigmas[-1] = 0``.
 
     ``sigmas [N + 1]`` decreasing; ``velocity_fn(x, sigma [B, T])``. Returns the states at the
     ``keep`` sigmas (each must be on the grid), ``[K, B, T, C, h, w]``, and the endpoint ``[B, T, C, h, w]``.
@@ -195,15 +272,14 @@ def ode_trajectory(
         if not bool(hit.any()):
             raise AlgorithmError(f"sigma {s} to keep is not on the trajectory grid")
         positions.append(int(hit.nonzero()[0]))
-    b, t = noise.shape[:2]
-    states, x = {}, noise
-    for i in range(len(sigmas) - 1):
-        if i in positions:
-            states[i] = x
-        s = torch.full((b, t), float(sigmas[i]), device=x.device)
-        s_next = torch.full((b, t), float(sigmas[i + 1]), device=x.device)
-        x = euler_step(x, velocity_fn(x, s), s, s_next)
-    return torch.stack([states[p] for p in positions]), x
+    states = {}
+
+    def record(step):
+        if step["i"] in positions:
+            states[step["i"]] = step["x"]
+
+    endpoint = flow.sample_euler(velocity_fn, noise, sigmas.tolist(), callback=record)
+    return torch.stack([states[p] for p in positions]), endpoint
 
 
 def sample_trajectory_points(num_points: int, batch: int, blocks: Tensor, generator: torch.Generator) -> Tensor:
@@ -259,36 +335,29 @@ def sample_exit_steps(num_blocks: int, num_steps: int, generator: torch.Generato
     return torch.randint(0, num_steps, (num_blocks,), generator=generator, device=generator.device).tolist()
 
 
-def self_forcing_rollout(
-    x0_fn: Callable,
-    commit_fn: Callable,
-    noise_fn: Callable,
-    sigmas: Sequence[float],
-    exit_steps: Sequence[int],
-) -> list[Tensor]:
-    """The student generates blocks one after another from its own outputs (Self Forcing).
+def self_forcing_rollout(rollout, first: Tensor, noise: Tensor, sigmas: Sequence[float], exit_steps: Sequence[int]) -> Tensor:
+    """The student plays a clip from its first frame ``first [B, 1, C, h, w]``, block after block on its
+    own outputs (Self Forcing); returns the clip ``[B, T, C, h, w]``.
 
-    For block ``b``: start from ``noise_fn(b, 0)`` at ``sigmas[0]``; the few-step sampler
-    (x0 prediction, re-noise with ``noise_fn(b, i)`` to ``sigmas[i]``) runs under ``no_grad`` up to
-    ``exit_steps[b]``; the step at ``exit_steps[b]`` runs with gradient (if enabled) and its x0 is
-    the block's output. ``commit_fn(x0.detach(), b)`` then writes the clean block into the
-    student's KV cache under ``no_grad``, so later blocks see a detached history.
-
-    ``x0_fn(x [B, Tb, C, h, w], sigma: float, b) -> x0``. Returns the output blocks.
+    ``rollout`` generates with the student's KV cache (a :class:`worldmodel.rollout.CachedRollout`). For
+    block ``b`` (from 1) the few-step sampler (:func:`worldmodel.flow.sample_renoise`) starts from
+    ``noise[:, 0]`` at ``sigmas[0]`` and runs under ``no_grad`` up to step ``e = exit_steps[b - 1]``
+    (re-noising with ``noise[:, i]`` to ``sigmas[i]``); step ``e`` runs with gradient (if enabled) and its
+    x0 is the block. The rollout then commits the clean block without gradient, so later blocks see a
+    detached history. ``noise [B, K, T, C, h, w]`` with ``K = len(sigmas)``; ``sigmas`` without the final 0.
     """
-    outputs = []
     for b, exit_step in enumerate(exit_steps):
         if not 0 <= exit_step < len(sigmas):
             raise AlgorithmError(f"exit step {exit_step} of block {b} is outside the {len(sigmas)} sampling steps")
-        x = noise_fn(b, 0)
+
+    def sample_block(velocity, b, shape):
+        start, end = rollout.blocks[b]
+        block_noise, exit_step = noise[:, :, start:end].movedim(1, 0), exit_steps[b - 1]
         with torch.no_grad():
-            for i in range(exit_step):
-                x = flow.add_noise(x0_fn(x, float(sigmas[i]), b), noise_fn(b, i + 1), float(sigmas[i + 1]))
-        x0 = x0_fn(x, float(sigmas[exit_step]), b)
-        with torch.no_grad():
-            commit_fn(x0.detach(), b)
-        outputs.append(x0)
-    return outputs
+            x = flow.sample_renoise(velocity, block_noise[0], sigmas[: exit_step + 1], noise=block_noise[1:])
+        return flow.sample_renoise(velocity, x, [sigmas[exit_step], 0.0])
+
+    return rollout.generate(first, sample_block)
 
 
 # ----------------------------------------------------------------------------- EMA

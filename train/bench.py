@@ -1,4 +1,4 @@
-"""Training speed: ``python -m train.bench [--stages teacher,ar_teacher,causal_cd,dmd] [--preset default]
+"""Training speed: ``python -m train.bench [--stages teacher,ar_teacher,causal_cd,causal_scm,dmd] [--preset default]
 [--batches 32,128,512] [--variants before,after] [--window 10] [--device cuda] [--data DIR] [--out results.json]``.
 
 Every configuration (stage, preset, batch, variant) runs the real training step: ``python -m train
@@ -19,7 +19,7 @@ gradient frames instead, as the tests do: fast on a CPU), or reused from ``--dat
 TFLOP/s counts model FLOPs analytically from the DiT config and the stage (:func:`step_flops`):
 the matmuls of the linear layers and of attention at the mask's true density (what a block-sparse
 kernel must compute; dense attention over a masked sequence is not counted as useful work). A
-trained forward with its backward is 3 forwards, a forward without gradient 1. Autoencoder encodes
+trained forward with its backward is 3 forwards, a forward without gradient 1, a forward with its JVP 2. Autoencoder encodes
 are not model FLOPs and are not counted, although the ``before`` variant pays for them in time;
 the autoencoder stage itself is timed without FLOPs. Neither are the camera rays (a few 4x4
 matmuls per frame), norms, rotary embeddings, losses and optimiser updates.
@@ -51,10 +51,11 @@ from worldmodel.model import WorldModel, model_config
 from worldmodel.transformer import DiTConfig, frame_mask
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("autoencoder", "teacher", "ar_teacher", "causal_cd", "dmd")
+STAGES = ("autoencoder", "teacher", "ar_teacher", "causal_cd", "causal_scm", "dmd")
 VARIANTS = {"before": ("run.compile=false", "data.latents=false"), "after": ("run.compile=auto", "data.latents=auto")}
 DEFAULT_PEAK_TFLOPS = 790.0  # H200 bf16 dense
-TRAINED, FROZEN = 3, 1  # forwards per network call: forward + backward (input and weight gradients), forward only
+TRAINED, FROZEN, TANGENT = 3, 1, 2  # forwards per network call: forward + backward (input and weight gradients),
+# forward only, forward with its JVP (every matmul once on the primal, once on the tangent)
 NOT_COUNTED = "FLOPs: DiT matmuls at the true mask density; autoencoder encodes, the autoencoder stage and losses not counted"
 
 
@@ -138,6 +139,8 @@ def step_flops(cfg: DictConfig, step: int) -> float | None:
     - ar_teacher: one trained forward on the teacher-forcing sequence;
     - causal_cd: the frozen teacher's guided forward, the EMA target's and the trained student's,
       all teacher-forced;
+    - causal_scm: the frozen teacher's guided forward, the student's forward with its JVP and its
+      trained forward, all teacher-forced;
     - dmd: the rollout; on generator turns (every ``dmd.critic_updates``-th step) its exit forwards
       are trained and the guided real score and the critic run once without gradient; every step
       the critic trains on the rollout. The score networks are taken to have the student's
@@ -152,6 +155,9 @@ def step_flops(cfg: DictConfig, step: int) -> float | None:
     if stage == "causal_cd":
         per_clip = sequence_forward_flops(dit, 1, t, "teacher_forcing")
         return per_clip * (FROZEN * guided_batch(b, cfg.cd.guidance) + FROZEN * b + TRAINED * b)
+    if stage == "causal_scm":
+        per_clip = sequence_forward_flops(dit, 1, t, "teacher_forcing")
+        return per_clip * (FROZEN * guided_batch(b, cfg.scm.guidance) + TANGENT * b + TRAINED * b)
     if stage == "dmd":
         generator_turn = step % int(cfg.dmd.critic_updates) == 0
         bidirectional = sequence_forward_flops(dit, 1, t, "bidirectional")
@@ -320,7 +326,7 @@ def table(rows: list[dict]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run (e.g. data.workers=8)")
-    parser.add_argument("--stages", default="teacher,ar_teacher,causal_cd,dmd", help=f"comma-separated, of {', '.join(STAGES)}")
+    parser.add_argument("--stages", default="teacher,ar_teacher,causal_cd,causal_scm,dmd", help=f"comma-separated, of {', '.join(STAGES)}")
     parser.add_argument("--preset", default="default")
     parser.add_argument("--batches", default="32,128,512", help="comma-separated global batches (data.batch)")
     parser.add_argument("--variants", default="before,after", help=f"comma-separated, of {', '.join(VARIANTS)}")

@@ -1,5 +1,6 @@
 """Model plumbing shared by the stages: input checkpoints, batches to model inputs, network
-closures for :mod:`train.algorithms`, and block-by-block generation with the KV cache."""
+closures for :mod:`train.algorithms`, and sample videos generated block by block with the KV cache
+(:mod:`worldmodel.rollout`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from worldmodel.actions import ActionSpec, normalize_actions
 from worldmodel.camera import ControllerSpec
 from worldmodel.frames import to_model, to_uint8
 from worldmodel.model import DEFAULT_SAMPLER, WorldModel
-from worldmodel.transformer import WorldDiT, block_ids
+from worldmodel.rollout import CachedRollout, block_ranges  # noqa: F401  (the stages' names for them)
+from worldmodel.transformer import WorldDiT
 
 Tensor = torch.Tensor
 
@@ -159,9 +161,9 @@ def velocity_fn(dit: WorldDiT, clip: Clip, mode: str, clean: Tensor | None = Non
 
 
 def guided_velocity_fn(dit: WorldDiT, clip: Clip, mode: str, guidance: float, clean: Tensor | None = None) -> Callable:
-    """``(x, sigma) -> v`` with classifier-free guidance on actions and camera, ``v_u + w (v_c - v_u)``
-    as :func:`worldmodel.flow.cfg_velocity`, with the conditional and unconditional halves in one
-    forward of twice the batch (one launch instead of two for the small networks)."""
+    """``(x, sigma [B, T]) -> v`` with classifier-free guidance on actions and camera
+    (:func:`worldmodel.flow.apply_cfg`), the conditional and unconditional halves in one forward of
+    twice the batch (one launch instead of two for the small networks)."""
     if guidance == 1.0:
         return velocity_fn(dit, clip, mode, clean)
     b = clip.actions.shape[0]
@@ -170,74 +172,36 @@ def guided_velocity_fn(dit: WorldDiT, clip: Clip, mode: str, guidance: float, cl
     actions, poses, clean2 = twice(clip.actions), twice(clip.poses), twice(clean)
 
     def guided(x, sigma):
-        v_cond, v_uncond = dit(twice(x), twice(sigma), actions, poses, mode=mode, clean=clean2, cond_keep=keep).float().chunk(2)
-        return v_uncond + guidance * (v_cond - v_uncond)
+        v = dit(twice(x), twice(sigma), actions, poses, mode=mode, clean=clean2, cond_keep=keep).float()
+        return flow.apply_cfg(*v.chunk(2), guidance)
 
     return guided
 
 
-def x0_fn(velocity: Callable) -> Callable:
-    """``(x, sigma) -> x0`` from a velocity closure."""
-    return lambda x, sigma: flow.x0_from_v(x, velocity(x, sigma), sigma)
+x0_fn = flow.x0_denoiser
+"""``(x, sigma) -> x0`` from a velocity closure."""
 
 
-def block_ranges(num_frames: int, block_size: int) -> list[tuple[int, int]]:
-    """Frame ranges ``[start, end)`` of the blocks of a clip (the first frame is a block of its own)."""
-    ids = block_ids(num_frames, block_size).tolist()
-    return [(ids.index(b), len(ids) - ids[::-1].index(b)) for b in range(ids[-1] + 1)]
+@dataclass(frozen=True)
+class BlockSampler:
+    """A ``sample_block`` for :func:`generate_ar`: noise from ``generator``, then ``flow.SAMPLERS[solver]``
+    through ``sigmas`` (ending at 0), in a rollout guided with ``guidance``."""
 
+    solver: str
+    sigmas: tuple[float, ...]
+    generator: torch.Generator
+    guidance: float = 1.0
 
-class CachedRollout:
-    """Block-by-block generation of one clip with ``dit``'s KV cache, conditioned on ``clip``.
-
-    ``x0(x, sigma, b)`` predicts the clean block ``b`` from ``x [B, Tb, C, h, w]`` at noise ``sigma``
-    given the blocks committed so far; ``commit(latents, b)`` writes a clean block with one t = 0 forward.
-    """
-
-    def __init__(self, dit: WorldDiT, clip: Clip, dtype=torch.float32):
-        self.dit, self.clip = dit, clip
-        self.blocks = block_ranges(clip.actions.shape[1], dit.cfg.block_size)
-        self.cache = dit.new_cache(clip.actions.shape[0], clip.actions.device, dtype)
-
-    def _inputs(self, b: int):
-        start, end = self.blocks[b]
-        poses = self.clip.poses[:, max(start - 1, 0) : end]
-        if start == 0:  # the first frame has no predecessor: no relative motion
-            poses = torch.cat([poses[:, :1], poses], 1)
-        return self.clip.actions[:, start:end], poses
-
-    def velocity(self, x: Tensor, sigma: float, b: int, cond: bool = True) -> Tensor:
-        actions, poses = self._inputs(b)
-        s = torch.full(x.shape[:2], float(sigma), device=x.device)
-        keep = None if cond else torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        return self.dit.forward_cached(x, s, actions, poses, self.cache, write=False, cond_keep=keep).float()
-
-    def x0(self, x: Tensor, sigma: float, b: int) -> Tensor:
-        return flow.x0_from_v(x, self.velocity(x, sigma, b), float(sigma))
-
-    @torch.no_grad()
-    def commit(self, latents: Tensor, b: int) -> None:
-        actions, poses = self._inputs(b)
-        zeros = torch.zeros(latents.shape[:2], device=latents.device)
-        self.dit.forward_cached(latents, zeros, actions, poses, self.cache, write=True)
-
-    def block_shape(self, b: int, like: Tensor) -> tuple[int, ...]:
-        start, end = self.blocks[b]
-        return (like.shape[0], end - start, *like.shape[2:])
+    def __call__(self, velocity: Callable, b: int, shape: tuple[int, ...]) -> Tensor:
+        noise = torch.randn(shape, generator=self.generator, device=self.generator.device)
+        return flow.SAMPLERS[self.solver](velocity, noise, self.sigmas, generator=self.generator)
 
 
 @torch.no_grad()
-def generate_ar(dit: WorldDiT, clip: Clip, first: Tensor, sample_block: Callable, dtype=torch.float32) -> Tensor:
-    """Latents ``[B, T, C, h, w]``: the given first frame ``first [B, 1, C, h, w]``, then each block from
-    ``sample_block(rollout, b, shape) -> latents``; every block is committed before the next."""
-    rollout = CachedRollout(dit, clip, dtype)
-    rollout.commit(first, 0)
-    out = [first]
-    for b in range(1, len(rollout.blocks)):
-        latents = sample_block(rollout, b, rollout.block_shape(b, first))
-        rollout.commit(latents, b)
-        out.append(latents)
-    return torch.cat(out, 1)
+def generate_ar(dit: WorldDiT, clip: Clip, first: Tensor, sample_block: BlockSampler, dtype=torch.float32) -> Tensor:
+    """Latents ``[B, T, C, h, w]``: the given first frame ``first [B, 1, C, h, w]``, then each block
+    sampled by ``sample_block`` against the KV cache (:meth:`CachedRollout.generate`)."""
+    return CachedRollout(dit, clip, dtype, sample_block.guidance).generate(first, sample_block)
 
 
 def latent_shape(dit: WorldDiT, batch: int, frames: int) -> tuple[int, ...]:
@@ -250,7 +214,7 @@ def first_clip(batch: dict, action_spec: ActionSpec, device) -> Clip:
     return to_clip({k: v[:1] for k, v in batch.items()}, action_spec, device)
 
 
-def ar_sample_video(autoencoder: nn.Module, dit: WorldDiT, clip: Clip, real_latents: Tensor, sample_block: Callable,
+def ar_sample_video(autoencoder: nn.Module, dit: WorldDiT, clip: Clip, real_latents: Tensor, sample_block: BlockSampler,
                     dtype=torch.float32) -> Tensor:
     """Video: the real clip | ``dit`` generating it block by block from its real first frame, with
     the same actions and camera. ``real_latents [1, T, C, h, w]``."""
@@ -258,25 +222,14 @@ def ar_sample_video(autoencoder: nn.Module, dit: WorldDiT, clip: Clip, real_late
     return side_by_side(autoencoder.decode(real_latents), autoencoder.decode(latents))
 
 
-def euler_block_sampler(sigmas: Sequence[float], guidance: float, generator: torch.Generator) -> Callable:
-    """A ``sample_block`` for :func:`generate_ar`: many-step guided Euler (teachers)."""
-
-    def sample(rollout: CachedRollout, b: int, shape) -> Tensor:
-        noise = torch.randn(shape, generator=generator, device=generator.device)
-        fn = lambda x, s, cond: rollout.velocity(x, s, b, cond)  # noqa: E731
-        return flow.euler_sample(fn, noise, sigmas, guidance)
-
-    return sample
+def euler_block_sampler(sigmas: Sequence[float], guidance: float, generator: torch.Generator) -> BlockSampler:
+    """A ``sample_block`` for :func:`generate_ar`: many-step guided Euler through ``sigmas`` (ending at 0; teachers)."""
+    return BlockSampler("euler", tuple(sigmas), generator, float(guidance))
 
 
-def few_step_block_sampler(sigmas: Sequence[float], generator: torch.Generator) -> Callable:
-    """A ``sample_block`` for :func:`generate_ar`: the student's few-step sampler (as in play)."""
-
-    def sample(rollout: CachedRollout, b: int, shape) -> Tensor:
-        noise = torch.randn(shape, generator=generator, device=generator.device)
-        return flow.few_step_sample(lambda x, s: rollout.x0(x, s, b), noise, sigmas, generator)
-
-    return sample
+def few_step_block_sampler(sigmas: Sequence[float], generator: torch.Generator) -> BlockSampler:
+    """A ``sample_block`` for :func:`generate_ar`: the student's few-step sampler at ``sigmas`` (as in play)."""
+    return BlockSampler("renoise", (*sigmas, 0.0), generator)
 
 
 def check_block_fit(clip_len: int, block_size: int) -> None:

@@ -32,7 +32,7 @@ from worldmodel.model import model_config
 from worldmodel.transformer import DiTConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-STAGES = ("autoencoder", "teacher", "ar_teacher", "causal_cd", "causal_ode", "dmd")
+STAGES = ("autoencoder", "teacher", "ar_teacher", "causal_cd", "causal_ode", "causal_scm", "dmd")
 POSITIVE = ("run.steps", "run.checkpoint_every", "run.keep_checkpoints", "run.log_every", "data.batch", "data.clip_len")
 NON_NEGATIVE = ("seed", "run.time_limit_s", "run.export_every_s", "run.sample_every", "data.workers", "data.max_warmup")
 

@@ -1,6 +1,6 @@
 """Stage 4: distribution matching distillation with self-forcing rollouts (DMD / Self Forcing).
 
-Inputs: ``init.student`` (a ``causal_cd`` or ``causal_ode`` checkpoint: the generator and its EMA
+Inputs: ``init.student`` (a ``causal_cd``, ``causal_ode`` or ``causal_scm`` checkpoint: the generator and its EMA
 start from it) and ``init.teacher`` (a stage ``teacher`` checkpoint: the real score, and the start
 of the critic). Both must share one autoencoder. Output: a WorldModel of stage ``dmd``, the model
 that ships.
@@ -38,7 +38,7 @@ from train.config import TrainConfigError
 
 class DMDStage(StudentStage):
     name = "dmd"
-    inputs = {"student": ("causal_cd", "causal_ode"), "teacher": ("teacher",)}
+    inputs = {"student": ("causal_cd", "causal_ode", "causal_scm"), "teacher": ("teacher",)}
 
     @classmethod
     def model_config(cls, cfg, inputs, data_info):
@@ -65,19 +65,10 @@ class DMDStage(StudentStage):
     def rollout(self, clip, first: torch.Tensor, rng) -> torch.Tensor:
         """The generator's clip ``[B, T, C, h, w]`` from the real first frame ``first [B, 1, C, h, w]``."""
         rollout = CachedRollout(self.student, clip, self.trainer.compute_dtype)
-        rollout.commit(first, 0)
-        blocks = rollout.blocks[1:]
-        exits = alg.sample_exit_steps(len(blocks), len(self.steps), rng.generator("exit_steps", "cpu"))
+        exits = alg.sample_exit_steps(len(rollout.blocks) - 1, len(self.steps), rng.generator("exit_steps", "cpu"))
         b, t = clip.actions.shape[:2]
         noise = rng.randn("rollout_noise", (b, len(self.steps), t, *first.shape[2:]))
-
-        def noise_fn(block, i):
-            start, end = blocks[block]
-            return noise[:, i, start:end]
-
-        outputs = alg.self_forcing_rollout(lambda x, s, block: rollout.x0(x, s, block + 1),
-                                           lambda x, block: rollout.commit(x, block + 1), noise_fn, self.steps, exits)
-        return torch.cat([first, *outputs], 1)
+        return alg.self_forcing_rollout(rollout, first, noise, self.steps, exits)
 
     def _clip_sigma(self, rng, b: int, t: int, tag: str, **distribution):
         """One noise level per clip ``[b, t]``: the score networks are bidirectional."""

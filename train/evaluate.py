@@ -92,9 +92,10 @@ class EvalSettings:
 
 
 SessionFactory = Callable[[int, object], object]
-"""``make_session(batch, seed)`` -> an object with ``reset(start)``, ``step(actions, force_frame=None,
-force_rows=None)`` and ``narrow(batch)`` like :class:`worldmodel.session.Session`; ``seed`` is an int
-or (rows, seed) per noise group (:data:`worldmodel.session.Seed`)."""
+"""``make_session(batch, seed)`` -> an object with ``reset(start)``, ``step(actions [B, Tb, A], force_frame=None,
+force_rows=None)`` (both returning a record with ``frames``) and ``narrow(batch)`` like
+:class:`worldmodel.session.Session`; ``seed`` is an int or (rows, seed) per noise group
+(:data:`worldmodel.session.Seed`)."""
 
 
 # ---------------------------------------------------------------- ground truth
@@ -192,7 +193,7 @@ def play_runs(session, runs: list[Run], block_size: int = 1, desc: str = "rollou
     if lengths != sorted(lengths, reverse=True):
         raise EvalError(f"runs must come longest first, got lengths {lengths}")
     offsets = [sum(r.rows for r in runs[:i]) for i in range(len(runs) + 1)]
-    first = session.reset(torch.cat([r.start for r in runs])).cpu()
+    first = session.reset(torch.cat([r.start for r in runs])).frames
     frames = [[f[:, None]] for f in first.split([r.rows for r in runs])]
     live = len(runs)
     for t in tqdm(range(1, lengths[0], block_size), desc=desc, leave=False, disable=lengths[0] < 64):
@@ -206,11 +207,8 @@ def play_runs(session, runs: list[Run], block_size: int = 1, desc: str = "rollou
             force = torch.cat([block_at(runs[i].forced, t, block_size, repeat_last=True) for i in forcing])
             if len(force) < offsets[live]:  # some rows play freely: name the forced ones
                 rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in forcing])
-        if block_size == 1:
-            out = session.step(actions[:, 0], force_frame=None if force is None else force[:, 0], force_rows=rows)[:, None]
-        else:
-            out = session.step(actions, force_frame=force, force_rows=rows)
-        for i, part in enumerate(out.cpu().split([r.rows for r in runs[:live]])):
+        out = session.step(actions, force_frame=force, force_rows=rows).frames
+        for i, part in enumerate(out.split([r.rows for r in runs[:live]])):
             frames[i].append(part[:, : lengths[i] - t])
     return [torch.cat(f, 1) for f in frames]
 

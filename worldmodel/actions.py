@@ -49,6 +49,14 @@ class ActionSpec:
         except ValueError:
             raise ActionError(f"unknown key {key!r}; this action spec has keys {list(self.keys)}") from None
 
+    def pressed(self, action: torch.Tensor) -> tuple[str, ...]:
+        """The keys held in ``action [A]``, in the spec's order."""
+        return tuple(k for k, v in zip(self.keys, action[: len(self.keys)].tolist()) if v)
+
+    def mouse(self, action: torch.Tensor) -> tuple[float, float]:
+        """The mouse motion ``(dx, dy)`` of ``action [A]``, in counts."""
+        return float(action[-2]), float(action[-1])
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["keys"] = list(self.keys)

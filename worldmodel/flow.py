@@ -1,8 +1,12 @@
 """Rectified flow: parameterisation, timestep shift and samplers, as plain tensor functions.
 
 x_s = (1 - s) x0 + s eps with s in [0, 1] (the network sees t = 1000 s); the network predicts the
-velocity v = eps - x0. Samplers take the model as a function, k-diffusion style.
-Shapes: x [B, T, C, h, w]; sigma [B, T] (one noise level per frame) or a float.
+velocity v = eps - x0. Samplers, k-diffusion style: ``sample_x(model, x, sigmas, *, generator=None,
+callback=None, noise=None)`` with a velocity ``model(x, sigma [B, T]) -> v`` (:func:`x0_denoiser`
+converts), from ``x`` at ``sigmas[0]`` to the state at ``sigmas[-1]`` (the sample when they end at 0);
+``callback({"i", "sigma", "x", "v"})`` sees each state before its step; fresh noise comes from
+``noise`` (drawn in advance, e.g. outside a CUDA graph) or ``generator``. Their arithmetic uses the
+float sigmas (no host-to-device copies). Shapes: x [B, T, C, h, w]; sigma [B, T] or a float.
 """
 
 from __future__ import annotations
@@ -66,43 +70,73 @@ def step_list(num_steps: int, default: Sequence[float] | None = None, shift: flo
     return [float(v) for v in sigma_grid(num_steps, shift)[:-1]]
 
 
-def cfg_velocity(velocity_fn: Callable, x: torch.Tensor, sigma, guidance: float) -> torch.Tensor:
-    """Classifier-free guidance: v_u + w (v_c - v_u); ``velocity_fn(x, sigma, cond: bool)``."""
-    v_cond = velocity_fn(x, sigma, True)
-    if guidance == 1.0:
-        return v_cond
-    v_uncond = velocity_fn(x, sigma, False)
+def frame_sigmas(sigma, x: torch.Tensor) -> torch.Tensor:
+    """``sigma`` (a float: every frame at that level, or ``[B, T]``) as ``[B, T]`` for ``x [B, T, ...]``
+    (a float in the dtype of ``x``)."""
+    if isinstance(sigma, (int, float)):
+        return x.new_full(x.shape[:2], float(sigma))
+    return sigma
+
+
+def apply_cfg(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance ``v_u + w (v_c - v_u)`` of two predictions (velocities or x0s)."""
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
-def euler_sample(
-    velocity_fn: Callable, x: torch.Tensor, sigmas: Sequence[float], guidance: float = 1.0
-) -> torch.Tensor:
-    """Integrate the PF-ODE from ``sigmas[0]`` to ``sigmas[-1]`` with Euler steps (teacher sampler).
+def cfg_velocity(velocity_fn: Callable, x: torch.Tensor, sigma, guidance: float) -> torch.Tensor:
+    """Guidance for a ``velocity_fn(x, sigma, cond: bool)`` called once per half (once at ``guidance`` 1)."""
+    v_cond = velocity_fn(x, sigma, True)
+    return v_cond if guidance == 1.0 else apply_cfg(v_cond, velocity_fn(x, sigma, False), guidance)
 
-    ``velocity_fn(x, sigma: float, cond: bool) -> v``; returns x at ``sigmas[-1]``.
-    """
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        v = cfg_velocity(velocity_fn, x, float(s), guidance)
-        x = x + (float(s_next) - float(s)) * v
+
+def x0_denoiser(velocity_fn: Callable) -> Callable:
+    """The one conversion between model conventions: a velocity model ``(x, sigma) -> v`` as an x0
+    model ``(x, sigma) -> x0 = x - s v`` (``sigma`` a float or ``[B, T]``)."""
+    return lambda x, sigma: x0_from_v(x, velocity_fn(x, sigma), sigma)
+
+
+def euler_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+    """One Euler step of the PF-ODE ``dx/ds = v`` from ``sigma`` to ``sigma_next`` (floats or ``[B, T]``)."""
+    return x + _per_frame(sigma_next - sigma, x) * v
+
+
+def _sample(velocity: Callable, x: torch.Tensor, sigmas: Sequence[float], step: Callable, callback=None) -> torch.Tensor:
+    """The samplers' one loop: ``x = step(x, velocity(x, s), s, s_next)`` from each level to the next."""
+    sigmas = [float(s) for s in sigmas]
+    for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        v = velocity(x, s)
+        if callback is not None:
+            callback({"i": i, "sigma": s, "x": x, "v": v})
+        x = step(x, v, s, s_next)
     return x
 
 
-def few_step_sample(
-    x0_fn: Callable, noise: torch.Tensor, sigmas: Sequence[float], generator: torch.Generator | None = None,
-    renoise: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Few-step student sampler: predict x0, re-noise with fresh noise to the next sigma.
+def sample_euler(model: Callable, x: torch.Tensor, sigmas: Sequence[float], *, generator=None, callback=None,
+                 noise=None) -> torch.Tensor:
+    """Euler steps of the PF-ODE through ``sigmas`` (teachers; deterministic)."""
+    return _sample(lambda x, s: model(x, frame_sigmas(s, x)), x, sigmas, euler_step, callback)
 
-    ``x0_fn(x, sigma: float) -> x0``; ``sigmas`` e.g. (1.0, 0.5); ``noise`` is x at ``sigmas[0]``
-    (pure Gaussian noise when it is 1). The fresh noise is drawn from ``generator``, or taken from
-    ``renoise [len(sigmas) - 1, *noise.shape]`` (drawn in advance, e.g. outside a CUDA graph).
-    Returns the last x0 prediction.
-    """
-    x, x0 = noise, noise
-    for i, s in enumerate(sigmas):
-        x0 = x0_fn(x, float(s))
-        if i + 1 < len(sigmas):
-            eps = renoise[i] if renoise is not None else torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-            x = add_noise(x0, eps, float(sigmas[i + 1]))
-    return x0
+
+def sample_renoise(model: Callable, x: torch.Tensor, sigmas: Sequence[float], *, generator=None, callback=None,
+                   noise=None) -> torch.Tensor:
+    """Few-step student sampler: predict x0 at each level, re-noise it with fresh noise to the next
+    (the next of ``noise``, else drawn from ``generator``); to a final 0 the step is x0 itself."""
+    draws = None if noise is None else iter(noise)
+
+    def renoise(x, v, s, s_next):
+        x0 = x0_from_v(x, v, s)
+        if s_next == 0.0:
+            return x0
+        eps = next(draws) if draws is not None else torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return add_noise(x0, eps, s_next)
+
+    return _sample(lambda x, s: model(x, frame_sigmas(s, x)), x, sigmas, renoise, callback)
+
+
+SAMPLERS = {"renoise": sample_renoise, "euler": sample_euler}
+"""``sampler.solver`` -> sampler: "renoise" (students) or "euler" (teachers)."""
+
+
+def euler_sample(velocity_fn: Callable, x: torch.Tensor, sigmas: Sequence[float], guidance: float = 1.0) -> torch.Tensor:
+    """Guided Euler of a ``velocity_fn(x, sigma: float, cond: bool)`` (the convention of ``train/teacher.py``'s sampler)."""
+    return _sample(lambda x, s: cfg_velocity(velocity_fn, x, s, guidance), x, sigmas, euler_step)

@@ -25,6 +25,9 @@ The KV cache (``KVCache``) holds keys and values of ``sink_frames`` first frames
 window of the last ``window_frames`` frames. Cached frames have time positions by their slot
 (sinks first, then the window in order, the new block after), so a session of any length sees the
 positions it was trained on; memory is fixed at allocation.
+
+Forward-mode JVPs (``torch.autograd.forward_ad`` dual inputs, the sCM stage) run through the same
+full-sequence forward with ``attention = "jvp"``, whose attention has its own JVP kernel.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
@@ -224,7 +228,37 @@ def flex_block_mask(frames: torch.Tensor | None, tokens_per_frame: int) -> Block
     return create_block_mask(allowed, None, None, length, length, device=frames.device)
 
 
-ATTENTION_BACKENDS = ("sdpa", "flex")
+@dataclass(frozen=True)
+class FrameMask:
+    """The ``jvp`` backend's mask: the frame mask ``frames [Fq, Fk]`` (None: full attention) and its
+    expansion ``tokens [Fq*N, Fk*N]``. Forward-mode dual inputs (a JVP through the network,
+    ``torch.autograd.forward_ad``) go through :func:`kernels.attention_jvp.attention_jvp` on the
+    frame mask (one-pass kernel on CUDA, its reference elsewhere); plain inputs take SDPA on the
+    token mask."""
+
+    frames: torch.Tensor | None
+    tokens: torch.Tensor | None
+    tokens_per_frame: int
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of ``q, k, v [B, H, L, hd]`` (dual or plain) -> ``[B, H, L, hd]``."""
+        from kernels.attention_jvp import attention_jvp  # only JVP runs need it
+
+        parts = [fwAD.unpack_dual(t) for t in (q, k, v)]
+        if all(p.tangent is None for p in parts):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.tokens)
+        tangents = [torch.zeros_like(p.primal) if p.tangent is None else p.tangent for p in parts]
+        out, tangent = attention_jvp(*(p.primal for p in parts), *tangents, frames=self.frames,
+                                     tokens_per_frame=self.tokens_per_frame)
+        return fwAD.make_dual(out, tangent)
+
+
+def frame_level_mask(frames: torch.Tensor | None, tokens_per_frame: int) -> FrameMask:
+    """The ``jvp`` backend's :class:`FrameMask` of a frame mask ``[F, F]`` (or None)."""
+    return FrameMask(frames, token_mask(frames, tokens_per_frame), tokens_per_frame)
+
+
+ATTENTION_BACKENDS = ("sdpa", "flex", "jvp")
 
 
 # ----------------------------------------------------------------------------- network
@@ -250,7 +284,9 @@ class Attention(nn.Module):
         q, k = apply_rope(self.q_norm(q), rotation), apply_rope(self.k_norm(k), rotation)
         if cache is not None:
             k, v = cache.attend(layer, k, v)
-        if isinstance(mask, BlockMask):
+        if isinstance(mask, FrameMask):
+            out = mask.attend(q, k, v)
+        elif isinstance(mask, BlockMask):
             out = flex_attention(q.to(v.dtype), k.to(v.dtype), v, block_mask=mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -352,7 +388,9 @@ class WorldDiT(nn.Module):
         for zero in (self.camera_embed, self.action_embed[-1], self.final_ada, self.final):
             nn.init.zeros_(zero.weight)
             nn.init.zeros_(zero.bias)
-        self.attention = "sdpa"  # masked full-sequence attention: "sdpa" (dense mask) | "flex" (block mask; compiled training)
+        # masked full-sequence attention: "sdpa" (dense mask) | "flex" (block mask; compiled training) |
+        # "jvp" (frame mask; forward-mode dual inputs through kernels.attention_jvp, plain ones through SDPA)
+        self.attention = "sdpa"
         self._tables: dict = {}
 
     @torch.compiler.disable
@@ -368,7 +406,7 @@ class WorldDiT(nn.Module):
             if mode == "teacher_forcing":
                 frame_pos = torch.cat([frame_pos, frame_pos])
             allowed = frame_mask(mode, frames, cfg.block_size, device)
-            expand = flex_block_mask if self.attention == "flex" else token_mask
+            expand = {"sdpa": token_mask, "flex": flex_block_mask, "jvp": frame_level_mask}[self.attention]
             self._tables[key] = (expand(allowed, cfg.tokens_per_frame), rope_rotation(token_positions(frame_pos, cfg), cfg))
         return self._tables[key]
 

@@ -14,6 +14,8 @@
 #      model, and the short curve protocol on every timed export (held-out PSNR@8 and swap vs GPU-seconds);
 #   5. the training benchmark (the fast path at batch 128 with a profile, then the old path, then batches 32
 #      and 512) on what is left of the lease (until DEADLINE_S after the start).
+# Budgets (seconds) and switches come from the environment: AE_S TEACHER_S AR_S CD_S SCM_S DMD_SCM_S CURVE_S, FULL_EVAL=0
+# (the curve protocol only, with the AR teacher and the shipped model as references), TESTS_S, JVP_BENCH_S, EVAL_TIMEOUT_S, DEADLINE_S.
 # Wheels missing on the GPU image (omegaconf) come from .whl/.
 set -uo pipefail
 START=$(date +%s)
@@ -36,12 +38,12 @@ SHIPPED=${SHIPPED:-assets/models/procedural.safetensors}  # the shard set
 CURVE_S=${CURVE_S:-25}
 
 note "GPU tests beside the data"
-TRITON_INTERPRET=0 timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_attention_jvp.py tests/test_kernels.py \
+TRITON_INTERPRET=0 timeout "${TESTS_S:-300}" python3 -m pytest -q -x -p no:cacheprovider tests/test_attention_jvp.py tests/test_kernels.py \
   tests/test_cuda.py > "$T/gpu_tests.txt" 2>&1 &
 tests=$!
 bash $P procedural data > "$T/data.txt" 2>&1 || note "data failed"
 wait $tests; note "GPU tests: $(tail -1 "$T/gpu_tests.txt")"
-timeout 180 python3 -m kernels.bench_attention_jvp --out "$T/attention_jvp.json" > "$T/attention_jvp.txt" 2>&1 \
+timeout "${JVP_BENCH_S:-180}" python3 -m kernels.bench_attention_jvp --out "$T/attention_jvp.json" > "$T/attention_jvp.txt" 2>&1 \
   || note "attention JVP bench failed"
 python3 -m worldmodel.data stats "$RUNS/procedural/episodes" --json "$T/motion.json" 2>&1 | grep -v "^procedural-" > "$T/motion.txt"
 pack_texts
@@ -68,17 +70,22 @@ evaluate() {  # evaluate NAME CHECKPOINT [ARGS...]: in the background, timed, un
   shift 2
   [ -f "$ckpt" ] || [ -f "${ckpt%.safetensors}-01-of-02.safetensors" ] || return 0
   ( s=$(date +%s)
-    OMP_NUM_THREADS=2 timeout 420 python3 -m train.evaluate "$ckpt" --world procedural --out "$E/$name" --device cuda "$@" \
+    OMP_NUM_THREADS=2 timeout "${EVAL_TIMEOUT_S:-420}" python3 -m train.evaluate "$ckpt" --world procedural --out "$E/$name" --device cuda "$@" \
       > "$R/eval-$name.log" 2>&1
     echo "$name rc=$? $(( $(date +%s) - s ))s" >> "$T/eval_times.txt" ) &
 }
 FULL=(--clips 32)
 CURVE=(--clips 32 --horizon 32 --horizons 1,8,32 --long-frames 100 --long-clips 1 --window 50 --speed-frames 10)
-evaluate causal_cd_2step "$R/causal_cd/model.safetensors" "${FULL[@]}"
-evaluate scm_2step "$R/causal_scm/model.safetensors" "${FULL[@]}"
-evaluate scm_dmd_2step "$R/dmd_scm/model.safetensors" "${FULL[@]}"
-evaluate shipped "$SHIPPED" "${FULL[@]}"
-evaluate ar_teacher "$R/ar_teacher/model.safetensors" --clips 32 --long-frames 400 --long-clips 2 --window 100
+if [ "${FULL_EVAL:-1}" = 1 ]; then
+  evaluate causal_cd_2step "$R/causal_cd/model.safetensors" "${FULL[@]}"
+  evaluate scm_2step "$R/causal_scm/model.safetensors" "${FULL[@]}"
+  evaluate scm_dmd_2step "$R/dmd_scm/model.safetensors" "${FULL[@]}"
+  evaluate shipped "$SHIPPED" "${FULL[@]}"
+  evaluate ar_teacher "$R/ar_teacher/model.safetensors" --clips 32 --long-frames 400 --long-clips 2 --window 100
+else  # the references under the curve protocol only
+  evaluate curve_ar_teacher "$R/ar_teacher/model.safetensors" "${CURVE[@]}"
+  evaluate curve_shipped "$SHIPPED" "${CURVE[@]}"
+fi
 for run in causal_cd causal_scm; do
   for f in "$R/$run"/exports/model_*s.safetensors; do
     [ -f "$f" ] && evaluate "curve_${run}_$(basename "$f" .safetensors | sed 's/model_//')" "$f" "${CURVE[@]}"
