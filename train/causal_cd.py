@@ -74,8 +74,9 @@ class StudentStage(Stage):
         return bundle(self.cfg.model, self.name, self.ae, self.student_ema)
 
 
-class CausalCDStage(StudentStage):
-    name = "causal_cd"
+class ARTeacherStudentStage(StudentStage):
+    """A student started from a frozen AR teacher (``init.teacher``), which it keeps; shared by 3a and 3c."""
+
     inputs = {"teacher": ("ar_teacher",)}
 
     @classmethod
@@ -85,11 +86,18 @@ class CausalCDStage(StudentStage):
     def __init__(self, trainer, inputs):
         super().__init__(trainer, inputs, inputs["teacher"])
         self.teacher = ema_copy(self.student)  # the student starts as the AR teacher; this copy stays frozen
-        cd = self.cfg.cd
-        self.grid = alg.distillation_grid(int(cd.grid_steps), float(cd.shift), include=self.steps)
 
     def networks(self):
         return [*super().networks(), self.teacher]
+
+
+class CausalCDStage(ARTeacherStudentStage):
+    name = "causal_cd"
+
+    def __init__(self, trainer, inputs):
+        super().__init__(trainer, inputs)
+        cd = self.cfg.cd
+        self.grid = alg.distillation_grid(int(cd.grid_steps), float(cd.shift), include=self.steps)
 
     def train_step(self, batch, rng):
         clip = to_clip(batch, self.action_spec, self.device)

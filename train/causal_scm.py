@@ -25,13 +25,11 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from train import algorithms as alg
-from train.causal_cd import StudentStage
+from train.causal_cd import ARTeacherStudentStage
 from train.common import (
     Clip,
     clip_latents,
-    ema_copy,
     guided_velocity_fn,
-    student_config,
     to_clip,
     velocity_fn,
     x0_fn,
@@ -66,20 +64,8 @@ def student_x0_tangent(dit: WorldDiT, clip: Clip, x: Tensor, sigma: Tensor, dx: 
         dit.attention = backend
 
 
-class CausalSCMStage(StudentStage):
+class CausalSCMStage(ARTeacherStudentStage):
     name = "causal_scm"
-    inputs = {"teacher": ("ar_teacher",)}
-
-    @classmethod
-    def model_config(cls, cfg, inputs, data_info):
-        return student_config(inputs["teacher"].config)
-
-    def __init__(self, trainer, inputs):
-        super().__init__(trainer, inputs, inputs["teacher"])
-        self.teacher = ema_copy(self.student)  # the student starts as the AR teacher; this copy stays frozen
-
-    def networks(self):
-        return [*super().networks(), self.teacher]
 
     def train_step(self, batch, rng):
         cfg = self.cfg.scm
