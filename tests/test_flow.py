@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from worldmodel.flow import (add_noise, apply_cfg, cfg_velocity, euler_sample, sample_euler, sample_renoise, shift_sigma,
+from worldmodel.flow import (add_noise, apply_cfg, sample_euler, sample_renoise, shift_sigma,
                              sigma_grid, step_list, velocity_target, x0_denoiser, x0_from_v)
 from worldmodel.model import DEFAULT_SAMPLER
 
@@ -56,13 +56,11 @@ def test_euler_is_exact_on_the_straight_path_of_a_point_mass():
 
 
 def test_cfg_combines_conditional_and_unconditional():
-    vel = lambda x, s, cond: x * (2.0 if cond else 0.5)  # noqa: E731
     x = torch.randn(3)
-    assert torch.allclose(cfg_velocity(vel, x, 0.5, 3.0), 0.5 * x + 3.0 * (2.0 * x - 0.5 * x))
-    assert torch.allclose(cfg_velocity(vel, x, 0.5, 1.0), 2.0 * x)
-    assert torch.equal(apply_cfg(2.0 * x, 0.5 * x, 3.0), cfg_velocity(vel, x, 0.5, 3.0))
-    guided = euler_sample(vel, x[None, None], [1.0, 0.5, 0.0], guidance=3.0)  # the (x, sigma, cond) convention
-    assert torch.allclose(guided, x * (1 - 0.5 * 5.0) ** 2)
+    assert torch.allclose(apply_cfg(2.0 * x, 0.5 * x, 3.0), 0.5 * x + 3.0 * (2.0 * x - 0.5 * x))
+    assert torch.equal(apply_cfg(2.0 * x, 0.5 * x, 1.0), 2.0 * x)
+    guided = lambda x, s: apply_cfg(2.0 * x, 0.5 * x, 3.0)  # noqa: E731
+    assert torch.allclose(sample_euler(guided, x[None, None], [1.0, 0.5, 0.0]), x * (1 - 0.5 * 5.0) ** 2)
 
 
 def test_few_step_sampler_renoises_with_fresh_noise():

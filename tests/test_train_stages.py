@@ -325,7 +325,7 @@ def test_guidance_in_one_forward_equals_two_forwards(chain):
     drop = torch.zeros(2, dtype=torch.bool)
     two_calls = lambda x_, s_, cond: dit(x_, s_, clip.actions, clip.poses, mode="causal", clean=clean,  # noqa: E731
                                          cond_keep=None if cond else drop)
-    expected = flow.cfg_velocity(two_calls, x, sigma, 3.0)
+    expected = flow.apply_cfg(two_calls(x, sigma, True), two_calls(x, sigma, False), 3.0)
     torch.testing.assert_close(guided_velocity_fn(dit, clip, "causal", 3.0, clean=clean)(x, sigma), expected,
                                rtol=1e-5, atol=1e-6)
 

@@ -21,6 +21,7 @@ from train.common import (
     ema_copy,
     first_clip,
     frozen,
+    guided_velocity_fn,
     latent_shape,
     real_frames,
     side_by_side,
@@ -86,13 +87,8 @@ class FlowMatchingStage(Stage):
         """Real clip | the EMA teacher's clip for the same actions and camera (guided Euler)."""
         clip = first_clip(batch, self.action_spec, self.device)
         noise = torch.randn(latent_shape(self.dit, 1, clip.actions.shape[1]), generator=generator, device=self.device)
-        drop = torch.zeros(1, dtype=torch.bool, device=self.device)
-
-        def conditional(x, sigma, cond):
-            s = torch.full(x.shape[:2], float(sigma), device=x.device)
-            return self.dit_ema(x, s, clip.actions, clip.poses, mode="bidirectional", cond_keep=None if cond else drop).float()
-
-        latents = flow.euler_sample(conditional, noise, self.sample_grid(), float(self.cfg.sample.guidance))
+        velocity = guided_velocity_fn(self.dit_ema, clip, "bidirectional", float(self.cfg.sample.guidance))
+        latents = flow.sample_euler(velocity, noise, self.sample_grid())
         return side_by_side(real_frames(self.ae, clip), self.ae.decode(latents))
 
     def export(self):

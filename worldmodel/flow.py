@@ -83,12 +83,6 @@ def apply_cfg(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance: float) -> 
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
-def cfg_velocity(velocity_fn: Callable, x: torch.Tensor, sigma, guidance: float) -> torch.Tensor:
-    """Guidance for a ``velocity_fn(x, sigma, cond: bool)`` called once per half (once at ``guidance`` 1)."""
-    v_cond = velocity_fn(x, sigma, True)
-    return v_cond if guidance == 1.0 else apply_cfg(v_cond, velocity_fn(x, sigma, False), guidance)
-
-
 def x0_denoiser(velocity_fn: Callable) -> Callable:
     """The one conversion between model conventions: a velocity model ``(x, sigma) -> v`` as an x0
     model ``(x, sigma) -> x0 = x - s v`` (``sigma`` a float or ``[B, T]``)."""
@@ -135,8 +129,3 @@ def sample_renoise(model: Callable, x: torch.Tensor, sigmas: Sequence[float], *,
 
 SAMPLERS = {"renoise": sample_renoise, "euler": sample_euler}
 """``sampler.solver`` -> sampler: "renoise" (students) or "euler" (teachers)."""
-
-
-def euler_sample(velocity_fn: Callable, x: torch.Tensor, sigmas: Sequence[float], guidance: float = 1.0) -> torch.Tensor:
-    """Guided Euler of a ``velocity_fn(x, sigma: float, cond: bool)`` (the convention of ``train/teacher.py``'s sampler)."""
-    return _sample(lambda x, s: cfg_velocity(velocity_fn, x, s, guidance), x, sigmas, euler_step)

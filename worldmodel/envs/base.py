@@ -30,7 +30,7 @@ class WorldStep:
 
     frames: torch.Tensor  # uint8 [B, H, W, 3]
     commanded_pose: torch.Tensor  # float32 [B, 4, 4], world-from-camera, OpenCV axes
-    true_pose: torch.Tensor  # float32 [B, 4, 4], same frame as commanded_pose
+    true_pose: torch.Tensor | None  # float32 [B, 4, 4], same frame as commanded_pose (None from a model session)
     restarted: torch.Tensor | None = None  # bool [B]: the world restarted this item's episode (Doom level exit)
 
 
