@@ -35,7 +35,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$S/stat
 P=train/scripts/pipeline.sh
 T=$S/text
 SHIPPED=${SHIPPED:-assets/models/procedural.safetensors}  # the shard set
-CURVE_S=${CURVE_S:-25}
+CURVE_S=${CURVE_S:-30}  # causal CD compiles three networks for about a minute: budgets of 3a and 3c want >= 180 s
 
 note "GPU tests beside the data"
 TRITON_INTERPRET=0 timeout "${TESTS_S:-300}" python3 -m pytest -q -x -p no:cacheprovider tests/test_attention_jvp.py tests/test_kernels.py \
@@ -53,11 +53,11 @@ AE_INIT=${AE_INIT:-$SHIPPED} AE_S=${AE_S:-60} TEACHER_S=${TEACHER_S:-220} AR_S=$
   bash $P procedural base > "$T/base.txt" 2>&1 || note "base failed"
 pack_texts
 note "causal CD"
-CD_S=${CD_S:-100} DMD_S=0 CD_EXTRA="run.export_every_s=$CURVE_S" bash $P procedural distill > "$T/distill.txt" 2>&1 \
+CD_S=${CD_S:-180} DMD_S=0 CD_EXTRA="run.export_every_s=$CURVE_S" bash $P procedural distill > "$T/distill.txt" 2>&1 \
   || note "causal CD failed"
 pack_texts
 note "sCM -> DMD"
-SCM_S=${SCM_S:-${CD_S:-100}} DMD_SCM_S=${DMD_SCM_S:-60} SCM_EXTRA="run.export_every_s=$CURVE_S" bash $P procedural scm \
+SCM_S=${SCM_S:-${CD_S:-180}} DMD_SCM_S=${DMD_SCM_S:-60} SCM_EXTRA="run.export_every_s=$CURVE_S" bash $P procedural scm \
   > "$T/scm.txt" 2>&1 || note "sCM chain failed"
 pack_texts
 
