@@ -24,7 +24,7 @@ from train.common import (
     velocity_fn,
     with_sampler,
 )
-from train.teacher import FlowMatchingStage
+from train.stages import FlowMatchingStage
 from worldmodel import flow
 from worldmodel.transformer import block_ids
 

@@ -15,80 +15,9 @@ the same real history. The target network is the trainer's EMA of the student (`
 from __future__ import annotations
 
 from train import algorithms as alg
-from train.common import (
-    ar_sample_video,
-    bundle,
-    check_block_fit,
-    clip_latents,
-    ema_copy,
-    few_step_block_sampler,
-    first_clip,
-    frozen,
-    guided_velocity_fn,
-    rebuilt,
-    student_config,
-    to_clip,
-    velocity_fn,
-    x0_fn,
-)
-from train.trainer import Stage
+from train.common import clip_latents, guided_velocity_fn, to_clip, velocity_fn, x0_fn
+from train.stages import ARTeacherStudentStage
 from worldmodel.transformer import block_ids
-
-
-class StudentStage(Stage):
-    """A causal few-step student started from an input model, with an EMA; shared by 3a, 3b and 4."""
-
-    latent_batches = True
-
-    def __init__(self, trainer, inputs, start):
-        super().__init__(trainer, inputs)
-        model = rebuilt(self.cfg.model, start)
-        check_block_fit(int(self.cfg.data.clip_len), model.dit.cfg.block_size)
-        self.action_spec = model.action_spec
-        self.ae = frozen(model.autoencoder.to(self.device))
-        self.student = model.dit.to(self.device).train().requires_grad_(True)
-        self.student_ema = ema_copy(self.student)
-        self.steps = [float(s) for s in self.cfg.model.sampler.steps]
-
-    def modules(self):
-        return {"student": self.student, "student_ema": self.student_ema}
-
-    def optimized(self):
-        return {"student": (self.student, self.cfg.optim)}
-
-    def ema(self):
-        return {"student": (self.student_ema, float(self.cfg.optim.ema_decay))}
-
-    def sample_latents(self, batch, clip):
-        """Real latents ``[1, T, C, h, w]`` of the sample clip."""
-        return clip_latents(self.ae, clip)
-
-    def sample(self, batch, generator):
-        """Real clip | the EMA student playing it with its few-step sampler from the real first frame."""
-        clip = first_clip(batch, self.action_spec, self.device)
-        sampler = few_step_block_sampler(self.steps, generator)
-        return ar_sample_video(self.ae, self.student_ema, clip, self.sample_latents(batch, clip), sampler,
-                               self.trainer.compute_dtype)
-
-    def export(self):
-        return bundle(self.cfg.model, self.name, self.ae, self.student_ema)
-
-
-class ARTeacherStudentStage(StudentStage):
-    """A student started from a frozen AR teacher (``init.teacher``), which it keeps; shared by 3a and 3c."""
-
-    inputs = {"teacher": ("ar_teacher",)}
-
-    @classmethod
-    def model_config(cls, cfg, inputs, data_info):
-        return student_config(inputs["teacher"].config)
-
-    def __init__(self, trainer, inputs):
-        super().__init__(trainer, inputs, inputs["teacher"])
-        self.teacher = ema_copy(self.student)  # the student starts as the AR teacher; this copy stays frozen
-
-    def networks(self):
-        return [*super().networks(), self.teacher]
 
 
 class CausalCDStage(ARTeacherStudentStage):

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from train import algorithms as alg
-from train.causal_cd import StudentStage
+from train.stages import StudentStage
 from train.common import StageInputError, ema_copy, encode, guided_velocity_fn, student_config, to_clip, velocity_fn, x0_fn
 from train.config import TrainConfigError
 from train.data import StepBatches, derive_seed

@@ -25,7 +25,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from train import algorithms as alg
-from train.causal_cd import ARTeacherStudentStage
+from train.stages import ARTeacherStudentStage
 from train.common import (
     Clip,
     clip_latents,

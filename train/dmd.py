@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from train import algorithms as alg
-from train.causal_cd import StudentStage
+from train.stages import StudentStage
 from train.common import (
     CachedRollout,
     check_same_autoencoder,
