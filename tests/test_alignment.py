@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from train.common import CachedRollout, Clip, block_ranges, to_clip
+from train.clips import Clip, to_clip
+from worldmodel.rollout import CachedRollout, block_ranges
 from worldmodel.actions import ActionSpec, make_action, normalize_actions
 from worldmodel.camera import CameraState, ControllerSpec, integrate, relative_motion, state_to_pose, step_state
 from worldmodel.data.__main__ import main as data_main

@@ -14,7 +14,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from train import algorithms as alg
 from train import bench
-from train.common import CachedRollout, Clip
+from train.clips import Clip
+from worldmodel.rollout import CachedRollout
 from worldmodel.model import model_config
 from worldmodel.transformer import DiTConfig, WorldDiT, frame_mask, token_mask
 

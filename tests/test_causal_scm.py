@@ -16,7 +16,7 @@ from train import algorithms as alg
 from train.__main__ import main
 from train.bench import write_synthetic
 from train.causal_scm import student_x0_tangent
-from train.common import Clip
+from train.clips import Clip
 from train.trainer import run
 from worldmodel import checkpoint, flow
 from worldmodel.actions import make_action

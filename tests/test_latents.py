@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from test_train_stages import FAST, args, write_episodes
-from train.common import encode
+from train.clips import encode
 from train.config import compose
 from train.data import StepBatches
 from train.latents import LatentStore

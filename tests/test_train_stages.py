@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from train import trainer as trainer_module
 from train.__main__ import main
 from train.bench import write_synthetic
-from train.common import StageInputError, check_same_autoencoder
+from train.inputs import StageInputError, check_same_autoencoder
 from train.config import compose
 from train.trainer import run
 from worldmodel import checkpoint
@@ -291,7 +291,8 @@ def test_world_batches_are_a_function_of_the_step(monkeypatch):
 
 def test_differentiable_cache_computes_what_the_cache_computes(chain):
     """The self-forcing rollout's cache (concatenation under grad) gives the inference cache's numbers."""
-    from train.common import CachedRollout, Clip
+    from train.clips import Clip
+    from worldmodel.rollout import CachedRollout
 
     dit = checkpoint.load(chain["causal_cd"] / "model.safetensors").dit
     g = torch.Generator().manual_seed(0)
@@ -314,7 +315,8 @@ def test_differentiable_cache_computes_what_the_cache_computes(chain):
 
 
 def test_guidance_in_one_forward_equals_two_forwards(chain):
-    from train.common import Clip, guided_velocity_fn
+    from train.clips import Clip
+    from train.networks import guided_velocity_fn
     from worldmodel import flow
 
     dit = checkpoint.load(chain["ar_teacher"] / "model.safetensors").dit

@@ -13,17 +13,10 @@ sets the blocks; ``data.clip_len`` must be the start frame plus whole blocks.
 from __future__ import annotations
 
 from train import algorithms as alg
-from train.common import (
-    ar_sample_video,
-    check_block_fit,
-    clip_latents,
-    euler_block_sampler,
-    first_clip,
-    rebuilt,
-    teacher_sampler,
-    velocity_fn,
-    with_sampler,
-)
+from train.clips import clip_latents, first_clip
+from train.inputs import check_block_fit, rebuilt, teacher_sampler, with_sampler
+from train.networks import velocity_fn
+from train.samples import ar_sample_video, euler_block_sampler
 from train.stages import FlowMatchingStage
 from worldmodel import flow
 from worldmodel.transformer import block_ids

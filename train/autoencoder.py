@@ -15,7 +15,9 @@ import torch
 from einops import repeat
 from omegaconf import OmegaConf
 
-from train.common import StageInputError, bundle, ema_copy, side_by_side
+from train.inputs import StageInputError, bundle
+from train.networks import ema_copy
+from train.samples import side_by_side
 from train.config import STAGES, fit_dit_to_autoencoder, fresh_model_config
 from train.data import StepBatches, derive_seed
 from train.trainer import Stage

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from train.common import block_ranges
+from worldmodel.rollout import block_ranges
 from train.config import compose, fresh_model_config
 from train.data import StepBatches
 from train.trainer import stage_class
@@ -127,7 +127,7 @@ def rollout_flops(cfg: DiTConfig, batch: int, frames: int, num_steps: int, train
 
 
 def guided_batch(batch: int, guidance: float) -> int:
-    """Batch of a guided forward: conditional and unconditional halves in one (``train.common.guided_velocity_fn``)."""
+    """Batch of a guided forward: conditional and unconditional halves in one (``train.networks.guided_velocity_fn``)."""
     return batch if float(guidance) == 1.0 else 2 * batch
 
 

@@ -15,7 +15,8 @@ the same real history. The target network is the trainer's EMA of the student (`
 from __future__ import annotations
 
 from train import algorithms as alg
-from train.common import clip_latents, guided_velocity_fn, to_clip, velocity_fn, x0_fn
+from train.clips import clip_latents, to_clip
+from train.networks import guided_velocity_fn, velocity_fn, x0_fn
 from train.stages import ARTeacherStudentStage
 from worldmodel.transformer import block_ids
 

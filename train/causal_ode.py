@@ -32,7 +32,9 @@ from tqdm import tqdm
 
 from train import algorithms as alg
 from train.stages import StudentStage
-from train.common import StageInputError, ema_copy, encode, guided_velocity_fn, student_config, to_clip, velocity_fn, x0_fn
+from train.clips import encode, to_clip
+from train.inputs import StageInputError, student_config
+from train.networks import ema_copy, guided_velocity_fn, velocity_fn, x0_fn
 from train.config import TrainConfigError
 from train.data import StepBatches, derive_seed
 from worldmodel import checkpoint

@@ -26,14 +26,8 @@ import torch.autograd.forward_ad as fwAD
 
 from train import algorithms as alg
 from train.stages import ARTeacherStudentStage
-from train.common import (
-    Clip,
-    clip_latents,
-    guided_velocity_fn,
-    to_clip,
-    velocity_fn,
-    x0_fn,
-)
+from train.clips import Clip, clip_latents, to_clip
+from train.networks import guided_velocity_fn, velocity_fn, x0_fn
 from worldmodel import flow
 from worldmodel.transformer import WorldDiT, block_ids
 

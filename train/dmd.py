@@ -22,17 +22,10 @@ import torch
 
 from train import algorithms as alg
 from train.stages import StudentStage
-from train.common import (
-    CachedRollout,
-    check_same_autoencoder,
-    encode,
-    frozen,
-    guided_velocity_fn,
-    to_clip,
-    trainable_copy,
-    velocity_fn,
-    x0_fn,
-)
+from train.clips import encode, to_clip
+from train.inputs import check_same_autoencoder
+from train.networks import frozen, guided_velocity_fn, trainable_copy, velocity_fn, x0_fn
+from worldmodel.rollout import CachedRollout
 from train.config import TrainConfigError
 
 

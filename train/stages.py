@@ -7,24 +7,10 @@ from __future__ import annotations
 import torch
 
 from train import algorithms as alg
-from train.common import (
-    ar_sample_video,
-    bundle,
-    check_block_fit,
-    clip_latents,
-    ema_copy,
-    few_step_block_sampler,
-    first_clip,
-    frozen,
-    guided_velocity_fn,
-    latent_shape,
-    real_frames,
-    rebuilt,
-    side_by_side,
-    student_config,
-    to_clip,
-    velocity_fn,
-)
+from train.clips import clip_latents, first_clip, real_frames, to_clip
+from train.inputs import bundle, check_block_fit, rebuilt, student_config
+from train.networks import ema_copy, frozen, guided_velocity_fn, latent_shape, velocity_fn
+from train.samples import ar_sample_video, few_step_block_sampler, side_by_side
 from train.trainer import Stage
 from worldmodel import flow
 from worldmodel.model import WorldModel

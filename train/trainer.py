@@ -46,7 +46,7 @@ from torch import nn
 from tqdm import tqdm
 
 from train import algorithms as alg
-from train.common import check_data_fits, load_input
+from train.inputs import check_data_fits, load_input
 from train.config import TrainConfigError, apply_model_overrides, compose, load_yaml, require
 from train.data import DataInfo, StepBatches, derive_seed
 from train.latents import LatentStore

@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name,memory.used --format=csv,noheader 2>/dev/null || tru
 python3 - "$STUDENT" "$OUT/ar_teacher.safetensors" <<'PY'
 import sys
 
-from train.common import rebuilt, teacher_sampler, with_sampler
+from train.inputs import rebuilt, teacher_sampler, with_sampler
 from train.config import compose
 from worldmodel.checkpoint import load, save
 
