@@ -87,7 +87,7 @@ class Rollout:
 
 class CachedRollout(Rollout):
     """One clip generated block by block: block ``b`` takes its inputs from ``clip`` (normalised
-    ``actions [B, T, A]`` and ``poses [B, T, 4, 4]``, e.g. a ``train.common.Clip``)."""
+    ``actions [B, T, A]`` and ``poses [B, T, 4, 4]``, e.g. a ``train.clips.Clip``)."""
 
     def __init__(self, dit: WorldDiT, clip, dtype=torch.float32, guidance: float = 1.0):
         super().__init__(dit, clip.actions.shape[0], clip.actions.device, dtype, guidance)
