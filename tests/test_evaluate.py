@@ -5,8 +5,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 
 from train import evaluate as ev
+from train.evaluate import evaluation
 from train.idm import idm_loss, training_pairs
 from worldmodel import metrics
 from worldmodel.actions import ActionSpec
@@ -127,8 +129,8 @@ def toy_episodes(batch=3, length=9, size=16, seed=0):
 def toy_ground_truth(monkeypatch):
     """evaluate() with the toy world in place of the held-out worlds."""
     blocks = {"clips": 1, "long": 2, "reference": 3}
-    monkeypatch.setattr(ev, "heldout_episodes", lambda settings, which, count, length: toy_episodes(count, length, seed=blocks[which]))
-    monkeypatch.setattr(ev, "replay", lambda settings, seeds, actions: toy_world(toy_starts(seeds), actions))
+    monkeypatch.setattr(evaluation, "heldout_episodes", lambda settings, which, count, length: toy_episodes(count, length, seed=blocks[which]))
+    monkeypatch.setattr(evaluation, "replay", lambda settings, seeds, actions: toy_world(toy_starts(seeds), actions))
 
 
 def tiny_idm(size=16, seed=0):
@@ -296,8 +298,6 @@ def test_stability_report_on_ground_truth_has_zero_frechet_distance():
 def test_plain_and_markdown_helpers():
     assert ev.plain({"a": [math.inf, -math.inf, 1.5], "b": math.nan}) == {"a": ["inf", "-inf", 1.5], "b": "nan"}
     assert ev.fmt(math.inf) == "inf" and ev.fmt(0.12345) == "0.123"
-    ticks = ev.nice_ticks(0.13, 0.92)
-    assert ticks[0] >= 0.13 and ticks[-1] <= 0.92 and 3 <= len(ticks) <= 9
     with pytest.raises(ev.EvalError, match="clips"):
         ev.EvalSettings(world="procedural", clips=1)
     with pytest.raises(ev.EvalError, match="window"):
@@ -326,11 +326,16 @@ def test_full_evaluation_of_a_copying_model_equals_the_baseline(toy_ground_truth
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["fidelity"]["rows"]["ground truth"]["psnr"]["1"] == "inf"
     assert "| model (autoregressive) |" in (tmp_path / "report.md").read_text()
-    assert (tmp_path / "fidelity.png").stat().st_size > 1000 and (tmp_path / "stability.png").stat().st_size > 1000
+    assert saved["plots"] == ["fidelity.png", "stability.png"]
+    for name, size in (("fidelity.png", (1120, 360)), ("stability.png", (1120, 1080))):  # matplotlib at 100 dpi
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG" and image.size == size and len(image.getcolors(1 << 16) or range(99)) > 10
 
 
-def test_full_evaluation_of_an_oracle_is_perfect(toy_ground_truth):
+def test_full_evaluation_of_an_oracle_is_perfect(toy_ground_truth, tmp_path):
     report = ev.evaluate(lambda b, s: ToyOracleSession(b, s), tiny_idm(), toy_settings())
+    ev.write_report(report, tmp_path, "oracle")  # infinite PSNR curves still plot
+    assert Image.open(tmp_path / "fidelity.png").format == "PNG"
     assert all(math.isinf(v) for v in report["fidelity"]["rows"]["model (autoregressive)"]["psnr"].values())
     assert report["swap_test"]["model"]["pass_fraction"] == 1.0
     assert report["controllability"]["model (autoregressive)"] == report["controllability"]["ground truth"]

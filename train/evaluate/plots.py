@@ -1,0 +1,50 @@
+"""The report's figures (matplotlib, Agg backend): fidelity.png (PSNR / SSIM over frames) and
+stability.png (per-window measures)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def save_figure(path: Path, panels: list[tuple[str, str, dict]], columns: int = 2) -> None:
+    """Line charts in a grid into one PNG: ``panels`` of (title, y label, {name: (xs, ys)}) over frames;
+    non-finite points are left out (matplotlib breaks the line there)."""
+    rows = (len(panels) + columns - 1) // columns
+    fig = Figure(figsize=(5.6 * columns, 3.6 * rows), dpi=100, layout="tight")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for ax, (title, ylabel, series) in zip(axes.flat, panels):
+        for name, (xs, ys) in series.items():
+            ax.plot(xs, ys, marker="o" if len(xs) <= 40 else None, markersize=3, label=name)
+        ax.set(title=title, xlabel="frame", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.savefig(path)
+
+
+def plots(report: dict, out_dir: Path) -> list[str]:
+    """fidelity.png (PSNR / SSIM over frames) and stability.png (per-window measures)."""
+    curves = report["fidelity"]["curves"]
+    shown = [n for n in curves if n != "ground truth"]
+    save_figure(out_dir / "fidelity.png", [
+        (f"{m.upper()} vs ground truth", m.upper(), {n: (range(1, len(curves[n][m])), curves[n][m][1:]) for n in shown})
+        for m in ("psnr", "ssim")
+    ])
+    windows = report["stability"]["windows"]
+    mid = [sum(w["frames"]) / 2 for w in windows]
+    series = lambda get, names: {n: (mid, [get(w, n) for w in windows]) for n in names}  # noqa: E731
+    runs = ("model", "ground_truth", "repeat_last_frame")
+    save_figure(out_dir / "stability.png", [
+        ("Frechet distance of IDM features", "FD",
+         series(lambda w, n: w.get("frechet", {}).get(n, math.nan), ("model", "repeat_last_frame", "ground_truth_reference"))),
+        ("sharpness (Laplacian variance)", "variance", series(lambda w, n: w["frames_stats"][n]["sharpness"], runs)),
+        ("mean brightness", "0..255", series(lambda w, n: sum(w["frames_stats"][n]["colour_mean"]) / 3, runs)),
+        ("colour std (mean of channels)", "0..255", series(lambda w, n: sum(w["frames_stats"][n]["colour_std"]) / 3, runs)),
+        ("key accuracy (IDM)", "fraction", series(lambda w, n: w["controllability"][n]["key_accuracy"], runs[:2])),
+        ("yaw error (IDM)", "degrees", series(lambda w, n: w["controllability"][n]["yaw_error_deg"], runs[:2])),
+    ])
+    return ["fidelity.png", "stability.png"]
