@@ -274,12 +274,12 @@ def test_cached_rollout_gives_each_block_its_own_actions_and_poses(block_size):
     rollout = CachedRollout(model, clip, dtype=torch.float64)
     reference = model(x, torch.full_like(sigma, 0.7), actions, poses, mode="causal", clean=clean)
     for b, (start, end) in enumerate(block_ranges(frames, block_size)):
-        block_actions, block_poses = rollout._inputs(b)
+        block_actions, block_poses = rollout.block_inputs(b)
         assert torch.equal(block_actions, actions[:, start:end])
         assert torch.equal(block_poses[:, 1:], poses[:, start:end])
         assert torch.equal(block_poses[:, 0], poses[:, max(start - 1, 0)])  # the frame before (the first: itself)
         if b > 0:  # against the teacher-forced training forward: the same inputs give the same velocity
-            v = rollout.velocity(x[:, start:end], 0.7, b)
+            v = rollout.block_denoiser(b)(x[:, start:end], 0.7)
             assert (v - reference[:, start:end]).norm() / reference[:, start:end].norm() < 1e-4
         rollout.commit(clean[:, start:end], b)
 

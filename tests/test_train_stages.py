@@ -292,6 +292,7 @@ def test_world_batches_are_a_function_of_the_step(monkeypatch):
 def test_differentiable_cache_computes_what_the_cache_computes(chain):
     """The self-forcing rollout's cache (concatenation under grad) gives the inference cache's numbers."""
     from train.clips import Clip
+    from worldmodel import flow
     from worldmodel.rollout import CachedRollout
 
     dit = checkpoint.load(chain["causal_cd"] / "model.safetensors").dit
@@ -306,8 +307,8 @@ def test_differentiable_cache_computes_what_the_cache_computes(chain):
         plain.commit(latents[:, b : b + 1], b)
     x = latents[:, 3:4].clone().requires_grad_(True)
     with torch.no_grad():
-        expected = plain.x0(x, 0.7, 3)
-    got = ours.x0(x, 0.7, 3)
+        expected = flow.x0_denoiser(plain.block_denoiser(3))(x, 0.7)
+    got = flow.x0_denoiser(ours.block_denoiser(3))(x, 0.7)
     torch.testing.assert_close(got, expected)
     ours.commit(got.detach(), 3)  # an in-place write after a forward with grad ...
     got.sum().backward()  # ... leaves its graph intact

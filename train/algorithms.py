@@ -139,16 +139,13 @@ def sample_grid_pairs(grid: Tensor, batch: int, blocks: Tensor, generator: torch
     return _expand_blocks(grid[i], blocks), _expand_blocks(grid[i + 1], blocks)
 
 
-euler_step = flow.euler_step
-
-
 @torch.no_grad()
 def consistency_target(
     teacher_velocity_fn: Callable, target_x0_fn: Callable, x_t: Tensor, sigma: Tensor, sigma_next: Tensor
 ) -> Tensor:
     """Causal CD target: one (guided) teacher Euler step ``sigma -> sigma_next``, then the target
     network's x0 at the new point: ``stopgrad(target_x0(x_t + (s' - s) v, s'))``."""
-    x_next = euler_step(x_t, teacher_velocity_fn(x_t, sigma), sigma, sigma_next)
+    x_next = flow.euler_step(x_t, teacher_velocity_fn(x_t, sigma), sigma, sigma_next)
     return target_x0_fn(x_next, sigma_next).detach()
 
 

@@ -15,11 +15,11 @@ import torch
 from einops import repeat
 from omegaconf import OmegaConf
 
+from train.config import STAGES, fit_dit_to_autoencoder, fresh_model_config
+from train.data import StepBatches, derive_seed
 from train.inputs import StageInputError, bundle
 from train.networks import ema_copy
 from train.samples import side_by_side
-from train.config import STAGES, fit_dit_to_autoencoder, fresh_model_config
-from train.data import StepBatches, derive_seed
 from train.trainer import Stage
 from worldmodel.autoencoder import reconstruction_loss
 from worldmodel.frames import to_model

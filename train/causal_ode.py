@@ -31,12 +31,12 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from train import algorithms as alg
-from train.stages import StudentStage
 from train.clips import encode, to_clip
-from train.inputs import StageInputError, student_config
-from train.networks import ema_copy, guided_velocity_fn, velocity_fn, x0_fn
 from train.config import TrainConfigError
 from train.data import StepBatches, derive_seed
+from train.inputs import StageInputError, student_config
+from train.networks import ema_copy, guided_velocity_fn, velocity_fn, x0_fn
+from train.stages import StudentStage
 from worldmodel import checkpoint
 from worldmodel.transformer import block_ids
 

@@ -25,9 +25,9 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from train import algorithms as alg
-from train.stages import ARTeacherStudentStage
 from train.clips import Clip, clip_latents, to_clip
 from train.networks import guided_velocity_fn, velocity_fn, x0_fn
+from train.stages import ARTeacherStudentStage
 from worldmodel import flow
 from worldmodel.transformer import WorldDiT, block_ids
 

@@ -21,12 +21,12 @@ from __future__ import annotations
 import torch
 
 from train import algorithms as alg
-from train.stages import StudentStage
 from train.clips import encode, to_clip
+from train.config import TrainConfigError
 from train.inputs import check_same_autoencoder
 from train.networks import frozen, guided_velocity_fn, trainable_copy, velocity_fn, x0_fn
+from train.stages import StudentStage
 from worldmodel.rollout import CachedRollout
-from train.config import TrainConfigError
 
 
 class DMDStage(StudentStage):

@@ -46,9 +46,9 @@ from torch import nn
 from tqdm import tqdm
 
 from train import algorithms as alg
-from train.inputs import check_data_fits, load_input
 from train.config import TrainConfigError, apply_model_overrides, compose, load_yaml, require
 from train.data import DataInfo, StepBatches, derive_seed
+from train.inputs import check_data_fits, load_input
 from train.latents import LatentStore
 from worldmodel import checkpoint
 from worldmodel.files import remove_stale_temps, write_text_atomic

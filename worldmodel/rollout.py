@@ -94,31 +94,28 @@ class CachedRollout(Rollout):
         self.clip = clip
         self.blocks = block_ranges(clip.actions.shape[1], dit.cfg.block_size)
 
-    def _inputs(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def block_inputs(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block ``b``'s actions ``[B, Tb, A]`` and poses ``[B, Tb + 1, 4, 4]`` (:func:`block_poses`)."""
         start, end = self.blocks[b]
         before = self.clip.poses[:, start - 1] if start else None
         return self.clip.actions[:, start:end], block_poses(self.clip.poses[:, start:end], before)
 
-    def velocity(self, x: torch.Tensor, sigma, b: int) -> torch.Tensor:
-        """Block ``b``'s velocity at ``x [B, Tb, C, h, w]``, ``sigma`` (float or ``[B, Tb]``), given the blocks committed so far."""
-        return self.denoiser(*self._inputs(b))(x, sigma)
-
-    def x0(self, x: torch.Tensor, sigma, b: int) -> torch.Tensor:
-        """Block ``b``'s clean prediction ``[B, Tb, C, h, w]``."""
-        return flow.x0_from_v(x, self.velocity(x, sigma, b), sigma)
+    def block_denoiser(self, b: int) -> Callable:
+        """Block ``b``'s velocity model ``(x, sigma) -> v`` given the blocks committed so far (:meth:`denoiser`)."""
+        return self.denoiser(*self.block_inputs(b))
 
     def commit(self, latents: torch.Tensor, b: int) -> None:
         """Write the clean block ``b`` ``latents [B, Tb, C, h, w]`` into the cache."""
-        self.write(latents, *self._inputs(b))
+        self.write(latents, *self.block_inputs(b))
 
     def generate(self, first: torch.Tensor, sample_block: Callable) -> torch.Tensor:
         """Latents ``[B, T, C, h, w]``: the given first frame ``first [B, 1, C, h, w]``, then each block from
-        ``sample_block(velocity, b, shape) -> latents`` (``velocity``: block ``b``'s :meth:`denoiser`), each
+        ``sample_block(velocity, b, shape) -> latents`` (``velocity``: :meth:`block_denoiser`), each
         committed (detached, without gradient) before the next."""
         self.commit(first, 0)
         out = [first]
         for b, (start, end) in enumerate(self.blocks[1:], 1):
-            latents = sample_block(self.denoiser(*self._inputs(b)), b, (first.shape[0], end - start, *first.shape[2:]))
+            latents = sample_block(self.block_denoiser(b), b, (first.shape[0], end - start, *first.shape[2:]))
             self.commit(latents.detach(), b)
             out.append(latents)
         return torch.cat(out, 1)
