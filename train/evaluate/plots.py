@@ -10,8 +10,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 
-def save_figure(path: Path, panels: list[tuple[str, str, dict]], columns: int = 2) -> None:
-    """Line charts in a grid into one PNG: ``panels`` of (title, y label, {name: (xs, ys)}) over frames;
+def save_figure(path: Path, panels: list[tuple[str, str, dict]], columns: int = 2, xlabel: str = "frame") -> None:
+    """Line charts in a grid into one PNG: ``panels`` of (title, y label, {name: (xs, ys)}) over ``xlabel``;
     non-finite points are left out (matplotlib breaks the line there)."""
     rows = (len(panels) + columns - 1) // columns
     fig = Figure(figsize=(5.6 * columns, 3.6 * rows), dpi=100, layout="tight")
@@ -20,7 +20,7 @@ def save_figure(path: Path, panels: list[tuple[str, str, dict]], columns: int = 
     for ax, (title, ylabel, series) in zip(axes.flat, panels):
         for name, (xs, ys) in series.items():
             ax.plot(xs, ys, marker="o" if len(xs) <= 40 else None, markersize=3, label=name)
-        ax.set(title=title, xlabel="frame", ylabel=ylabel)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.savefig(path)
