@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # One GPU lease, started in the background so that it outlives the 10-minute device command:
 #   setsid nohup bash train/scripts/gpu_session.sh > /tmp/session.log 2>&1 < /dev/null &
-# then poll /tmp/session/status with short commands and copy /tmp/session/out/* to $OUT (at most 8 files:
-# session.tgz holds the texts, results.tgz the evaluation reports, the students' fp16 shards).
+# (carry .whl) then poll it with calls that return as soon as it ends, and copy /tmp/session/out/* to $OUT:
+#   while ! grep -q "\] done" /tmp/session/status; do sleep 10; [ $SECONDS -gt 560 ] && break; done; cp /tmp/session/out/* $OUT/
+# (at most 8 files: session.tgz holds the texts, results.tgz the evaluation reports and curve.md/png, the students'
+# fp16 shards). Never `pkill -f` or `pgrep -f` a word that the poll command itself contains: it matches that command.
 # It runs, in order:
 #   1. the GPU tests of the kernels (TRITON_INTERPRET=0) beside the data collection, then the attention-JVP
 #      benchmark alone;
 #   2. the procedural world's base: autoencoder (going on from the shipped model's, AE_INIT) -> teacher ->
 #      AR teacher;
 #   3. from that AR teacher, on equal budgets one after the other: causal CD (3a) and sCM (3c), each exporting
-#      every CURVE_S seconds of its run clock; then DMD from sCM;
+#      every CURVE_S seconds of its run clock; then DMD from sCM; with GUIDANCE=1 both again towards the unguided
+#      teacher (pipeline phase "guidance");
 #   4. evaluations side by side: full reports of the AR teacher, both students, sCM + DMD and the shipped
-#      model, and the short curve protocol on every timed export (held-out PSNR@8 and swap vs GPU-seconds);
+#      model, and the short curve protocol on every timed export (held-out PSNR@8 and swap vs GPU-seconds), drawn by
+#      train.curve;
 #   5. the training benchmark (the fast path at batch 128 with a profile, then the old path, then batches 32
 #      and 512) on what is left of the lease (until DEADLINE_S after the start).
-# Budgets (seconds) and switches come from the environment: AE_S TEACHER_S AR_S CD_S SCM_S DMD_SCM_S CURVE_S, FULL_EVAL=0
+# Budgets (seconds) and switches come from the environment: AE_S TEACHER_S AR_S CD_S SCM_S DMD_SCM_S CURVE_S, GUIDANCE=1, FULL_EVAL=0
 # (the curve protocol only, with the AR teacher and the shipped model as references), TESTS_S, JVP_BENCH_S (0 skips the benchmark), EVAL_TIMEOUT_S, DEADLINE_S.
 # Wheels missing on the GPU image (omegaconf) come from .whl/.
 set -uo pipefail
@@ -24,6 +28,7 @@ mkdir -p "$S/out" "$S/text"
 [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 RUNS=$S/runs OUT=$S/pipeline
 note() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$S/status"; }
+python3 -c "import omegaconf" 2>/dev/null || { note "omegaconf is missing (carry .whl): nothing ran"; note "done"; exit 2; }
 pack_texts() {  # the status, every phase's text and the stage logs, as $S/out/session.tgz
   cp "$S/status" "$S/text/" 2>/dev/null
   (cd "$RUNS/.." 2>/dev/null && find runs -maxdepth 3 \( -name log.jsonl -o -name '*.log' -o -name '*.out' \) \
@@ -52,7 +57,7 @@ pack_texts
 
 note "base"
 AE_INIT=${AE_INIT:-$SHIPPED} AE_S=${AE_S:-60} TEACHER_S=${TEACHER_S:-220} AR_S=${AR_S:-130} \
-  bash $P procedural base > "$T/base.txt" 2>&1 || note "base failed"
+  bash $P procedural base > "$T/base.txt" 2>&1 || { note "base failed: nothing after it can run"; pack_texts; note "done"; exit 1; }
 pack_texts
 note "causal CD"
 CD_S=${CD_S:-180} DMD_S=0 CD_EXTRA="run.export_every_s=$CURVE_S" bash $P procedural distill > "$T/distill.txt" 2>&1 \
@@ -62,6 +67,12 @@ note "sCM -> DMD"
 SCM_S=${SCM_S:-${CD_S:-180}} DMD_SCM_S=${DMD_SCM_S:-60} SCM_EXTRA="run.export_every_s=$CURVE_S" bash $P procedural scm \
   > "$T/scm.txt" 2>&1 || note "sCM chain failed"
 pack_texts
+if [ "${GUIDANCE:-0}" = 1 ]; then
+  note "CD and sCM towards the unguided teacher"
+  CD_S=${CD_S:-180} SCM_S=${SCM_S:-${CD_S:-180}} CD_EXTRA="run.export_every_s=$CURVE_S" SCM_EXTRA="run.export_every_s=$CURVE_S" \
+    bash $P procedural guidance > "$T/guidance.txt" 2>&1 || note "guidance runs failed"
+  pack_texts
+fi
 
 note "evaluate"
 R=$RUNS/procedural
@@ -88,7 +99,8 @@ else  # the references under the curve protocol only
   evaluate curve_ar_teacher "$R/ar_teacher/model.safetensors" "${CURVE[@]}"
   evaluate curve_shipped "$SHIPPED" "${CURVE[@]}"
 fi
-for run in causal_cd causal_scm; do
+for run in causal_cd causal_scm causal_cd_g1 causal_scm_g1; do
+  [ -d "$R/$run" ] || continue
   for f in "$R/$run"/exports/model_*s.safetensors; do
     [ -f "$f" ] && evaluate "curve_${run}_$(basename "$f" .safetensors | sed 's/model_//')" "$f" "${CURVE[@]}"
   done
@@ -96,6 +108,7 @@ for run in causal_cd causal_scm; do
 done
 wait
 note "evaluated: $(tr '\n' ' ' < "$T/eval_times.txt")"
+python3 -m train.curve "$E" --runs "$R" > "$T/curve.txt" 2>&1 || note "curve failed"
 bash $P procedural pack > "$T/pack.txt" 2>&1
 cp "$OUT/procedural/results.tgz" "$S/out/results.tgz" 2>/dev/null
 for run in causal_cd causal_scm; do
