@@ -175,7 +175,6 @@ def recorded_world(episode: Path | None) -> str:
     if episode is None:
         return DEFAULT_WORLD
     from worldmodel.data.episode import read_meta
-    from worldmodel.envs import WORLDS
 
     meta = read_meta(episode)
     for name in (meta.extra.get("world"), meta.source):

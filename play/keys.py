@@ -51,9 +51,7 @@ def canonical_key(name: str) -> str:
     """The canonical spelling of a key name ("W" -> "w", "Left  Shift" -> "left shift")."""
     canonical = " ".join(str(name).lower().split())
     if canonical not in KEY_CONSTANTS:
-        raise KeyNameError(
-            f"unknown key name {name!r} (use a-z, 0-9, f1-f12 or one of: {', '.join(_NAMED)})"
-        )
+        raise KeyNameError(f"unknown key name {name!r} (use a-z, 0-9, f1-f12 or one of: {', '.join(_NAMED)})")
     return canonical
 
 

@@ -75,20 +75,10 @@ class Recorder:
 def play_meta(generator, first: Generated, mid_session: bool, fps: float, model_name: str, model_seed: int | None,
               world_name: str | None) -> EpisodeMeta:
     """The meta of a recording made by the client."""
-    return EpisodeMeta(
-        action_spec=generator.spec,
-        controller=generator.controller,
-        fps=float(fps),
-        height=generator.height,
-        width=generator.width,
-        source="play",
-        seed=first.seed,
-        extra={
-            "start": "frame" if mid_session else first.start,
-            "steps": list(generator.session.steps) if generator.session is not None else None,
-            "model": model_name,
-            "model_seed": model_seed,
-            "world": world_name,
-            "mode": generator.mode,
-        },
-    )
+    extra = {
+        "start": "frame" if mid_session else first.start,
+        "steps": list(generator.session.steps) if generator.session is not None else None,
+        "model": model_name, "model_seed": model_seed, "world": world_name, "mode": generator.mode,
+    }
+    return EpisodeMeta(generator.spec, generator.controller, float(fps), generator.height, generator.width, "play",
+                       seed=first.seed, extra=extra)

@@ -53,11 +53,6 @@ def plan_replay(path: str | Path, generator, model_name: str | None) -> ReplayPl
     note = None
     if recorded_model is not None and model_name is not None and recorded_model != model_name:
         note = f"recorded with model {recorded_model}, replaying with {model_name}"
-    return ReplayPlan(
-        episode=episode,
-        seed=meta.seed if meta.seed is not None else 0,
-        start=None if generated else episode.frames[0],
-        actions=episode.actions[1:],
-        steps=[float(s) for s in steps] if steps else None,
-        note=note,
-    )
+    return ReplayPlan(episode=episode, seed=meta.seed if meta.seed is not None else 0,
+                      start=None if generated else episode.frames[0], actions=episode.actions[1:],
+                      steps=[float(s) for s in steps] if steps else None, note=note)

@@ -16,7 +16,7 @@ from train import algorithms as alg
 from train import bench
 from train.clips import Clip
 from worldmodel.rollout import CachedRollout
-from worldmodel.model import model_config
+from worldmodel.model import dit_config, model_config
 from worldmodel.transformer import DiTConfig, WorldDiT, frame_mask, token_mask
 
 CAMERA_SLACK = 1e-3  # the camera rays' few 4x4 matmuls per frame, which the bench does not count
@@ -97,7 +97,7 @@ def stage_config(stage: str, **sections) -> OmegaConf:
 
 
 def test_step_flops_per_stage():
-    dit = DiTConfig.from_dict(OmegaConf.to_container(model_config("tiny", "procedural").dit))
+    dit = dit_config(model_config("tiny", "procedural"))
     bi, tf = (bench.sequence_forward_flops(dit, 4, 5, mode) for mode in ("bidirectional", "teacher_forcing"))
     assert bench.step_flops(stage_config("teacher"), 0) == 3 * bi
     assert bench.step_flops(stage_config("ar_teacher"), 0) == 3 * tf
@@ -130,7 +130,7 @@ def test_a_tiny_run_of_both_variants(tmp_path, capsys):
                        "--source", "synthetic", "--episodes", "2", "--frames", "6", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["variant"], r["status"]) for r in rows] == [("before", "ok"), ("after", "ok")]
-    dit = DiTConfig.from_dict(OmegaConf.to_container(model_config("tiny", "procedural").dit))
+    dit = dit_config(model_config("tiny", "procedural"))
     for r in rows:
         assert r["gflop_per_step"] * 1e9 == pytest.approx(3 * bench.sequence_forward_flops(dit, 2, 5, "bidirectional"))
         assert r["frames_per_second"] == pytest.approx(2 * 5 / (r["step_ms"] / 1000))

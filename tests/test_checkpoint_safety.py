@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from worldmodel import checkpoint
 from worldmodel.checkpoint import CheckpointError, read_metadata
-from worldmodel.model import build_model
+from worldmodel.model import DERIVED_DIT_FIELDS, build_model
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +126,22 @@ def test_bad_config_values_give_one_line(tiny, cfg, tmp_path, section, key, valu
     with pytest.raises(CheckpointError, match=r"bad model config: " + message) as e:
         checkpoint.load(path)
     assert "\n" not in str(e.value)
+
+
+def test_fields_derived_from_the_autoencoder_are_not_saved_and_old_ones_must_agree(tiny, cfg, tmp_path):
+    """The DiT's latent shape and action width come from the autoencoder and the actions: not saved. A
+    config that still holds them (checkpoints saved before) loads alike when they agree, else one line."""
+    assert not set(DERIVED_DIT_FIELDS) & set(cfg["dit"])
+    stored = {**cfg, "dit": {**cfg["dit"], **{k: getattr(tiny.dit.cfg, k) for k in DERIVED_DIT_FIELDS}}}
+    old = checkpoint.load(write(tmp_path / "old.safetensors", tiny.state_dict(), stored))
+    assert old.dit.cfg == tiny.dit.cfg and not set(DERIVED_DIT_FIELDS) & set(old.config.dit)
+    assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in old.state_dict().items())
+    for key in DERIVED_DIT_FIELDS:
+        bad = {**stored, "dit": {**stored["dit"], key: stored["dit"][key] + 2}}
+        path = write(tmp_path / "bad.safetensors", tiny.state_dict(), bad)
+        with pytest.raises(CheckpointError, match=rf"bad model config: dit.{key} is {bad['dit'][key]} but the "
+                                                  rf"autoencoder and the actions give {stored['dit'][key]}$"):
+            checkpoint.load(path)
 
 
 @pytest.mark.parametrize("config, message", [

@@ -133,6 +133,7 @@ def checkpoints(d: Path) -> None:
 
     write("interp.safetensors", {**config, "world": "${oc.env:UNTRUSTED_SECRET}"})
     write("deep.safetensors", {**config, "dit": {**config["dit"], "depth": 100_000}})
+    write("latent.safetensors", {**config, "dit": {**config["dit"], "latent_height": 999}})
     write("list.safetensors", meta={"format": "worldmodel", "version": "1", "config": "[1, 2]"})
     write("nan.safetensors", tensors={k: v.clone().fill_(float("nan")) if v.is_floating_point() else v
                                       for k, v in tensors.items()})
@@ -226,6 +227,9 @@ CASES = {
                                 "depth must be between"),
     "checkpoint NaN weights": ("play --checkpoint {d}/nan.safetensors --headless --frames 2 --out {d}/out/existing.mp4",
                                "NaN"),
+    "checkpoint latent size not the autoencoder's": (
+        "play --checkpoint {d}/latent.safetensors --headless --frames 2 --out {d}/v.mp4",
+        "dit.latent_height is 999 but the autoencoder"),
     "checkpoint config a list": ("play --checkpoint {d}/list.safetensors --headless --frames 2 --out {d}/v.mp4",
                                  "must be a mapping"),
     "export a truncated recording": ("play export {d}/zero_frames --out {d}/out/existing.mp4", "holds no frames"),

@@ -31,11 +31,6 @@ class AlgorithmError(ValueError):
     """Arguments an algorithm cannot work with."""
 
 
-def _per_frame(sigma: Tensor, like: Tensor) -> Tensor:
-    """``sigma [B, T]`` -> ``[B, T, 1, 1, 1]`` in the dtype of ``like``."""
-    return sigma.to(like.dtype).reshape(*sigma.shape, *([1] * (like.ndim - sigma.ndim)))
-
-
 def _num_blocks(blocks: Tensor) -> int:
     """Number of blocks of ``blocks [T]``, which must count up from 0 in steps of at most one."""
     steps = blocks[1:] - blocks[:-1]
@@ -57,18 +52,9 @@ def mse(pred: Tensor, target: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- flow matching
 
 
-def sample_sigmas(
-    batch: int,
-    blocks: Tensor,
-    generator: torch.Generator,
-    *,
-    distribution: str = "logit_normal",
-    loc: float = 0.0,
-    scale: float = 1.0,
-    low: float = 0.0,
-    high: float = 1.0,
-    shift: float = 1.0,
-) -> Tensor:
+def sample_sigmas(batch: int, blocks: Tensor, generator: torch.Generator, *, distribution: str = "logit_normal",
+                  loc: float = 0.0, scale: float = 1.0, low: float = 0.0, high: float = 1.0,
+                  shift: float = 1.0) -> Tensor:
     """Training noise levels ``[B, T]``, one per block, drawn on the generator's device.
 
     ``u`` is drawn per block from ``logit_normal`` (``sigmoid(N(loc, scale^2))``, SD3's choice:
@@ -140,24 +126,16 @@ def sample_grid_pairs(grid: Tensor, batch: int, blocks: Tensor, generator: torch
 
 
 @torch.no_grad()
-def consistency_target(
-    teacher_velocity_fn: Callable, target_x0_fn: Callable, x_t: Tensor, sigma: Tensor, sigma_next: Tensor
-) -> Tensor:
+def consistency_target(teacher_velocity_fn: Callable, target_x0_fn: Callable, x_t: Tensor, sigma: Tensor,
+                       sigma_next: Tensor) -> Tensor:
     """Causal CD target: one (guided) teacher Euler step ``sigma -> sigma_next``, then the target
     network's x0 at the new point: ``stopgrad(target_x0(x_t + (s' - s) v, s'))``."""
     x_next = flow.euler_step(x_t, teacher_velocity_fn(x_t, sigma), sigma, sigma_next)
     return target_x0_fn(x_next, sigma_next).detach()
 
 
-def causal_cd_loss(
-    student_x0_fn: Callable,
-    teacher_velocity_fn: Callable,
-    target_x0_fn: Callable,
-    x0: Tensor,
-    eps: Tensor,
-    sigma: Tensor,
-    sigma_next: Tensor,
-) -> Tensor:
+def causal_cd_loss(student_x0_fn: Callable, teacher_velocity_fn: Callable, target_x0_fn: Callable, x0: Tensor,
+                   eps: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
     """Causal consistency distillation (Causal Forcing++): ``x_t`` built from real latents ``x0`` at
     ``sigma``; MSE between the student's x0 at ``(x_t, sigma)`` and :func:`consistency_target`.
 
@@ -172,9 +150,8 @@ def causal_cd_loss(
 # ----------------------------------------------------------------------------- causal sCM (stage 3c)
 
 
-def sample_scm_sigmas(
-    batch: int, blocks: Tensor, generator: torch.Generator, *, loc: float, scale: float, p_one: float, low: float
-) -> Tensor:
+def sample_scm_sigmas(batch: int, blocks: Tensor, generator: torch.Generator, *, loc: float, scale: float,
+                      p_one: float, low: float) -> Tensor:
     """sCM noise levels ``[B, T]``, one per block: exactly 1 with probability ``p_one`` (the student's
     first sampling step, which a logit-normal never reaches), else ``sigmoid(N(loc, scale^2))``
     clamped to ``[low, 1]``.
@@ -240,10 +217,10 @@ def scm_loss(student_x0: Tensor, tangent: Tensor, weight: Tensor, blocks: Tensor
     g = tangent.detach().to(dtype)
     frame_sq = g.pow(2).flatten(2).sum(-1)  # [B, T]
     block_norm = torch.zeros(b, n, device=g.device, dtype=dtype).index_add_(1, index, frame_sq).sqrt()  # [B, blocks]
-    g_hat = g / _per_frame(_expand_blocks(block_norm, index) + norm_const, g)
+    g_hat = g / flow.per_frame(_expand_blocks(block_norm, index) + norm_const, g)
     f = student_x0.to(dtype)
     # f - sg(f - w g_hat) written as (f - sg(f)) + w g_hat: exact when w g_hat is small against f
-    residual = (f - f.detach()) + _per_frame(weight, f) * g_hat
+    residual = (f - f.detach()) + flow.per_frame(weight, f) * g_hat
     return residual.pow(2).sum() / (b * n), block_norm.mean().detach()
 
 
@@ -251,9 +228,8 @@ def scm_loss(student_x0: Tensor, tangent: Tensor, weight: Tensor, blocks: Tensor
 
 
 @torch.no_grad()
-def ode_trajectory(
-    velocity_fn: Callable, noise: Tensor, sigmas: Tensor, keep: Sequence[float]
-) -> tuple[Tensor, Tensor]:
+def ode_trajectory(velocity_fn: Callable, noise: Tensor, sigmas: Tensor,
+                   keep: Sequence[float]) -> tuple[Tensor, Tensor]:
     """Euler-integrate the PF-ODE (:func:`worldmodel.flow.sample_euler`) from ``noise`` at ``sigmas[0]``
     down to ``sigmas[-1] = 0``.
 
@@ -285,9 +261,8 @@ def sample_trajectory_points(num_points: int, batch: int, blocks: Tensor, genera
     return _expand_blocks(k, blocks)
 
 
-def ode_regression_loss(
-    student_x0_fn: Callable, states: Tensor, sigmas: Sequence[float], endpoint: Tensor, points: Tensor
-) -> Tensor:
+def ode_regression_loss(student_x0_fn: Callable, states: Tensor, sigmas: Sequence[float], endpoint: Tensor,
+                        points: Tensor) -> Tensor:
     """Causal ODE distillation: per block, the stored state at point ``points [B, T]`` (of ``states
     [K, B, T, C, h, w]`` taken at ``sigmas [K]``) goes through the student; its x0 regresses onto the
     trajectory's endpoint ``[B, T, C, h, w]``."""
@@ -312,9 +287,8 @@ def dmd_direction(x0_generated: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Ten
     return torch.nan_to_num((x0_fake.float() - x0_real.float()) / norm)
 
 
-def dmd_loss(
-    x0_generated: Tensor, real_x0_fn: Callable, fake_x0_fn: Callable, eps: Tensor, sigma: Tensor
-) -> tuple[Tensor, Tensor]:
+def dmd_loss(x0_generated: Tensor, real_x0_fn: Callable, fake_x0_fn: Callable, eps: Tensor,
+             sigma: Tensor) -> tuple[Tensor, Tensor]:
     """Generator loss ``0.5 * ||x - stopgrad(x - grad)||^2`` (mean) whose gradient in x is the
     DMD direction (divided by the element count). The generated clip ``[B, T, C, h, w]`` is noised to
     ``sigma [B, T]`` with ``eps``; the real (guided teacher) and fake (critic) x0 predictions run

@@ -15,7 +15,7 @@ import torch
 from einops import repeat
 from omegaconf import OmegaConf
 
-from train.config import STAGES, fit_dit_to_autoencoder, fresh_model_config
+from train.config import STAGES, fresh_model_config
 from train.data import StepBatches, derive_seed
 from train.inputs import StageInputError, bundle
 from train.networks import ema_copy
@@ -40,7 +40,6 @@ class AutoencoderStage(Stage):
         model_cfg = fresh_model_config(str(cfg.preset), data_info)
         if "autoencoder" in inputs:
             model_cfg.autoencoder = inputs["autoencoder"].config.autoencoder
-            model_cfg = fit_dit_to_autoencoder(model_cfg)
         return model_cfg
 
     def __init__(self, trainer, inputs):

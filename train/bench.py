@@ -47,7 +47,7 @@ from worldmodel import checkpoint
 from worldmodel.actions import ActionSpec
 from worldmodel.camera import ControllerSpec, integrate
 from worldmodel.data.episode import EpisodeMeta, EpisodeWriter
-from worldmodel.model import WorldModel, model_config
+from worldmodel.model import WorldModel, dit_config, model_config
 from worldmodel.transformer import DiTConfig, frame_mask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +146,7 @@ def step_flops(cfg: DictConfig, step: int) -> float | None:
       the critic trains on the rollout. The score networks are taken to have the student's
       architecture (the bench's inputs do).
     """
-    dit = DiTConfig.from_dict(OmegaConf.to_container(cfg.model.dit, resolve=True))
+    dit = dit_config(cfg.model)
     b, t, stage = int(cfg.data.batch), int(cfg.data.clip_len), str(cfg.stage)
     if stage == "teacher":
         return TRAINED * sequence_forward_flops(dit, b, t, "bidirectional")
@@ -177,12 +177,6 @@ def window_flops(cfg: DictConfig, window: int) -> float | None:
 # ----------------------------------------------------------------------------- inputs
 
 
-def frame_size(preset: str) -> tuple[int, int]:
-    """(height, width) of the frames a preset trains on in the procedural world."""
-    ae = model_config(preset, "procedural").autoencoder
-    return int(ae.frame_height), int(ae.frame_width)
-
-
 def write_synthetic(root: Path, episodes: int, frames: int, size: tuple[int, int]) -> Path:
     """Recordings whose frames are gradients shifted by the camera yaw (as the tests write them)."""
     spec, ctrl, (h, w) = ActionSpec(), ControllerSpec(), size
@@ -207,7 +201,8 @@ def make_data(root: Path, source: str, preset: str, episodes: int, frames: int, 
     """Recordings at the preset's frame size in ``root``, unless it already holds some."""
     if root.is_dir() and any(root.iterdir()):
         return root
-    size = frame_size(preset)
+    ae = model_config(preset, "procedural").autoencoder  # the preset's frame size in the procedural world
+    size = int(ae.frame_height), int(ae.frame_width)
     if source == "synthetic":
         return write_synthetic(root, episodes, frames, size)
     subprocess.run([sys.executable, "-m", "worldmodel.data", "collect", "--world", "procedural", "--episodes", str(episodes),
@@ -241,15 +236,16 @@ def child_env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
-def run_overrides(stage: str, preset: str, batch: int, variant: str, window: int, device: str, data: Path,
-                  inputs: dict[str, Path], run_dir: Path, extra: list[str], profile: bool = False) -> list[str]:
-    """The ``python -m train STAGE`` overrides of one configuration (``profile``: a third window under
-    torch.profiler, after the timed one)."""
+def run_overrides(stage: str, batch: int, variant: str, args, data: Path, inputs: dict[str, Path],
+                  run_dir: Path) -> list[str]:
+    """The ``python -m train STAGE`` overrides of one configuration of the bench's ``args`` (``--profile``:
+    a third window under torch.profiler, after the timed one)."""
     init = [f"init.{key}={inputs[accepted[0]]}" for key, accepted in stage_class(stage).inputs.items()]
-    steps = [f"run.steps={3 * window}", "run.profile=true"] if profile else [f"run.steps={2 * window}"]
-    return [f"preset={preset}", "data.source=recordings", f"data.recordings={data}", f"data.batch={batch}",
-            f"run.device={device}", f"run.dir={run_dir}", *steps, f"run.log_every={window}",
-            f"run.checkpoint_every={10**9}", "run.sample_every=0", *init, *VARIANTS[variant], *extra]
+    window = args.window
+    steps = [f"run.steps={3 * window}", "run.profile=true"] if args.profile else [f"run.steps={2 * window}"]
+    return [f"preset={args.preset}", "data.source=recordings", f"data.recordings={data}", f"data.batch={batch}",
+            f"run.device={args.device}", f"run.dir={run_dir}", *steps, f"run.log_every={window}",
+            f"run.checkpoint_every={10**9}", "run.sample_every=0", *init, *VARIANTS[variant], *args.overrides]
 
 
 def failure(returncode: int, stderr: str) -> str:
@@ -278,13 +274,11 @@ def measure(record: dict, flops: float | None, peak_tflops: float) -> dict:
             "peak_share": None if tflops is None else tflops / peak_tflops, "peak_memory_gb": record.get("peak_memory_gb")}
 
 
-def bench_one(stage: str, preset: str, batch: int, variant: str, args, data: Path, inputs: dict[str, Path], runs: Path) -> dict:
+def bench_one(stage: str, batch: int, variant: str, args, data: Path, inputs: dict[str, Path], runs: Path) -> dict:
     """Run one configuration in its own process; its result row (``status`` ok or what went wrong)."""
-    row = {"stage": stage, "preset": preset, "batch": batch, "variant": variant}
-    run_dir = runs / f"{stage}-{preset}-b{batch}-{variant}"
-    command = [sys.executable, "-m", "train", stage,
-               *run_overrides(stage, preset, batch, variant, args.window, args.device, data, inputs, run_dir, args.overrides,
-                              args.profile)]
+    row = {"stage": stage, "preset": args.preset, "batch": batch, "variant": variant}
+    run_dir = runs / f"{stage}-{args.preset}-b{batch}-{variant}"
+    command = [sys.executable, "-m", "train", stage, *run_overrides(stage, batch, variant, args, data, inputs, run_dir)]
     try:
         done = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True,
                               timeout=args.timeout or None)
@@ -362,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         for stage in args.stages:
             for batch in args.batches:
                 for variant in args.variants:
-                    rows.append(bench_one(stage, args.preset, batch, variant, args, data, inputs, tmp / "runs"))
+                    rows.append(bench_one(stage, batch, variant, args, data, inputs, tmp / "runs"))
                     r = rows[-1]
                     print(f"{stage} {args.preset} batch {batch} {variant}: "
                           + (f"{r['step_ms']:.1f} ms/step, {r['frames_per_second']:,.0f} frames/s, "

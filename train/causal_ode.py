@@ -34,9 +34,9 @@ from train import algorithms as alg
 from train.clips import encode, to_clip
 from train.config import TrainConfigError
 from train.data import StepBatches, derive_seed
-from train.inputs import StageInputError, student_config
-from train.networks import ema_copy, guided_velocity_fn, velocity_fn, x0_fn
-from train.stages import StudentStage
+from train.inputs import StageInputError
+from train.networks import guided_velocity_fn, velocity_fn, x0_fn
+from train.stages import ARTeacherStudentStage
 from worldmodel import checkpoint
 from worldmodel.transformer import block_ids
 
@@ -44,9 +44,8 @@ TRAJECTORY_SOURCES = {"ar": ("ar_teacher",), "bidirectional": ("teacher",)}
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-class CausalODEStage(StudentStage):
+class CausalODEStage(ARTeacherStudentStage):
     name = "causal_ode"
-    inputs = {"teacher": TRAJECTORY_SOURCES["ar"]}
     model_overrides = ("dit.block_size", "dit.window_frames", "dit.sink_frames", "sampler")
 
     @classmethod
@@ -56,15 +55,10 @@ class CausalODEStage(StudentStage):
             raise TrainConfigError(f"ode.trajectories must be one of {list(TRAJECTORY_SOURCES)}, got {kind!r}")
         return {"teacher": TRAJECTORY_SOURCES[kind]}
 
-    @classmethod
-    def model_config(cls, cfg, inputs, data_info):
-        return student_config(inputs["teacher"].config)
-
     def __init__(self, trainer, inputs):
-        super().__init__(trainer, inputs, inputs["teacher"])
+        super().__init__(trainer, inputs)
         ode = self.cfg.ode
         self.bidirectional = str(ode.trajectories) == "bidirectional"
-        self.teacher = ema_copy(self.student)  # the student starts as the teacher; this copy stays frozen
         self.grid = alg.distillation_grid(int(ode.grid_steps), float(ode.shift), include=self.steps)
         if str(ode.storage_dtype) not in STORAGE_DTYPES:
             raise TrainConfigError(f"ode.storage_dtype must be one of {list(STORAGE_DTYPES)}, got {ode.storage_dtype!r}")
@@ -78,9 +72,6 @@ class CausalODEStage(StudentStage):
 
     latent_batches = False  # trains on its stored trajectories
 
-    def networks(self):
-        return [*super().networks(), self.teacher]
-
     def shard_path(self, i: int):
         return self.dir / f"batch_{i:06d}.safetensors"
 
@@ -90,10 +81,8 @@ class CausalODEStage(StudentStage):
             return False
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}).get("recipe") != self.recipe:
-                raise StageInputError(
-                    f"{path} was generated with other settings (teacher, ode.*, data.* or seed); "
-                    f"move {self.dir} away or choose another run.dir"
-                )
+                raise StageInputError(f"{path} was generated with other settings (teacher, ode.*, data.* or seed); "
+                                      f"move {self.dir} away or choose another run.dir")
         return True
 
     @torch.no_grad()

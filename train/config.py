@@ -26,10 +26,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from worldmodel.autoencoder import AutoencoderConfig
 from worldmodel.cli_args import DEVICE
-from worldmodel.model import model_config
-from worldmodel.transformer import DiTConfig
+from worldmodel.model import PRESETS, dit_config, model_config
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 STAGES = ("autoencoder", "teacher", "ar_teacher", "causal_cd", "causal_ode", "causal_scm", "dmd")
@@ -91,9 +89,8 @@ def compose(stage: str, overrides: list[str]) -> tuple[DictConfig, DictConfig]:
     base = load_yaml(CONFIG_DIR / "base.yaml")
     stage_cfg = load_yaml(CONFIG_DIR / f"{stage}.yaml")
     preset = str(given.get("preset", stage_cfg.get("preset", base.preset)))
-    known = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
-    if preset not in known:
-        raise TrainConfigError(f"unknown model preset {preset!r}; choose one of {known}")
+    if preset not in PRESETS:
+        raise TrainConfigError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
     preset_path = CONFIG_DIR / "model" / f"{preset}.yaml"
     cfg = merge_strict(base, load_yaml(preset_path), f"preset {preset_path.name}")
     OmegaConf.set_struct(cfg, False)
@@ -197,17 +194,6 @@ def fresh_model_config(preset: str, data_info) -> DictConfig:
         raise TrainConfigError(f"model config: {e}") from None
 
 
-def fit_dit_to_autoencoder(cfg: DictConfig) -> DictConfig:
-    """Set the DiT's latent size to what ``cfg.autoencoder`` produces (validating both)."""
-    try:
-        c, h, w = AutoencoderConfig.from_dict(OmegaConf.to_container(cfg.autoencoder)).latent_shape
-        cfg.dit.latent_channels, cfg.dit.latent_height, cfg.dit.latent_width = c, h, w
-        DiTConfig.from_dict(OmegaConf.to_container(cfg.dit))
-    except (TypeError, ValueError) as e:
-        raise TrainConfigError(f"model config: {e}") from None
-    return cfg
-
-
 def apply_model_overrides(model_cfg: DictConfig, overrides: DictConfig, allowed: tuple[str, ...], stage: str) -> DictConfig:
     """Merge ``model.*`` overrides, each of which must lie under one of the ``allowed`` prefixes."""
     flat = _flatten(OmegaConf.to_container(overrides))
@@ -218,7 +204,11 @@ def apply_model_overrides(model_cfg: DictConfig, overrides: DictConfig, allowed:
                 f"changeable here: {['model.' + a for a in allowed] or 'nothing'}"
             )
     merged = merge_strict(model_cfg, overrides, "the model overrides")
-    return fit_dit_to_autoencoder(merged)
+    try:
+        dit_config(merged)  # the autoencoder and DiT settings are valid together
+    except (TypeError, ValueError) as e:
+        raise TrainConfigError(f"model config: {e}") from None
+    return merged
 
 
 def _lookup(tree, key: str):

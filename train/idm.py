@@ -54,17 +54,14 @@ def world_episodes(world_name: str, split: str, count: int, length: int, batch: 
 
     options = split_options(world_name, split, world_options)
     seeds = split_seeds(split, count)
-    world = make_world(world_name, batch=batch, device=device, **options)
     parts = []
-    try:
+    with make_world(world_name, batch=batch, device=device, **options) as world:
         for i in tqdm(range(0, count, batch), desc=f"{split} episodes", leave=False):
             chunk = seeds[i : i + batch]
             chunk = chunk + chunk[: batch - len(chunk)]  # the world's batch is fixed; extra items are dropped
             policy = make_policy("mix", world.action_spec, batch=batch, seed=seed * 7919 + i)
             clip = play_clip(world, policy, chunk, 0, length)
             parts.append({k: v[: min(batch, count - i)] for k, v in clip.items()})
-    finally:
-        world.close()
     joined = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     return {"frames": joined["frames"], "actions": joined["actions"],
             "poses": observed_poses(joined["true_poses"], joined["poses"])}
@@ -160,9 +157,8 @@ def main(argv=None) -> int:
             raise ValueError("steps, batch, episodes, held-out episodes and world batch must be >= 1, episode length >= 2")
         from worldmodel.envs import make_world
 
-        probe = make_world(args.world, batch=1)
-        spec, controller, frame_size = probe.action_spec, probe.controller, (probe.height, probe.width)
-        probe.close()
+        with make_world(args.world, batch=1) as probe:
+            spec, controller, frame_size = probe.action_spec, probe.controller, (probe.height, probe.width)
         torch.manual_seed(args.seed)
         cfg = IDMConfig(world=args.world, action_spec=spec, controller=controller, frame_size=frame_size,
                         size=DOOM_SIZE if args.world == "doom" else (64, 64))

@@ -116,7 +116,8 @@ class StudentStage(Stage):
 
 
 class ARTeacherStudentStage(StudentStage):
-    """A student started from a frozen AR teacher (``init.teacher``), which it keeps; shared by 3a and 3c."""
+    """A student started from a frozen teacher (``init.teacher``, an AR teacher unless the stage accepts
+    others), which it keeps; shared by 3a, 3b and 3c."""
 
     inputs = {"teacher": ("ar_teacher",)}
 
@@ -126,7 +127,7 @@ class ARTeacherStudentStage(StudentStage):
 
     def __init__(self, trainer, inputs):
         super().__init__(trainer, inputs, inputs["teacher"])
-        self.teacher = ema_copy(self.student)  # the student starts as the AR teacher; this copy stays frozen
+        self.teacher = ema_copy(self.student)  # the student starts as the teacher; this copy stays frozen
 
     def networks(self):
         return [*super().networks(), self.teacher]

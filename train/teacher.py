@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from train.config import fit_dit_to_autoencoder, fresh_model_config
+from train.config import fresh_model_config
 from train.data import derive_seed
 from train.stages import FlowMatchingStage
 from worldmodel.model import WorldModel
@@ -30,7 +30,7 @@ class TeacherStage(FlowMatchingStage):
     def model_config(cls, cfg, inputs, data_info):
         model_cfg = inputs["autoencoder"].config.copy()
         model_cfg.dit = fresh_model_config(str(cfg.preset), data_info).dit
-        return fit_dit_to_autoencoder(model_cfg)
+        return model_cfg
 
     def __init__(self, trainer, inputs):
         torch.manual_seed(derive_seed(trainer.cfg.seed, "init"))

@@ -40,8 +40,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
@@ -460,11 +458,9 @@ class Trainer:
 
     def _load_checkpoint(self, path: Path) -> None:
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise TrainError(f"unreadable ({e})") from None
+            meta, tensors = checkpoint.file_metadata(path), checkpoint.read_state([path])
+        except checkpoint.CheckpointError as e:
+            raise TrainError(str(e)) from None
         if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
             raise TrainError(f"{path} is not a version {CHECKPOINT_VERSION} training checkpoint")
         if meta.get("stage") != self.cfg.stage:

@@ -84,10 +84,8 @@ def validate_actions(actions: torch.Tensor, spec: ActionSpec) -> torch.Tensor:
     if not isinstance(actions, torch.Tensor):
         actions = torch.as_tensor(actions)
     if actions.ndim == 0 or actions.shape[-1] != spec.width:
-        raise ActionError(
-            f"actions have width {tuple(actions.shape)[-1:] or 'scalar'}, expected {spec.width} "
-            f"({len(spec.keys)} keys {list(spec.keys)} + mouse dx, dy)"
-        )
+        raise ActionError(f"actions have width {tuple(actions.shape)[-1:] or 'scalar'}, expected {spec.width} "
+                          f"({len(spec.keys)} keys {list(spec.keys)} + mouse dx, dy)")
     actions = actions.float()
     if not torch.isfinite(actions).all():
         raise ActionError("actions contain NaN or infinite values")

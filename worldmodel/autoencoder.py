@@ -338,14 +338,8 @@ def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mean**2 + logvar.exp() - 1.0 - logvar).sum()
 
 
-def reconstruction_loss(
-    model: FrameAutoencoder,
-    frames: torch.Tensor,
-    *,
-    ssim_mix: float = 0.84,
-    kl_weight: float = 1e-6,
-    sample_posterior: bool = True,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def reconstruction_loss(model: FrameAutoencoder, frames: torch.Tensor, *, ssim_mix: float = 0.84, kl_weight: float = 1e-6,
+                        sample_posterior: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Training loss on frames ``[B, T, 3, H, W]`` in [-1, 1] (see the module docstring for the terms).
 
     With ``sample_posterior`` the decoder sees ``mean + std * noise`` (the VAE objective); without it,

@@ -92,12 +92,8 @@ def step_state(state: CameraState, action: torch.Tensor, spec: ActionSpec, ctrl:
     return CameraState(state.position + move.to(state.position.dtype), yaw, pitch)
 
 
-def integrate(
-    actions: torch.Tensor,
-    spec: ActionSpec,
-    ctrl: ControllerSpec = ControllerSpec(),
-    start: CameraState | None = None,
-) -> tuple[torch.Tensor, CameraState]:
+def integrate(actions: torch.Tensor, spec: ActionSpec, ctrl: ControllerSpec = ControllerSpec(),
+              start: CameraState | None = None) -> tuple[torch.Tensor, CameraState]:
     """Commanded poses for ``actions [B, T, A]``: returns ``poses [B, T, 4, 4]`` and the final state.
 
     ``poses[:, t]`` is the pose after applying ``actions[:, t]`` to the pose of frame t-1 (or ``start``).

@@ -78,12 +78,8 @@ def save(path: str | os.PathLike, model: WorldModel, dtype: torch.dtype | None =
     """Write ``model`` (weights cast to ``dtype`` if given, e.g. torch.float16 for shipping), as
     shards of at most ``max_shard_mib`` if given and needed. Returns the files written."""
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    metadata = {
-        "format": FORMAT,
-        "version": VERSION,
-        "config": json.dumps(OmegaConf.to_container(model.config, resolve=True)),
-        "extra": json.dumps(extra or {}),
-    }
+    config = json.dumps(OmegaConf.to_container(model.config, resolve=True))
+    metadata = {"format": FORMAT, "version": VERSION, "config": config, "extra": json.dumps(extra or {})}
     limit = None if max_shard_mib is None else max_shard_mib * 2**20
     shards, size = [{}], 0
     for name, tensor in state.items():

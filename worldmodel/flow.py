@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 
-def _per_frame(sigma, like: torch.Tensor) -> torch.Tensor:
+def per_frame(sigma, like: torch.Tensor) -> torch.Tensor:
     """Broadcast ``sigma`` (float, [B] or [B, T]) against ``like [B, T, ...]``."""
     if isinstance(sigma, (int, float)):
         return float(sigma)  # a Python number: no host-to-device copy (CUDA-graph safe)
@@ -28,7 +28,7 @@ def _per_frame(sigma, like: torch.Tensor) -> torch.Tensor:
 
 def add_noise(x0: torch.Tensor, eps: torch.Tensor, sigma) -> torch.Tensor:
     """x_s = (1 - s) x0 + s eps."""
-    s = _per_frame(sigma, x0)
+    s = per_frame(sigma, x0)
     return (1 - s) * x0 + s * eps
 
 
@@ -38,7 +38,7 @@ def velocity_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 
 
 def x0_from_v(x_t: torch.Tensor, v: torch.Tensor, sigma) -> torch.Tensor:
-    return x_t - _per_frame(sigma, x_t) * v
+    return x_t - per_frame(sigma, x_t) * v
 
 
 def shift_sigma(sigma, shift: float):
@@ -91,7 +91,7 @@ def x0_denoiser(velocity_fn: Callable) -> Callable:
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
     """One Euler step of the PF-ODE ``dx/ds = v`` from ``sigma`` to ``sigma_next`` (floats or ``[B, T]``)."""
-    return x + _per_frame(sigma_next - sigma, x) * v
+    return x + per_frame(sigma_next - sigma, x) * v
 
 
 def _sample(velocity: Callable, x: torch.Tensor, sigmas: Sequence[float], step: Callable, callback=None) -> torch.Tensor:

@@ -12,20 +12,19 @@ are normalised (mouse and turns in units of ``TURN_NORM`` radians, translation i
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from worldmodel.actions import TURN_NORM, ActionSpec
 from worldmodel.camera import ControllerSpec
+from worldmodel.checkpoint import atomic_save_file
 from worldmodel.metrics import key_accuracy, motion_targets, rotation_error_degrees, uint8_to_frames, wrap_angle
 
 FORMAT = "worldmodel-idm-v1"
@@ -57,32 +56,13 @@ class IDMConfig:
             raise IDMError(f"IDM internal size {self.size} must be positive multiples of {stride}")
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "world": self.world,
-                "action_spec": self.action_spec.to_dict(),
-                "controller": self.controller.to_dict(),
-                "frame_size": list(self.frame_size),
-                "size": list(self.size),
-                "channels": list(self.channels),
-                "feature_dim": self.feature_dim,
-                "extra": self.extra,
-            }
-        )
+        return json.dumps(asdict(self))  # the specs as their to_dict(), tuples as lists
 
     @classmethod
     def from_json(cls, text: str) -> "IDMConfig":
         d = json.loads(text)
-        return cls(
-            world=d["world"],
-            action_spec=ActionSpec.from_dict(d["action_spec"]),
-            controller=ControllerSpec.from_dict(d["controller"]),
-            frame_size=d["frame_size"],
-            size=d["size"],
-            channels=d["channels"],
-            feature_dim=int(d["feature_dim"]),
-            extra=d.get("extra", {}),
-        )
+        return cls(**{**d, "action_spec": ActionSpec.from_dict(d["action_spec"]),
+                      "controller": ControllerSpec.from_dict(d["controller"]), "feature_dim": int(d["feature_dim"])})
 
 
 def _stage(c_in: int, c_out: int) -> nn.Sequential:
@@ -144,11 +124,8 @@ class InverseDynamics(nn.Module):
 
     def scales(self) -> dict[str, float]:
         """Normalised unit -> physical unit (mouse counts, radians, world units)."""
-        return {
-            "mouse": TURN_NORM / self.cfg.action_spec.mouse_scale,
-            "yaw_pitch": TURN_NORM,
-            "translation": self.cfg.controller.walk_speed,
-        }
+        return {"mouse": TURN_NORM / self.cfg.action_spec.mouse_scale, "yaw_pitch": TURN_NORM,
+                "translation": self.cfg.controller.walk_speed}
 
     def targets(self, actions: torch.Tensor, poses: torch.Tensor) -> dict[str, torch.Tensor]:
         """Normalised targets ``[B, T-1, ...]`` for the pairs of a clip: ``actions [B, T, A]``, ``poses [B, T, 4, 4]``."""
@@ -225,19 +202,9 @@ def observed_poses(true_poses: torch.Tensor, commanded_poses: torch.Tensor) -> t
 
 
 def save_idm(path, model: InverseDynamics) -> None:
-    """Atomic safetensors write with the config in the metadata."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": FORMAT, "config": model.cfg.to_json()})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Atomic safetensors write (:func:`worldmodel.checkpoint.atomic_save_file`) with the config in the metadata."""
+    tensors = {k: v.float() for k, v in model.state_dict().items()}
+    atomic_save_file(tensors, path, {"format": FORMAT, "config": model.cfg.to_json()})
 
 
 def load_idm(path, device="cpu") -> InverseDynamics:

@@ -90,15 +90,8 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float = DATA_RANGE, w
     return luminance * structure
 
 
-def ssim(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    data_range: float = DATA_RANGE,
-    window_size: int = 11,
-    sigma: float = 1.5,
-    k1: float = 0.01,
-    k2: float = 0.03,
-) -> torch.Tensor:
+def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = DATA_RANGE, window_size: int = 11,
+         sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
     """Per-frame SSIM ``[...]`` (Wang et al. 2004): Gaussian window, valid positions, mean over channels.
 
     Computed in float32 (float64 if the inputs are float64); 1 for identical frames.
@@ -159,10 +152,8 @@ def frechet_distance_gaussians(mu1, cov1, mu2, cov2) -> float:
     """
     mu1, mu2, cov1, cov2 = (torch.as_tensor(t).double() for t in (mu1, mu2, cov1, cov2))
     if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != (mu1.numel(), mu1.numel()):
-        raise MetricError(
-            f"frechet_distance: means {tuple(mu1.shape)}, {tuple(mu2.shape)} and covariances "
-            f"{tuple(cov1.shape)}, {tuple(cov2.shape)} do not match"
-        )
+        raise MetricError(f"frechet_distance: means {tuple(mu1.shape)}, {tuple(mu2.shape)} and covariances "
+                          f"{tuple(cov1.shape)}, {tuple(cov2.shape)} do not match")
     root1 = _psd_sqrt(cov1)
     middle = root1 @ cov2 @ root1
     trace_root = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
@@ -173,10 +164,8 @@ def frechet_distance_gaussians(mu1, cov1, mu2, cov2) -> float:
 def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
     """Fréchet distance between Gaussians fitted to ``features_a [N, D]`` and ``features_b [M, D]``."""
     if features_a.ndim != 2 or features_b.ndim != 2 or features_a.shape[1] != features_b.shape[1]:
-        raise MetricError(
-            f"frechet_distance: features must be [N, D] and [M, D], got {tuple(features_a.shape)} "
-            f"and {tuple(features_b.shape)}"
-        )
+        raise MetricError(f"frechet_distance: features must be [N, D] and [M, D], got {tuple(features_a.shape)} "
+                          f"and {tuple(features_b.shape)}")
     return frechet_distance_gaussians(*gaussian_stats(features_a), *gaussian_stats(features_b))
 
 

@@ -7,10 +7,12 @@ Its configuration is one omegaconf tree (stored in every checkpoint)::
     actions: {keys, mouse_scale}
     controller: {walk_speed, sprint_factor, max_pitch, eye_height}
     autoencoder: {... AutoencoderConfig}
-    dit: {... DiTConfig}
+    dit: {... DiTConfig without DERIVED_DIT_FIELDS}
     sampler: {solver, steps, first_frame_steps, guidance}
 
-Presets: ``tiny`` (tests), ``default`` (the shipped size), ``large``.
+The DiT's latent shape and action width follow from the autoencoder and the actions: they are
+derived on load (:func:`dit_config`), not saved. Presets (``tiny`` for tests, ``default``, the
+shipped size, and ``large``) live here only; ``train/configs/model/<preset>.yaml`` adds training settings.
 """
 
 from __future__ import annotations
@@ -50,6 +52,23 @@ PRESETS = {
 }
 
 
+DERIVED_DIT_FIELDS = ("latent_channels", "latent_height", "latent_width", "action_dim")
+"""The DiT settings the autoencoder's latent shape and the action width determine."""
+
+
+def dit_config(config: DictConfig) -> DiTConfig:
+    """The DiT's configuration: ``config.dit`` with :data:`DERIVED_DIT_FIELDS` from ``config.autoencoder``
+    and ``config.actions``. A derived field still stored (older checkpoints hold them) must agree."""
+    channels, height, width = AutoencoderConfig.from_dict(OmegaConf.to_container(config.autoencoder)).latent_shape
+    derived = {"latent_channels": channels, "latent_height": height, "latent_width": width,
+               "action_dim": ActionSpec.from_dict(OmegaConf.to_container(config.actions)).width}
+    stored = OmegaConf.to_container(config.dit)
+    for key, value in derived.items():
+        if stored.get(key, value) != value:
+            raise ConfigError(f"dit.{key} is {stored[key]} but the autoencoder and the actions give {value}")
+    return DiTConfig.from_dict({**stored, **derived})
+
+
 def model_config(preset: str = "default", world: str = "procedural", action_spec: ActionSpec | None = None,
                  controller: ControllerSpec | None = None, block_size: int = 1,
                  frame_size: tuple[int, int] | None = None) -> DictConfig:
@@ -60,20 +79,16 @@ def model_config(preset: str = "default", world: str = "procedural", action_spec
     if preset not in PRESETS:
         raise ConfigError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
     p = copy.deepcopy(PRESETS[preset])
-    preset_frame = p.pop("frame", None)
-    height, width = frame_size or preset_frame or WORLD_FRAME_SIZE.get(world, (128, 128))
-    action_spec = action_spec or ActionSpec()
+    height, width = frame_size or p.pop("frame", None) or WORLD_FRAME_SIZE.get(world, (128, 128))
     ae = AutoencoderConfig(**{**p["autoencoder"], "frame_height": height, "frame_width": width})
-    ae_model_shape = ae.latent_shape
-    dit = DiTConfig(**{**p["dit"], "latent_channels": ae_model_shape[0], "latent_height": ae_model_shape[1],
-                       "latent_width": ae_model_shape[2], "action_dim": action_spec.width, "block_size": block_size})
+    dit = DiTConfig(**p["dit"], block_size=block_size).to_dict()
     return OmegaConf.create({
         "world": world,
         "stage": "untrained",
-        "actions": action_spec.to_dict(),
+        "actions": (action_spec or ActionSpec()).to_dict(),
         "controller": (controller or ControllerSpec()).to_dict(),
         "autoencoder": ae.to_dict(),
-        "dit": dit.to_dict(),
+        "dit": {k: v for k, v in dit.items() if k not in DERIVED_DIT_FIELDS},
         "sampler": copy.deepcopy(DEFAULT_SAMPLER),
     })
 
@@ -90,18 +105,12 @@ class WorldModel(nn.Module):
         missing = known - set(config)
         if missing:
             raise ConfigError(f"model config lacks keys {sorted(missing)}")
-        self.config = config
         self.action_spec = ActionSpec.from_dict(OmegaConf.to_container(config.actions))
         self.controller = ControllerSpec.from_dict(OmegaConf.to_container(config.controller))
         self.autoencoder = FrameAutoencoder(AutoencoderConfig.from_dict(OmegaConf.to_container(config.autoencoder)))
-        self.dit = WorldDiT(DiTConfig.from_dict(OmegaConf.to_container(config.dit)))
-        if self.dit.cfg.action_dim != self.action_spec.width:
-            raise ConfigError(f"dit.action_dim {self.dit.cfg.action_dim} != action width {self.action_spec.width}")
-        if tuple(self.autoencoder.latent_shape) != (self.dit.cfg.latent_channels, self.dit.cfg.latent_height, self.dit.cfg.latent_width):
-            raise ConfigError(
-                f"autoencoder latents {tuple(self.autoencoder.latent_shape)} do not match the DiT's "
-                f"({self.dit.cfg.latent_channels}, {self.dit.cfg.latent_height}, {self.dit.cfg.latent_width})"
-            )
+        self.dit = WorldDiT(dit_config(config))
+        self.config = config.copy()  # what a checkpoint saves: without the derived fields
+        self.config.dit = {k: v for k, v in config.dit.items() if k not in DERIVED_DIT_FIELDS}
 
     @property
     def frame_size(self) -> tuple[int, int]:

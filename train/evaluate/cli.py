@@ -1,11 +1,4 @@
-"""Evaluate a world-model checkpoint against a ground-truth world: how faithful, how controllable,
-how stable over long sessions, how fast. Writes ``report.json``, ``report.md`` and PNG plots.
-
-    python -m train.evaluate CHECKPOINT --world procedural|doom --out DIR
-        [--clips 16 --horizon 128 --long-frames 2000 --long-clips 4 --window 200
-         --speed-frames 100 --seed 0 --device cpu|cuda --world-device DEV --dtype float32|bfloat16 --idm PATH
-         --steps 1.0]
-"""
+"""The command line of the evaluation (``python -m train.evaluate``: see the package docstring)."""
 
 from __future__ import annotations
 
@@ -26,7 +19,8 @@ from worldmodel.idm import default_idm_path, load_idm
 
 
 def parse_args(argv):
-    p = ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m train.evaluate", description="Evaluate a world-model checkpoint against "
+                       "a ground-truth world: how faithful, how controllable, how stable over long sessions, how fast.")
     p.add_argument("checkpoint")
     p.add_argument("--world", required=True, choices=["procedural", "doom"])
     p.add_argument("--out", required=True, type=Path)

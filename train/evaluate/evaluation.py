@@ -22,10 +22,8 @@ def evaluate(make_session: SessionFactory, idm: InverseDynamics, settings: EvalS
     clips = heldout_episodes(settings, "clips", settings.clips, settings.horizon + 1)
     truth, actions, start = clips["frames"], clips["actions"], clips["frames"][:, 0]
     if tuple(truth.shape[2:4]) != tuple(idm.cfg.frame_size):
-        notes.append(
-            f"the IDM was trained on {idm.cfg.frame_size[0]}x{idm.cfg.frame_size[1]} frames, these are "
-            f"{truth.shape[2]}x{truth.shape[3]}: controllability figures are not comparable to other reports"
-        )
+        notes.append(f"the IDM was trained on {idm.cfg.frame_size[0]}x{idm.cfg.frame_size[1]} frames, these are "
+                     f"{truth.shape[2]}x{truth.shape[3]}: controllability figures are not comparable to other reports")
 
     long = heldout_episodes(settings, "long", settings.long_clips, settings.long_frames + 1)
     reference = heldout_episodes(settings, "reference", settings.long_clips, settings.long_frames + 1)
@@ -38,34 +36,23 @@ def evaluate(make_session: SessionFactory, idm: InverseDynamics, settings: EvalS
     }, settings.seed, block_size)
     autoregressive, teacher_forced = generated["autoregressive"], generated["teacher-forced"]
 
-    fidelity = fidelity_report(
-        {
-            "model (autoregressive)": (autoregressive, truth),
-            "model (teacher-forced)": (teacher_forced, truth),
-            "repeat last frame (autoregressive)": (repeat_first(truth), truth),
-            "repeat last frame (teacher-forced)": (repeat_previous(truth), truth),
-            "ground truth": (truth, truth),
-        },
-        horizons,
-        settings.device,
-    )
+    fidelity = fidelity_report({
+        "model (autoregressive)": (autoregressive, truth),
+        "model (teacher-forced)": (teacher_forced, truth),
+        "repeat last frame (autoregressive)": (repeat_first(truth), truth),
+        "repeat last frame (teacher-forced)": (repeat_previous(truth), truth),
+        "ground truth": (truth, truth),
+    }, horizons, settings.device)
 
-    control = control_report(
-        idm,
-        clips,
-        {"ground truth": truth, "model (autoregressive)": autoregressive, "repeat last frame": repeat_first(truth)},
-        {"model (teacher-forced)": (truth[:, :-1], teacher_forced[:, 1:])},
-    )
+    control = control_report(idm, clips, {"ground truth": truth, "model (autoregressive)": autoregressive,
+                                          "repeat last frame": repeat_first(truth)},
+                             {"model (teacher-forced)": (truth[:, :-1], teacher_forced[:, 1:])})
 
-    swap = swap_report(
-        truth,
-        {
-            "model": (autoregressive, generated["swapped"]),
-            "ground truth": (truth, replay(settings, clips["seeds"], swapped_actions)),
-            "repeat last frame": (repeat_first(truth), repeat_first(truth)),
-        },
-        settings.device,
-    )
+    swap = swap_report(truth, {
+        "model": (autoregressive, generated["swapped"]),
+        "ground truth": (truth, replay(settings, clips["seeds"], swapped_actions)),
+        "repeat last frame": (repeat_first(truth), repeat_first(truth)),
+    }, settings.device)
 
     stability = stability_report(idm, long, generated["long"], reference["frames"], settings.window, settings.device)
 

@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from worldmodel.idm import observed_poses
+from worldmodel.rollout import FrameBuffer
 
 HORIZONS = (1, 8, 32, 128)
 
@@ -42,10 +43,8 @@ class EvalSettings:
                 f"{self.long_frames}, {self.long_clips}, {self.speed_frames}"
             )
         if self.window < 1 or self.window * self.long_clips < 2 or self.window > self.long_frames:
-            raise EvalError(
-                f"--window must be in 1..long frames ({self.long_frames}) and give >= 2 samples over "
-                f"{self.long_clips} long clips, got {self.window}"
-            )
+            raise EvalError(f"--window must be in 1..long frames ({self.long_frames}) and give >= 2 samples over "
+                            f"{self.long_clips} long clips, got {self.window}")
         if any(h < 1 for h in self.horizons):
             raise EvalError(f"horizons must be positive, got {self.horizons}")
 
@@ -74,24 +73,14 @@ def heldout_episodes(settings: EvalSettings, which: str, count: int, length: int
     actions ``[B, T, A]``, poses ``[B, T, 4, 4]`` (what the frames show), and the world seeds."""
     from worldmodel.data.dataset import play_clip
     from worldmodel.data.splits import heldout_seeds
-    from worldmodel.envs import make_world
     from worldmodel.envs.policies import make_policy
 
     block = (settings.seed * len(SEED_BLOCKS) + SEED_BLOCKS[which]) * 10_000
     seeds = heldout_seeds(count, start=block)
-    world = make_world(settings.world, batch=count, device=settings.world_device or settings.device,
-                       **heldout_options(settings))
-    try:
-        policy = make_policy("mix", world.action_spec, batch=count, seed=block)
-        clip = play_clip(world, policy, seeds, 0, length)
-    finally:
-        world.close()
-    return {
-        "frames": clip["frames"],
-        "actions": clip["actions"],
-        "poses": observed_poses(clip["true_poses"], clip["poses"]),
-        "seeds": seeds,
-    }
+    with heldout_world(settings, count) as world:
+        clip = play_clip(world, make_policy("mix", world.action_spec, batch=count, seed=block), seeds, 0, length)
+    poses = observed_poses(clip["true_poses"], clip["poses"])
+    return {"frames": clip["frames"], "actions": clip["actions"], "poses": poses, "seeds": seeds}
 
 
 def heldout_options(settings: EvalSettings) -> dict:
@@ -101,17 +90,19 @@ def heldout_options(settings: EvalSettings) -> dict:
     return split_options(settings.world, "heldout", settings.world_options)
 
 
-def replay(settings: EvalSettings, seeds: list[int], actions: torch.Tensor) -> torch.Tensor:
-    """Frames uint8 ``[B, T, H, W, 3]`` the world shows for ``seeds`` under ``actions [B, T, A]`` (open loop)."""
+def heldout_world(settings: EvalSettings, batch: int):
+    """The world of ``settings`` for held-out play, ``batch`` items (close it: ``with``)."""
     from worldmodel.envs import make_world
 
-    world = make_world(settings.world, batch=len(seeds), device=settings.world_device or settings.device,
-                       **heldout_options(settings))
-    try:
+    return make_world(settings.world, batch=batch, device=settings.world_device or settings.device,
+                      **heldout_options(settings))
+
+
+def replay(settings: EvalSettings, seeds: list[int], actions: torch.Tensor) -> torch.Tensor:
+    """Frames uint8 ``[B, T, H, W, 3]`` the world shows for ``seeds`` under ``actions [B, T, A]`` (open loop)."""
+    with heldout_world(settings, len(seeds)) as world:
         frames = [world.reset(seeds).frames]
         frames += [world.step(actions[:, t]).frames for t in range(1, actions.shape[1])]
-    finally:
-        world.close()
     return torch.stack(frames, 1)
 
 
@@ -137,21 +128,18 @@ class Run:
         return self.actions.shape[1]
 
 
-def block_at(x: torch.Tensor, t: int, size: int, repeat_last: bool = False) -> torch.Tensor:
-    """``x[:, t : t + size]`` of ``x [B, T, ...]``; a block that overhangs the end is padded to ``size``
-    with zeros, or with copies of the last entry."""
-    block = x[:, t : t + size]
-    pad = size - block.shape[1]
-    if not pad:
-        return block
-    shape = (block.shape[0], pad, *block.shape[2:])
-    return torch.cat([block, block[:, -1:].expand(shape) if repeat_last else block.new_zeros(shape)], 1)
+def frame_at(x: torch.Tensor, t: int, repeat_last: bool = False) -> torch.Tensor:
+    """Frame ``t`` of ``x [B, T, ...]`` as ``[B, ...]``; past the end zeros, or the last frame."""
+    if t < x.shape[1]:
+        return x[:, t]
+    return x[:, -1] if repeat_last else x.new_zeros(x[:, -1].shape)
 
 
 def play_runs(session, runs: list[Run], block_size: int = 1, desc: str = "rollout") -> list[torch.Tensor]:
     """Frames uint8 ``[B_i, T_i, H, W, 3]`` of each run, played side by side in ``session`` (its batch:
-    the runs' rows in order), ``block_size`` frames a step. Runs come longest first: once a run has
-    ended its rows leave the session (``narrow``). A last block that overhangs a run is padded (zero
+    the runs' rows in order), the frames gathered into blocks of ``block_size`` (one step each) by
+    :class:`worldmodel.rollout.FrameBuffer`. Runs come longest first: once a run has ended its rows
+    leave the session (``narrow``) at the next block. A last block that overhangs a run is padded (zero
     actions, its last forced frame) and cut off."""
     lengths = [r.length for r in runs]
     if lengths != sorted(lengths, reverse=True):
@@ -159,21 +147,24 @@ def play_runs(session, runs: list[Run], block_size: int = 1, desc: str = "rollou
     offsets = [sum(r.rows for r in runs[:i]) for i in range(len(runs) + 1)]
     first = session.reset(torch.cat([r.start for r in runs])).frames
     frames = [[f[:, None]] for f in first.split([r.rows for r in runs])]
-    live = len(runs)
-    for t in tqdm(range(1, lengths[0], block_size), desc=desc, leave=False, disable=lengths[0] < 64):
-        if lengths[live - 1] <= t:
+    live, buffer = len(runs), FrameBuffer(block_size)
+    end = 1 + -(-(lengths[0] - 1) // block_size) * block_size  # whole blocks after the start frame
+    for t in tqdm(range(1, end), desc=desc, leave=False, disable=lengths[0] < 64):
+        if not buffer.inputs and lengths[live - 1] <= t:
             live = sum(length > t for length in lengths)
             session.narrow(offsets[live])
-        actions = torch.cat([block_at(r.actions, t, block_size) for r in runs[:live]])
         forcing = [i for i in range(live) if runs[i].forced is not None]
-        force = rows = None
-        if forcing:
-            force = torch.cat([block_at(runs[i].forced, t, block_size, repeat_last=True) for i in forcing])
-            if len(force) < offsets[live]:  # some rows play freely: name the forced ones
-                rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in forcing])
-        out = session.step(actions, force_frame=force, force_rows=rows).frames
+        actions = torch.cat([frame_at(r.actions, t) for r in runs[:live]])
+        forced = [torch.cat([frame_at(runs[i].forced, t, repeat_last=True) for i in forcing])] if forcing else []
+        block = buffer.push(actions, *forced)
+        if block is None:
+            continue
+        force, rows = (block[1] if forcing else None), None
+        if forcing and len(force) < offsets[live]:  # some rows play freely: name the forced ones
+            rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in forcing])
+        out = session.step(block[0], force_frame=force, force_rows=rows).frames
         for i, part in enumerate(out.split([r.rows for r in runs[:live]])):
-            frames[i].append(part[:, : lengths[i] - t])
+            frames[i].append(part[:, : lengths[i] - (t + 1 - block_size)])
     return [torch.cat(f, 1) for f in frames]
 
 

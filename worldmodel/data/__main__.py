@@ -62,20 +62,17 @@ def collect(args) -> None:
     if args.size is not None:
         options["width"], options["height"] = args.size
     batch = min(args.batch, args.episodes)
-    world = make_world(args.world, batch=batch, device=args.device, **options)
-    try:
-        with tqdm(total=args.episodes * args.frames, unit="frame", desc=f"collect {args.world}") as bar:
-            for first in range(0, args.episodes, batch):
-                chunk = seeds[first : first + batch]
-                padded = chunk + [chunk[-1]] * (batch - len(chunk))  # a short last batch: extra items are dropped
-                policy = make_policy(args.policy, world.action_spec, batch=batch, seed=chunk[0])
-                extra = {"policy": args.policy, "policy_seed": chunk[0], "split": args.split, "world_options": options}
-                metas = [EpisodeMeta(world.action_spec, world.controller, fps=world.fps, height=world.height,
-                                     width=world.width, source=args.world, seed=s, extra=extra) for s in chunk]
-                paths = [out / n for n in names[first : first + batch]]
-                record(world, policy, padded, args.frames, list(zip(paths, metas)), bar)
-    finally:
-        world.close()
+    with (make_world(args.world, batch=batch, device=args.device, **options) as world,
+          tqdm(total=args.episodes * args.frames, unit="frame", desc=f"collect {args.world}") as bar):
+        for first in range(0, args.episodes, batch):
+            chunk = seeds[first : first + batch]
+            padded = chunk + [chunk[-1]] * (batch - len(chunk))  # a short last batch: extra items are dropped
+            policy = make_policy(args.policy, world.action_spec, batch=batch, seed=chunk[0])
+            extra = {"policy": args.policy, "policy_seed": chunk[0], "split": args.split, "world_options": options}
+            metas = [EpisodeMeta(world.action_spec, world.controller, fps=world.fps, height=world.height,
+                                 width=world.width, source=args.world, seed=s, extra=extra) for s in chunk]
+            paths = [out / n for n in names[first : first + batch]]
+            record(world, policy, padded, args.frames, list(zip(paths, metas)), bar)
     print(f"wrote {args.episodes} episodes of {args.frames} frames to {out}")
 
 

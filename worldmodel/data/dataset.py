@@ -74,15 +74,11 @@ class ClipDataset(Dataset):
             return
         first, m = self.episodes[0], episode.meta
         if m.action_spec != first.meta.action_spec:
-            raise DatasetError(
-                f"episode {episode.path} has action spec {m.action_spec.to_dict()}, "
-                f"but {first.path} has {first.meta.action_spec.to_dict()}"
-            )
+            raise DatasetError(f"episode {episode.path} has action spec {m.action_spec.to_dict()}, "
+                               f"but {first.path} has {first.meta.action_spec.to_dict()}")
         if (m.height, m.width) != (first.meta.height, first.meta.width):
-            raise DatasetError(
-                f"episode {episode.path} has {m.height}x{m.width} frames, "
-                f"but {first.path} has {first.meta.height}x{first.meta.width}"
-            )
+            raise DatasetError(f"episode {episode.path} has {m.height}x{m.width} frames, "
+                               f"but {first.path} has {first.meta.height}x{first.meta.width}")
 
     @property
     def action_spec(self):
@@ -116,19 +112,13 @@ def play_clip(world, policy, seeds: list[int], warmup: int, clip_len: int) -> di
     """Reset ``world`` to ``seeds``, take ``warmup`` policy steps, then record ``clip_len`` frames ``[B, T, ...]``."""
     step = world.reset(seeds)
     action = torch.zeros(world.batch, world.action_spec.width)
-    frames, actions, poses, true_poses = [], [], [], []
+    parts = {"frames": [], "actions": [], "poses": [], "true_poses": []}
     for t in range(warmup + clip_len):
         if t > 0:
             action = policy(t, step)
             step = world.step(action)
         if t >= warmup:
-            frames.append(step.frames.cpu())
-            actions.append(action.float().cpu())
-            poses.append(step.commanded_pose.float().cpu())
-            true_poses.append(step.true_pose.float().cpu())
-    return {
-        "frames": torch.stack(frames, 1),
-        "actions": torch.stack(actions, 1),
-        "poses": torch.stack(poses, 1),
-        "true_poses": torch.stack(true_poses, 1),
-    }
+            now = (step.frames, action.float(), step.commanded_pose.float(), step.true_pose.float())
+            for values, value in zip(parts.values(), now):
+                values.append(value.cpu())
+    return {key: torch.stack(values, 1) for key, values in parts.items()}

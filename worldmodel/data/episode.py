@@ -49,7 +49,7 @@ import torch
 
 from worldmodel.actions import ActionError, ActionSpec, validate_actions
 from worldmodel.camera import ControllerSpec
-from worldmodel.files import atomic_output
+from worldmodel.files import write_text_atomic
 
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
@@ -64,6 +64,11 @@ MAX_FRAME_PIXELS = 4096 * 4096
 """The largest frame (height x width) an episode may have."""
 MAX_META_BYTES = 1 << 20
 """The largest meta.json a reader accepts."""
+META_FIELDS = ("version", "action_spec", "controller", "fps", "height", "width", "source", "seed", "created",
+               "length", "extra")
+"""The fields of meta.json, in the order written."""
+TENSORS = ("frames", "actions", "commanded_poses", "true_poses", "timestamps")
+"""The per-step tensors of an :class:`Episode`, in field order."""
 
 
 class EpisodeError(ValueError):
@@ -121,19 +126,8 @@ class EpisodeMeta:
             raise EpisodeError(f"meta extra must be JSON-serialisable: {e}") from None
 
     def to_dict(self) -> dict:
-        return {
-            "version": self.version,
-            "action_spec": self.action_spec.to_dict(),
-            "controller": self.controller.to_dict(),
-            "fps": self.fps,
-            "height": self.height,
-            "width": self.width,
-            "source": self.source,
-            "seed": self.seed,
-            "created": self.created,
-            "length": self.length,
-            "extra": self.extra,
-        }
+        d = {name: getattr(self, name) for name in META_FIELDS}
+        return {**d, "action_spec": self.action_spec.to_dict(), "controller": self.controller.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "EpisodeMeta":
@@ -147,8 +141,7 @@ class EpisodeMeta:
         missing = {"action_spec", "controller", "fps", "height", "width", "source"} - set(d)
         if missing:
             raise EpisodeError(f"meta lacks fields {sorted(missing)}")
-        unknown = set(d) - {"version", "action_spec", "controller", "fps", "height", "width", "source",
-                            "seed", "created", "length", "extra"}
+        unknown = set(d) - set(META_FIELDS)
         if unknown:
             raise EpisodeError(f"meta has unknown fields {sorted(unknown)}")
         try:
@@ -159,19 +152,8 @@ class EpisodeMeta:
         length = d.get("length")
         if length is not None and not (isinstance(length, int) and length >= 0):
             raise EpisodeError(f"meta length must be a non-negative integer or null, got {length!r}")
-        return cls(
-            action_spec=action_spec,
-            controller=controller,
-            fps=d["fps"],
-            height=d["height"],
-            width=d["width"],
-            source=d["source"],
-            seed=d.get("seed"),
-            extra=d.get("extra", {}),
-            created=d.get("created", ""),
-            version=version,
-            length=length,
-        )
+        return cls(action_spec, controller, d["fps"], d["height"], d["width"], d["source"], seed=d.get("seed"),
+                   extra=d.get("extra", {}), created=d.get("created", ""), version=version, length=length)
 
 
 @dataclass
@@ -216,14 +198,7 @@ class Episode:
         """A clip: ``episode[start:stop]`` (slices only)."""
         if not isinstance(index, slice):
             raise TypeError(f"episodes are sliced into clips with a slice, got {type(index).__name__}")
-        return replace(
-            self,
-            frames=self.frames[index],
-            actions=self.actions[index],
-            commanded_poses=self.commanded_poses[index],
-            true_poses=self.true_poses[index],
-            timestamps=self.timestamps[index],
-        )
+        return replace(self, **{name: getattr(self, name)[index] for name in TENSORS})
 
 
 def _as_numpy(x, dtype, name: str) -> np.ndarray:
@@ -233,11 +208,6 @@ def _as_numpy(x, dtype, name: str) -> np.ndarray:
     if dtype == np.uint8 and arr.dtype != np.uint8:
         raise EpisodeError(f"{name} must be uint8, got {arr.dtype}")
     return np.ascontiguousarray(arr, dtype=dtype)
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 class EpisodeWriter:
@@ -267,7 +237,7 @@ class EpisodeWriter:
             raise EpisodeError(f"an episode already exists at {self.path}; refusing to overwrite it") from None
         self._file.write(FILE_HEADER.pack(FILE_MAGIC, FORMAT_VERSION))
         self._file.flush()
-        _write_json_atomic(self.path / META_NAME, meta.to_dict())
+        write_text_atomic(self.path / META_NAME, json.dumps(meta.to_dict(), indent=2) + "\n")
 
     @property
     def closed(self) -> bool:
@@ -327,7 +297,7 @@ class EpisodeWriter:
         finally:
             self._file.close()
         self.meta = replace(self.meta, length=self.length)
-        _write_json_atomic(self.path / META_NAME, self.meta.to_dict())
+        write_text_atomic(self.path / META_NAME, json.dumps(self.meta.to_dict(), indent=2) + "\n")
 
     def __enter__(self) -> "EpisodeWriter":
         return self
@@ -440,15 +410,8 @@ class EpisodeFile:
             actions = np.zeros((0, m.action_spec.width), np.float32)
             commanded = true = np.zeros((0, 4, 4), np.float32)
             times = np.zeros((0,), np.float64)
-        return Episode(
-            frames=torch.from_numpy(frames),
-            actions=torch.from_numpy(actions),
-            commanded_poses=torch.from_numpy(commanded),
-            true_poses=torch.from_numpy(true),
-            timestamps=torch.from_numpy(times),
-            meta=m,
-            recovered=self.recovered,
-        )
+        tensors = (torch.from_numpy(a) for a in (frames, actions, commanded, true, times))
+        return Episode(*tensors, meta=m, recovered=self.recovered)
 
 
 def _max_payload(meta: EpisodeMeta) -> int:

@@ -24,15 +24,15 @@ def measure(world, frames: int, warmup: int = 5) -> tuple[float, float]:
     """(world frames/s, policy actions/s) over about ``frames`` frames after ``warmup`` steps."""
     steps = max(1, math.ceil(frames / world.batch))
     policy = make_policy("mix", world.action_spec, world.batch, seed=0)
-    step = world.reset(list(range(world.batch)))
+    world.reset(list(range(world.batch)))
     start = time.perf_counter()
     actions = [policy(i + 1, None) for i in range(warmup + steps)]
     policy_rate = world.batch * len(actions) / (time.perf_counter() - start)
     for a in actions[:warmup]:
-        step = world.step(a)
+        world.step(a)
     start = time.perf_counter()
     for a in actions[warmup:]:
-        step = world.step(a)  # frames come back on the CPU: each step is synchronous
+        world.step(a)  # frames come back on the CPU: each step is synchronous
     return world.batch * steps / (time.perf_counter() - start), policy_rate
 
 
@@ -70,15 +70,11 @@ def main(argv=None) -> int:
             options.update(compile=args.compile, chunk=args.chunk)
         else:
             options.update(workers=args.workers)
-        world = make_world(args.world, batch=args.batch, device=args.device, **options)
-        try:
-            frames = args.steps * args.batch if args.steps else args.frames
-            fps, policy_rate = measure(world, frames, args.warmup)
+        with make_world(args.world, batch=args.batch, device=args.device, **options) as world:
+            fps, policy_rate = measure(world, args.steps * args.batch if args.steps else args.frames, args.warmup)
             print(f"policy mix: {policy_rate:,.0f} actions/s")
             print(f"{args.world} {world.width}x{world.height} batch {args.batch} on {describe(world, args)}: "
                   f"{fps:,.0f} frames/s")
-        finally:
-            world.close()
     except (WorldError, ActionError, PolicyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
