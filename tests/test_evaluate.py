@@ -479,6 +479,9 @@ def test_cli_evaluates_a_tiny_checkpoint_on_the_procedural_world(tmp_path):
     assert ev.main(common + ["--out", str(tmp_path / "c"), "--autoencoder-only"]) == 0
     assert json.loads((tmp_path / "c" / "autoencoder.json").read_text()) == first["autoencoder"]
     assert not (tmp_path / "c" / "report.json").exists()
+    assert ev.main(common + ["--out", str(tmp_path / "d"), "--guidance", "2.5", "--steps", "1.0"]) == 0
+    assert json.loads((tmp_path / "d" / "report.json").read_text())["checkpoint"]["sampler"]["guidance"] == 2.5
+    assert ev.main(common + ["--out", str(tmp_path / "e"), "--guidance", "nan"]) == 2
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -41,6 +42,8 @@ def parse_args(argv):
                    help="measure only the autoencoder on the held-out clips (no rollouts); writes autoencoder.json")
     p.add_argument("--steps", default=None,
                    help="comma-separated noise levels of the sampler, e.g. 1.0 for one step (default: the checkpoint's)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance of the sampler, 1 for none (default: the checkpoint's)")
     return p.parse_args(argv)
 
 
@@ -67,6 +70,10 @@ def evaluate_cli(argv) -> int:
         raise EvalError(f"--horizons must be comma-separated integers, got {args.horizons!r}") from None
     steps = None if args.steps is None else parse_floats(args.steps, "--steps")
     model = load(args.checkpoint, device=args.device)
+    if args.guidance is not None:
+        if not math.isfinite(args.guidance) or args.guidance < 0:
+            raise EvalError(f"--guidance must be a finite number >= 0, got {args.guidance}")
+        model.config.sampler.guidance = args.guidance
     height, width = model.frame_size
     settings = EvalSettings(
         world=args.world, clips=args.clips, horizon=args.horizon, horizons=horizons, long_frames=args.long_frames,

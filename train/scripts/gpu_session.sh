@@ -7,19 +7,18 @@
 # fp16 shards). Never `pkill -f` or `pgrep -f` a word that the poll command itself contains: it matches that command.
 # It runs, in order:
 #   1. the GPU tests of the kernels (TRITON_INTERPRET=0) beside the data collection, then the attention-JVP
-#      benchmark alone;
+#      benchmark and the generation benchmark (worldmodel.bench) alone;
 #   2. the procedural world's base: autoencoder (going on from the shipped model's, AE_INIT) -> teacher ->
 #      AR teacher;
-#   3. from that AR teacher, on equal budgets one after the other: causal CD (3a) and sCM (3c), each exporting
-#      every CURVE_S seconds of its run clock; then DMD from sCM; with GUIDANCE=1 both again towards the unguided
-#      teacher (pipeline phase "guidance");
-#   4. evaluations side by side: full reports of the AR teacher, both students, sCM + DMD and the shipped
-#      model, and the short curve protocol on every timed export (held-out PSNR@8 and swap vs GPU-seconds), drawn by
-#      train.curve;
+#   3. from that AR teacher, side by side on equal budgets: causal CD (3a) towards the CFG-3 teacher, causal CD and
+#      sCM (3c) towards the unguided one (pipeline phase "guidance"), each exporting every CURVE_S seconds of its run
+#      clock; then DMD from the unguided sCM beside the evaluations;
+#   4. evaluations side by side: full reports of the shipped model, the AR teacher (its 16-step sampler at CFG 3 and
+#      1, and the students' 2 steps unguided), every student and sCM + DMD, and the short curve protocol on every
+#      timed export (held-out PSNR@8 and swap vs run seconds), drawn by train.curve;
 #   5. the training benchmark (the fast path at batch 128 with a profile, then the old path, then batches 32
 #      and 512) on what is left of the lease (until DEADLINE_S after the start).
-# Budgets (seconds) and switches come from the environment: AE_S TEACHER_S AR_S CD_S SCM_S DMD_SCM_S CURVE_S, GUIDANCE=1, FULL_EVAL=0
-# (the curve protocol only, with the AR teacher and the shipped model as references), TESTS_S, JVP_BENCH_S (0 skips the benchmark), EVAL_TIMEOUT_S, DEADLINE_S.
+# Budgets (seconds) come from the environment: AE_S TEACHER_S AR_S CD_S SCM_S DMD_SCM_S CURVE_S TESTS_S, JVP_BENCH_S (0 skips the benchmark), EVAL_TIMEOUT_S, DEADLINE_S.
 # Wheels missing on the GPU image (omegaconf) come from .whl/.
 set -uo pipefail
 START=$(date +%s)
@@ -43,7 +42,7 @@ SHIPPED=${SHIPPED:-assets/models/procedural.safetensors}  # the shard set
 CURVE_S=${CURVE_S:-30}  # causal CD compiles three networks for about a minute: budgets of 3a and 3c want >= 180 s
 
 note "GPU tests beside the data"
-TRITON_INTERPRET=0 timeout "${TESTS_S:-300}" python3 -m pytest -q -x -p no:cacheprovider tests/test_attention_jvp.py tests/test_kernels.py \
+TRITON_INTERPRET=0 timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider tests/test_attention_jvp.py tests/test_kernels.py \
   tests/test_cuda.py > "$T/gpu_tests.txt" 2>&1 &
 tests=$!
 bash $P procedural data > "$T/data.txt" 2>&1 || note "data failed"
@@ -52,6 +51,7 @@ if [ "${JVP_BENCH_S:-180}" != 0 ]; then  # 0 skips it
   timeout "${JVP_BENCH_S:-180}" python3 -m kernels.bench_attention_jvp --out "$T/attention_jvp.json" > "$T/attention_jvp.txt" 2>&1 \
     || note "attention JVP bench failed"
 fi
+timeout 120 python3 -m worldmodel.bench --device cuda --frames 200 > "$T/play_bench_h200.txt" 2>&1 || note "play bench failed"
 python3 -m worldmodel.data stats "$RUNS/procedural/episodes" --json "$T/motion.json" 2>&1 | grep -v "^procedural-" > "$T/motion.txt"
 pack_texts
 
@@ -59,20 +59,16 @@ note "base"
 AE_INIT=${AE_INIT:-$SHIPPED} AE_S=${AE_S:-60} TEACHER_S=${TEACHER_S:-220} AR_S=${AR_S:-130} \
   bash $P procedural base > "$T/base.txt" 2>&1 || { note "base failed: nothing after it can run"; pack_texts; note "done"; exit 1; }
 pack_texts
-note "causal CD"
-CD_S=${CD_S:-180} DMD_S=0 CD_EXTRA="run.export_every_s=$CURVE_S" bash $P procedural distill > "$T/distill.txt" 2>&1 \
-  || note "causal CD failed"
+note "students side by side: causal CD towards the CFG-3 teacher, causal CD and sCM towards the unguided one"
+CD_S=${CD_S:-180} DMD_S=0 CD_EXTRA="run.export_every_s=$CURVE_S" bash $P procedural distill > "$T/distill.txt" 2>&1 &
+cfg3=$!
+CD_S=${CD_S:-180} SCM_S=${SCM_S:-${CD_S:-180}} CD_EXTRA="run.export_every_s=$CURVE_S" SCM_EXTRA="run.export_every_s=$CURVE_S" \
+  bash $P procedural guidance > "$T/guidance.txt" 2>&1 || note "guidance runs failed"
+wait $cfg3 || note "causal CD failed"
 pack_texts
-note "sCM -> DMD"
-SCM_S=${SCM_S:-${CD_S:-180}} DMD_SCM_S=${DMD_SCM_S:-60} SCM_EXTRA="run.export_every_s=$CURVE_S" bash $P procedural scm \
-  > "$T/scm.txt" 2>&1 || note "sCM chain failed"
-pack_texts
-if [ "${GUIDANCE:-0}" = 1 ]; then
-  note "CD and sCM towards the unguided teacher"
-  CD_S=${CD_S:-180} SCM_S=${SCM_S:-${CD_S:-180}} CD_EXTRA="run.export_every_s=$CURVE_S" SCM_EXTRA="run.export_every_s=$CURVE_S" \
-    bash $P procedural guidance > "$T/guidance.txt" 2>&1 || note "guidance runs failed"
-  pack_texts
-fi
+note "DMD from the unguided sCM, beside the evaluations"
+DMD_SCM_S=${DMD_SCM_S:-90} bash $P procedural dmd_g1 > "$T/dmd_g1.txt" 2>&1 &
+dmd=$!
 
 note "evaluate"
 R=$RUNS/procedural
@@ -87,31 +83,27 @@ evaluate() {  # evaluate NAME CHECKPOINT [ARGS...]: in the background, timed, un
       > "$R/eval-$name.log" 2>&1
     echo "$name rc=$? $(( $(date +%s) - s ))s" >> "$T/eval_times.txt" ) &
 }
-FULL=(--clips 32)
+FULL=(--clips 32 --long-frames 400 --long-clips 2 --window 100)
 CURVE=(--clips 32 --horizon 32 --horizons 1,8,32 --long-frames 100 --long-clips 1 --window 50 --speed-frames 10)
-if [ "${FULL_EVAL:-1}" = 1 ]; then
-  evaluate causal_cd_2step "$R/causal_cd/model.safetensors" "${FULL[@]}"
-  evaluate scm_2step "$R/causal_scm/model.safetensors" "${FULL[@]}"
-  evaluate scm_dmd_2step "$R/dmd_scm/model.safetensors" "${FULL[@]}"
-  evaluate shipped "$SHIPPED" "${FULL[@]}"
-  evaluate ar_teacher "$R/ar_teacher/model.safetensors" --clips 32 --long-frames 400 --long-clips 2 --window 100
-else  # the references under the curve protocol only
-  evaluate curve_ar_teacher "$R/ar_teacher/model.safetensors" "${CURVE[@]}"
-  evaluate curve_shipped "$SHIPPED" "${CURVE[@]}"
-fi
-for run in causal_cd causal_scm causal_cd_g1 causal_scm_g1; do
-  [ -d "$R/$run" ] || continue
+evaluate shipped "$SHIPPED" "${FULL[@]}"
+evaluate ar_teacher "$R/ar_teacher/model.safetensors" "${FULL[@]}"
+evaluate ar_teacher_g1 "$R/ar_teacher/model.safetensors" "${FULL[@]}" --guidance 1
+evaluate ar_teacher_g1_2step "$R/ar_teacher/model.safetensors" "${FULL[@]}" --guidance 1 --steps 1.0,0.5
+for run in causal_cd causal_cd_g1 causal_scm_g1; do
+  evaluate "${run}_2step" "$R/$run/model.safetensors" "${FULL[@]}"
   for f in "$R/$run"/exports/model_*s.safetensors; do
     [ -f "$f" ] && evaluate "curve_${run}_$(basename "$f" .safetensors | sed 's/model_//')" "$f" "${CURVE[@]}"
   done
   evaluate "curve_${run}_final" "$R/$run/model.safetensors" "${CURVE[@]}"
 done
+wait $dmd || note "DMD failed"
+evaluate dmd_scm_g1_2step "$R/dmd_scm_g1/model.safetensors" "${FULL[@]}"
 wait
 note "evaluated: $(tr '\n' ' ' < "$T/eval_times.txt")"
 python3 -m train.curve "$E" --runs "$R" > "$T/curve.txt" 2>&1 || note "curve failed"
 bash $P procedural pack > "$T/pack.txt" 2>&1
 cp "$OUT/procedural/results.tgz" "$S/out/results.tgz" 2>/dev/null
-for run in causal_cd causal_scm; do
+for run in causal_cd_g1 causal_scm_g1; do
   python3 - "$R/$run/model.safetensors" "$S/out/$run.safetensors" <<'PY' || note "export $run failed"
 import sys, torch
 from worldmodel import checkpoint

@@ -13,8 +13,9 @@
 #               Causal Forcing:      causal ODE from the chunk-wise AR teacher -> DMD (chunk, 4 steps)
 #               Self-Forcing-style:  ODE from the bidirectional teacher        -> DMD (chunk, 4 steps)
 #   scm       Causal-rCM: sCM from the frame-wise AR teacher (stage 3c) -> DMD, on CD's budgets (SCM_S, DMD_SCM_S)
-#   guidance  causal CD and sCM again on the same budgets, distilled towards the AR teacher without CFG (guidance 1):
-#             runs causal_cd_g1, causal_scm_g1
+#   guidance  causal CD and sCM again on the same budgets, side by side, distilled towards the AR teacher without CFG
+#             (guidance 1): runs causal_cd_g1, causal_scm_g1
+#   dmd_g1    DMD from causal_scm_g1 (DMD_SCM_S): run dmd_scm_g1
 #   evaluate  python -m train.evaluate on every model the runs hold (reports under $OUT/eval/ROW)
 #   speed     time every evaluated model again, alone on the GPU (evaluations may have shared it)
 #   pack      the reports and stage logs into $OUT/results.tgz (for python -m train.compare)
@@ -133,10 +134,15 @@ chain_scm() {
   stage causal_scm causal_scm "${SCM_S:-${CD_S:-120}}" optim.lr="$(rate 2e-5)" "init.teacher=$(model ar_teacher)" ${SCM_EXTRA:-}
   stage dmd_scm dmd "${DMD_SCM_S:-${DMD_S:-120}}" "init.student=$(model causal_scm)" "${DMD[@]}" ${DMD_EXTRA:-}
 }
-chain_guidance() {  # issue 12's lever: the same stages distilled towards the unguided AR teacher (CFG 1 instead of 3)
-  stage causal_cd_g1 causal_cd "${CD_S:-120}" optim.lr="$(rate 2e-5)" cd.guidance=1 "init.teacher=$(model ar_teacher)" ${CD_EXTRA:-}
+chain_guidance() {  # issue 12's lever, side by side: the same stages distilled towards the unguided AR teacher (CFG 1, not 3)
+  stage causal_cd_g1 causal_cd "${CD_S:-120}" optim.lr="$(rate 2e-5)" cd.guidance=1 "init.teacher=$(model ar_teacher)" ${CD_EXTRA:-} \
+    > "$RUNS/chain_cd_g1.out" 2>&1 &
+  local cd=$! failed=0
   stage causal_scm_g1 causal_scm "${SCM_S:-${CD_S:-120}}" optim.lr="$(rate 2e-5)" scm.guidance=1 "init.teacher=$(model ar_teacher)" \
-    ${SCM_EXTRA:-}
+    ${SCM_EXTRA:-} || failed=1
+  wait $cd || failed=1
+  cat "$RUNS/chain_cd_g1.out"
+  return $failed
 }
 chain_cf() {
   stage causal_ode_chunk causal_ode "${ODE_S:-120}" "${ODE[@]}" "init.teacher=$(model ar_teacher_chunk)"
@@ -243,10 +249,11 @@ for phase in "$@"; do
     distill) distill ;;
     scm) chain_scm ;;
     guidance) chain_guidance ;;
+    dmd_g1) stage dmd_scm_g1 dmd "${DMD_SCM_S:-${DMD_S:-120}}" "init.student=$(model causal_scm_g1)" "${DMD[@]}" ${DMD_EXTRA:-} ;;
     evaluate) evaluate ;;
     speed) speed ;;
     pack) pack ;;
     ablate) ablate ;;
-    *) echo "unknown phase $phase (data | base | distill | scm | guidance | evaluate | speed | pack | ablate)" >&2; exit 2 ;;
+    *) echo "unknown phase $phase (data | base | distill | scm | guidance | dmd_g1 | evaluate | speed | pack | ablate)" >&2; exit 2 ;;
   esac
 done
