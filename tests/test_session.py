@@ -291,3 +291,11 @@ def test_unknown_solver_is_refused():
     model.config.sampler.solver = "heun"
     with pytest.raises(SessionError, match="sampler.solver"):
         Session(model)
+
+
+@pytest.mark.parametrize("guidance", [float("nan"), float("inf"), -0.5])
+def test_bad_guidance_is_refused(guidance):
+    model = build_model("tiny", seed=0)
+    model.config.sampler.guidance = guidance
+    with pytest.raises(SessionError, match="sampler.guidance"):
+        Session(model)

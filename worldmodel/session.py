@@ -18,6 +18,7 @@ ended. On CUDA, sampling and the commit replay CUDA graphs (:mod:`worldmodel.cud
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -73,6 +74,8 @@ class Session:
         self.first_frame_steps = list(first_frame_steps if first_frame_steps is not None else sampler.first_frame_steps)
         self.solver = str(sampler.get("solver", "renoise"))
         self.guidance = float(sampler.get("guidance", 1.0))
+        if not math.isfinite(self.guidance) or self.guidance < 0:
+            raise SessionError(f"sampler.guidance must be a finite number >= 0, got {self.guidance}")
         if self.solver not in SOLVERS:
             raise SessionError(f"sampler.solver must be one of {list(SOLVERS)}, got {self.solver!r}")
         if cuda_graphs is None:

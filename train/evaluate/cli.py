@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -71,9 +70,7 @@ def evaluate_cli(argv) -> int:
     steps = None if args.steps is None else parse_floats(args.steps, "--steps")
     model = load(args.checkpoint, device=args.device)
     if args.guidance is not None:
-        if not math.isfinite(args.guidance) or args.guidance < 0:
-            raise EvalError(f"--guidance must be a finite number >= 0, got {args.guidance}")
-        model.config.sampler.guidance = args.guidance
+        model.config.sampler.guidance = args.guidance  # checked by the Session below
     height, width = model.frame_size
     settings = EvalSettings(
         world=args.world, clips=args.clips, horizon=args.horizon, horizons=horizons, long_frames=args.long_frames,

@@ -136,12 +136,12 @@ chain_scm() {
 }
 chain_guidance() {  # issue 12's lever, side by side: the same stages distilled towards the unguided AR teacher (CFG 1, not 3)
   stage causal_cd_g1 causal_cd "${CD_S:-120}" optim.lr="$(rate 2e-5)" cd.guidance=1 "init.teacher=$(model ar_teacher)" ${CD_EXTRA:-} \
-    > "$RUNS/chain_cd_g1.out" 2>&1 &
+    > "$RUNS/guidance_cd_g1.out" 2>&1 &
   local cd=$! failed=0
   stage causal_scm_g1 causal_scm "${SCM_S:-${CD_S:-120}}" optim.lr="$(rate 2e-5)" scm.guidance=1 "init.teacher=$(model ar_teacher)" \
     ${SCM_EXTRA:-} || failed=1
   wait $cd || failed=1
-  cat "$RUNS/chain_cd_g1.out"
+  cat "$RUNS/guidance_cd_g1.out"
   return $failed
 }
 chain_cf() {
