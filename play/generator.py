@@ -105,11 +105,6 @@ class FrameGenerator:
             self.session.steps = step_list(n, self.default_steps)
             self.steps = n
 
-    def commit(self) -> None:
-        """Let the session write its last frame into the KV cache now (idle time), not at the next step."""
-        if self.session is not None:
-            self.session.commit()
-
     def start_for(self, seed: int) -> Path | None:
         """The shipped start frame for ``seed`` (they take turns), or None when none ship."""
         return self.start_frames[seed % len(self.start_frames)] if self.start_frames else None

@@ -150,7 +150,6 @@ class GenerationWorker:
                     generated, sample = self.generator.step(job.sample.action), job.sample
                 self._results.put(Result(generated, sample, time.perf_counter()))
                 self._ready.set()
-                self.generator.commit()  # before taking the next job: its input stays fresh meanwhile
             except BaseException as e:  # handed to the display loop, which reports it
                 self.error = e
                 self._ready.set()

@@ -213,14 +213,17 @@ def test_loss_terms_combine_as_documented():
     fresh_seed()
     model = FrameAutoencoder(AutoencoderConfig(frame_height=16, frame_width=16, **TINY))
     frames = random_frames(2, 2, 16, 16, smooth=True)
-    loss, stats = reconstruction_loss(model, frames, ssim_mix=0.3, kl_weight=0.01, sample_posterior=False)
-    assert set(stats) == {"loss", "l1", "ssim", "kl", "psnr"}
-    expected = 0.7 * stats["l1"] + 0.3 * (1 - stats["ssim"]) + 0.01 * stats["kl"]
+    loss, stats = reconstruction_loss(model, frames, ssim_mix=0.3, kl_weight=0.01, edge_weight=0.2, sample_posterior=False)
+    assert set(stats) == {"loss", "l1", "ssim", "kl", "edge", "psnr"}
+    expected = 0.7 * stats["l1"] + 0.3 * (1 - stats["ssim"]) + 0.01 * stats["kl"] + 0.2 * stats["edge"]
     torch.testing.assert_close(loss.detach(), expected)
     mean, logvar = model.encode_moments(frames)
     torch.testing.assert_close(stats["kl"], gaussian_kl(mean, logvar).detach() / frames.numel())
     recon = model.decode_raw(mean)
     torch.testing.assert_close(stats["l1"], (recon - frames).abs().mean().detach())
+    kernel = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]).expand(3, 1, 3, 3)  # the Laplacian as a depthwise conv
+    lap = lambda v: F.conv2d(v.flatten(0, 1), kernel, groups=3)  # noqa: E731
+    torch.testing.assert_close(stats["edge"], (lap(recon) - lap(frames)).abs().mean().detach())
     to_images = lambda v: ((v + 1) / 2).flatten(0, 1)  # noqa: E731
     assert torch.equal(stats["ssim"], ssim_map(to_images(recon), to_images(frames), data_range=1.0).mean().detach())
 

@@ -48,9 +48,9 @@ def test_commit_writes_the_pending_frame_once(tiny):
     s = Session(tiny, seed=0, steps=[1.0])
     h, w = tiny.frame_size
     s.reset(torch.full((h, w, 3), 128, dtype=torch.uint8))
-    assert s.cache.frames == 1 and s.cache.k.abs().sum() > 0
-    s.step(walk(tiny))
-    assert s._pending is not None and s.cache.frames == 1
+    assert s._pending is not None and s.cache.frames == 0
+    s.step(walk(tiny))  # its first forward writes the start frame
+    assert s._pending is not None and s.cache.frames == 1 and s.cache.k.abs().sum() > 0
     s.commit()
     s.commit()
     assert s.cache.frames == 2 and s._pending is None
@@ -177,8 +177,35 @@ def test_guidance_is_one_forward_of_the_doubled_batch():
     model.dit.forward_cached = counted
     session.step(walk(model, 2))
     session.commit()
-    assert calls == [4, 4, 4, 4]  # 3 Euler steps, then the cache write
+    assert calls == [4, 4, 4, 4]  # 3 Euler steps (the first also writes the start frame), then the cache write
     assert session.cache.k.shape[1] == 4
+
+
+@pytest.mark.parametrize("block_size, guidance, sinks", [(1, 1.0, 1), (2, 1.0, 1), (1, 2.5, 2), (2, 1.0, 0)])
+def test_folded_commit_plays_like_separate_writes(block_size, guidance, sinks):
+    """Each step's first forward also writes the previous block into the cache: the frames (float64) equal
+    those of a session that writes every block with a forward of its own, past the window's capacity."""
+    model = lively(build_model("tiny", seed=3, block_size=block_size))
+    model.dit.cfg.sink_frames = sinks
+    model.config.sampler = {**model.config.sampler, "steps": [1.0, 0.6], "guidance": guidance}
+    folded, separate = (Session(model, seed=4, dtype=torch.float64) for _ in range(2))
+    start = torch.randint(0, 256, (1, *model.frame_size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    folded.reset(start), separate.reset(start)
+    calls, forward = [], model.dit.forward_cached
+    model.dit.forward_cached = lambda *a, **k: calls.append(k.get("commit") is not None) or forward(*a, **k)
+    for t in range(folded.cache.capacity + 4):
+        action = torch.stack([walk(model, dx=float((t + i) % 5 - 2) * 6) for i in range(block_size)], 1)
+        separate.commit()
+        a, b = folded.step(action).frames, separate.step(action).frames
+        assert (a.int() - b.int()).abs().max() <= 1, t  # uint8 rounding of float64 latents equal to ~1e-12
+        torch.testing.assert_close(folded._pending[0], separate._pending[0], rtol=1e-9, atol=1e-9)
+    folded.commit(), separate.commit()
+    assert folded.cache.frames == separate.cache.frames == folded.cache.capacity
+    held = folded.cache.frames * model.dit.cfg.tokens_per_frame  # the slots after them are scratch
+    for part in ("k", "v"):
+        torch.testing.assert_close(getattr(folded.cache, part)[..., :held, :], getattr(separate.cache, part)[..., :held, :],
+                                   rtol=1e-9, atol=1e-9)
+    assert sum(calls) >= folded.cache.capacity  # the folded session's steps folded their commits
 
 
 def test_bad_session_calls(tiny):

@@ -81,7 +81,8 @@ class AutoencoderStage(Stage):
     def train_step(self, batch, rng):
         frames = to_model(self._pick_frames(batch["frames"], rng).to(self.device, non_blocking=True))
         ae_cfg = self.cfg.autoencoder
-        loss, stats = reconstruction_loss(self.ae, frames, ssim_mix=float(ae_cfg.ssim_mix), kl_weight=float(ae_cfg.kl_weight))
+        loss, stats = reconstruction_loss(self.ae, frames, ssim_mix=float(ae_cfg.ssim_mix), kl_weight=float(ae_cfg.kl_weight),
+                                           edge_weight=float(ae_cfg.edge_weight))
         return {**stats, **self.trainer.update("autoencoder", loss)}
 
     def sample(self, batch, generator):

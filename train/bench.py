@@ -48,7 +48,7 @@ from worldmodel.actions import ActionSpec
 from worldmodel.camera import ControllerSpec, integrate
 from worldmodel.data.episode import EpisodeMeta, EpisodeWriter
 from worldmodel.model import WorldModel, dit_config, model_config
-from worldmodel.transformer import DiTConfig, frame_mask
+from worldmodel.transformer import DiTConfig, frame_mask, rope_splits
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("autoencoder", "teacher", "ar_teacher", "causal_cd", "causal_scm", "dmd")
@@ -117,13 +117,21 @@ def rollout_flops(cfg: DiTConfig, batch: int, frames: int, num_steps: int, train
     of a clip: the start frame's commit, then per block, with the exit step uniform in
     ``[0, num_steps)``, ``(num_steps - 1) / 2`` denoising forwards without gradient, the exit forward
     (trained on generator turns) and the commit forward, each attending to the cache (sinks +
-    window frames at most)."""
+    window frames at most), and the cache roll of each commit that overflows the window."""
     capacity = cfg.sink_frames + cfg.window_frames
     calls = (num_steps - 1) / 2 + (TRAINED if trained else FROZEN) + FROZEN
     total = cached_forward_flops(cfg, batch, 1, 0)
     for start, end in block_ranges(frames, cfg.block_size)[1:]:
-        total += calls * cached_forward_flops(cfg, batch, end - start, min(capacity, start))
+        held = min(capacity, start)
+        total += calls * cached_forward_flops(cfg, batch, end - start, held)
+        total += roll_flops(cfg, batch) if held + end - start > capacity else 0
     return total
+
+
+def roll_flops(cfg: DiTConfig, batch: int) -> float:
+    """FLOPs of a KV-cache roll that drops frames: the window's keys, time pairs turned by one matmul."""
+    time_dims = 2 * rope_splits(cfg)[0]
+    return 2 * cfg.depth * batch * cfg.heads * cfg.window_frames * cfg.tokens_per_frame * time_dims**2
 
 
 def guided_batch(batch: int, guidance: float) -> int:

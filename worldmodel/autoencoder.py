@@ -15,7 +15,9 @@ and ``decode`` undoes it. The buffers ``latent_shift`` and ``latent_scale`` are 
 with :meth:`FrameAutoencoder.set_latent_stats` after training, so that diffusion sees zero-mean,
 unit-variance latents; they are saved with the weights.
 
-Loss (:func:`reconstruction_loss`): ``(1 - a) * L1 + a * (1 - SSIM) + kl_weight * KL``.
+Loss (:func:`reconstruction_loss`): ``(1 - a) * L1 + a * (1 - SSIM) + kl_weight * KL + edge_weight * E``,
+E the mean absolute difference of the frames' per-channel Laplacians (high frequencies that L1 and
+SSIM let the decoder blur away; 0 by default).
 No pretrained perceptual network is available, so the structural term is SSIM
 (:func:`worldmodel.metrics.ssim_map`: Gaussian window 11, sigma 1.5, on frames mapped to [0, 1]);
 ``a = 0.84`` is the L1/SSIM mix found best for image restoration by Zhao et al., "Loss Functions for Image Restoration with Neural
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from worldmodel.metrics import ssim_map
+from worldmodel.metrics import laplacian, ssim_map
 
 PAD_MODES = ("replicate", "reflect")
 LOGVAR_RANGE = (-30.0, 20.0)  # keeps exp(logvar) finite in fp32
@@ -339,11 +341,11 @@ def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruction_loss(model: FrameAutoencoder, frames: torch.Tensor, *, ssim_mix: float = 0.84, kl_weight: float = 1e-6,
-                        sample_posterior: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                        edge_weight: float = 0.0, sample_posterior: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Training loss on frames ``[B, T, 3, H, W]`` in [-1, 1] (see the module docstring for the terms).
 
     With ``sample_posterior`` the decoder sees ``mean + std * noise`` (the VAE objective); without it,
-    the mean. Returns the loss and detached 0-d tensors: loss, l1, ssim, kl (per pixel value), psnr (dB).
+    the mean. Returns the loss and detached 0-d tensors: loss, l1, ssim, kl (per pixel value), edge, psnr (dB).
     """
     mean, logvar = model.encode_moments(frames)
     z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample_posterior else mean
@@ -353,8 +355,9 @@ def reconstruction_loss(model: FrameAutoencoder, frames: torch.Tensor, *, ssim_m
     with torch.autocast(frames.device.type, enabled=False):  # SSIM's local variances cancel badly in bf16
         ssim = ssim_map(as_images(recon), as_images(frames), data_range=1.0).mean()
     kl = gaussian_kl(mean.float(), logvar.float()) / frames.numel()
-    loss = (1.0 - ssim_mix) * l1 + ssim_mix * (1.0 - ssim) + kl_weight * kl
+    edge = (laplacian(recon) - laplacian(frames)).abs().mean()
+    loss = (1.0 - ssim_mix) * l1 + ssim_mix * (1.0 - ssim) + kl_weight * kl + edge_weight * edge
     mse = (recon.detach().clamp(-1.0, 1.0) - frames).pow(2).mean()
     psnr = 10.0 * torch.log10(4.0 / mse.clamp_min(1e-12))  # peak-to-peak range of [-1, 1] is 2
-    stats = {"loss": loss, "l1": l1, "ssim": ssim, "kl": kl, "psnr": psnr}
+    stats = {"loss": loss, "l1": l1, "ssim": ssim, "kl": kl, "edge": edge, "psnr": psnr}
     return loss, {k: v.detach() for k, v in stats.items()}

@@ -107,6 +107,12 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = DATA_RANG
 # ---------------------------------------------------------------- stability
 
 
+def laplacian(images: torch.Tensor) -> torch.Tensor:
+    """The 4-neighbour Laplacian of ``images [..., H, W]`` at the valid positions ``[..., H - 2, W - 2]``."""
+    return (images[..., :-2, 1:-1] + images[..., 2:, 1:-1] + images[..., 1:-1, :-2] + images[..., 1:-1, 2:]
+            - 4 * images[..., 1:-1, 1:-1])
+
+
 def laplacian_variance(frames: torch.Tensor) -> torch.Tensor:
     """Sharpness ``[...]``: variance of the 4-neighbour Laplacian of the grey image (valid positions)."""
     _frames(frames, "laplacian_variance")
@@ -114,11 +120,7 @@ def laplacian_variance(frames: torch.Tensor) -> torch.Tensor:
         raise MetricError(f"laplacian_variance: frames must be RGB and at least 3x3, got {tuple(frames.shape)}")
     luma = torch.tensor(LUMA, dtype=torch.float64, device=frames.device)
     grey = torch.einsum("...chw,c->...hw", frames.double(), luma)
-    lap = (
-        grey[..., :-2, 1:-1] + grey[..., 2:, 1:-1] + grey[..., 1:-1, :-2] + grey[..., 1:-1, 2:]
-        - 4 * grey[..., 1:-1, 1:-1]
-    )
-    return lap.flatten(-2).var(-1, unbiased=False)
+    return laplacian(grey).flatten(-2).var(-1, unbiased=False)
 
 
 def colour_stats(frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,8 @@
 
 Frames are generated block by block (the start frame is a block of its own, then blocks of
 ``block_size`` frames): a block is sampled from noise through given sigmas against the frames held
-in the KV cache, then one t = 0 forward of the clean block writes it into the cache (the commit).
+in the KV cache, then one t = 0 forward of the clean block writes it into the cache (the commit); play
+folds that forward into the next block's first one (one forward over [clean block | noisy block]).
 Play (:class:`worldmodel.session.Session`), the training stages (self forcing, sample videos) and
 the evaluation all generate through :class:`Rollout`; :class:`CachedRollout` drives it over a clip.
 
@@ -51,21 +52,30 @@ class Rollout:
         """``x [B, ...]`` as the network batch ``[copies * B, ...]`` (guided: both halves alike)."""
         return x if self.copies == 1 else torch.cat([x, x])
 
-    def denoiser(self, actions: torch.Tensor, poses: torch.Tensor) -> Callable:
+    def denoiser(self, actions: torch.Tensor, poses: torch.Tensor, commit: tuple | None = None) -> Callable:
         """The guided velocity model ``(x, sigma) -> v`` of the block with these inputs against the
-        cache (``sigma`` a float or ``[B, Tb]``; ``v`` in the dtype of ``x``)."""
+        cache (``sigma`` a float or ``[B, T]``; ``v`` in the dtype of ``x``). ``commit``: a clean block
+        ``(latents, actions, poses)`` that the first call writes into the cache in its own forward (a
+        folded commit, see ``WorldDiT.forward_cached``); under grad mode it is written alone first."""
+        if commit is not None and torch.is_grad_enabled():
+            self.write(*commit)
+            commit = None
 
         def velocity(x, sigma):
+            nonlocal commit
+            folded, commit = None if commit is None else tuple(self._twice(t) for t in commit), None
             sigma = flow.frame_sigmas(sigma, x)
             v = self.dit.forward_cached(self._twice(x), self._twice(sigma), self._twice(actions), self._twice(poses),
-                                        self.cache, cond_keep=self.keep).to(x.dtype)
+                                        self.cache, cond_keep=self.keep, commit=folded).to(x.dtype)
             return v if self.copies == 1 else flow.apply_cfg(*v.chunk(2), self.guidance)
 
         return velocity
 
-    def sample(self, x, sigmas, actions, poses, solver: str = "renoise", *, generator=None, noise=None) -> torch.Tensor:
-        """The block from ``x`` at ``sigmas[0]`` through ``sigmas`` (ending at 0) with ``flow.SAMPLERS[solver]``."""
-        return flow.SAMPLERS[solver](self.denoiser(actions, poses), x, sigmas, generator=generator, noise=noise)
+    def sample(self, x, sigmas, actions, poses, solver: str = "renoise", *, generator=None, noise=None,
+               commit: tuple | None = None) -> torch.Tensor:
+        """The block from ``x`` at ``sigmas[0]`` through ``sigmas`` (ending at 0) with ``flow.SAMPLERS[solver]``;
+        ``commit``: the previous block, written into the cache by the first forward (:meth:`denoiser`)."""
+        return flow.SAMPLERS[solver](self.denoiser(actions, poses, commit), x, sigmas, generator=generator, noise=noise)
 
     @torch.no_grad()
     def write(self, latents: torch.Tensor, actions: torch.Tensor, poses: torch.Tensor) -> None:

@@ -4,8 +4,8 @@ record a ground-truth world returns (:class:`worldmodel.envs.WorldStep`), so pla
 Each step integrates the actions into camera poses (the same controller as training; or takes the
 camera of a world that integrated them), samples the next latent block with the checkpoint's
 sampler against the KV cache (:class:`worldmodel.rollout.Rollout`), decodes it, and keeps the clean
-latents pending; ``commit()`` (called at the start of the next step, or earlier by a client with
-idle time) runs the one t = 0 forward that writes them into the cache. The cache is a fixed-size
+latents pending: the next step's first forward writes them into the cache (a folded commit, one
+forward fewer a frame), or ``commit()`` does now with a t = 0 forward of their own. The cache is a fixed-size
 rolling window with sink frames, so memory stays flat however long the session runs. A chunk-wise
 model takes a whole block of actions a step, or one action a step: then the actions are buffered
 into blocks (:class:`worldmodel.rollout.FrameBuffer`) and each frame shows ``block_size - 1`` steps late.
@@ -138,20 +138,42 @@ class Session:
         return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
     def _sample(self, actions, poses, sigmas):
-        """Latents ``[B, Tb, C, h, w]`` and decoded frames uint8 ``[B, Tb, H, W, 3]`` of the next block."""
+        """Latents ``[B, Tb, C, h, w]`` and decoded frames uint8 ``[B, Tb, H, W, 3]`` of the next block; the
+        pending block goes into the cache in the same first forward (a folded commit)."""
         cfg = self.model.dit.cfg
         draws = 1 if self.solver == "euler" else len(sigmas)
         noise = self._draw_noise(draws, (actions.shape[1], cfg.latent_channels, cfg.latent_height, cfg.latent_width))
         sigmas = (*sigmas, 0.0)
+        pending, self._pending = self._pending or (), None
 
-        def sample(noise, actions, poses):
-            latents = self.rollout.sample(noise[0], sigmas, actions, poses, self.solver, noise=noise[1:])
+        def sample(noise, actions, poses, *commit):
+            latents = self.rollout.sample(noise[0], sigmas, actions, poses, self.solver, noise=noise[1:], commit=commit or None)
             return latents, to_uint8(self.model.autoencoder.decode(latents))
 
         if self._graphs is None:
-            return sample(noise, actions, poses)
-        key = ("sample", self.cache.frames, sigmas, tuple(noise.shape))
-        return tuple(t.clone() for t in self._graphs(key, sample, (noise, actions, poses)))
+            return sample(noise, actions, poses, *pending)
+        key = ("sample", self.cache.frames, sigmas, tuple(noise.shape), tuple(pending[0].shape) if pending else None)
+        out = self._graphed(key, sample, (noise, actions, poses, *pending), pending[0].shape[1] if pending else 0)
+        return tuple(t.clone() for t in out)
+
+    def _graphed(self, key, fn, inputs, writes: int):
+        """``fn(*inputs)`` replayed from its CUDA graph; ``writes``: frames it writes into the KV cache,
+        whose host-side counters are advanced here (the graph holds only the device work)."""
+        cache = self.cache
+        if not writes:
+            return self._graphs(key, fn, inputs)
+
+        def save():
+            return cache.k.clone(), cache.v.clone(), cache.frames, cache.written
+
+        def restore(state):
+            cache.k.copy_(state[0])
+            cache.v.copy_(state[1])
+            cache.frames, cache.written = state[2], state[3]
+
+        out = self._graphs(key, fn, inputs, save, restore)
+        cache.advance(writes)
+        return out
 
     def _block_inputs(self, actions: torch.Tensor, poses: torch.Tensor):
         """Raw ``actions [B, Tb, A]`` and the block's poses ``[B, Tb, 4, 4]`` (float64, CPU) -> the model's
@@ -162,29 +184,20 @@ class Session:
         return normalize_actions(actions, self.action_spec).to(self.device, self.dtype), poses
 
     def commit(self):
-        """Write the last sampled (or forced) latents into the KV cache with one t = 0 forward."""
+        """Write the last sampled (or forced) latents into the KV cache now, with a t = 0 forward of
+        their own (otherwise the next step folds that write into its first forward)."""
         if self._pending is None:
             return
         pending, self._pending = self._pending, None
         if self._graphs is None:
             self.rollout.write(*pending)
             return
-        cache = self.cache
 
         def write(latents, actions, poses):
             self.rollout.write(latents, actions, poses)
             return ()
 
-        def save():
-            return cache.k.clone(), cache.v.clone(), cache.frames, cache.written
-
-        def restore(state):
-            cache.k.copy_(state[0])
-            cache.v.copy_(state[1])
-            cache.frames, cache.written = state[2], state[3]
-
-        self._graphs(("commit", cache.frames, tuple(pending[0].shape)), write, pending, save, restore)
-        cache.advance(pending[0].shape[1])
+        self._graphed(("commit", self.cache.frames, tuple(pending[0].shape)), write, pending, pending[0].shape[1])
 
     # -- public API
 
@@ -207,7 +220,6 @@ class Session:
             frames = as_start_frames(start, self.batch, self.height, self.width).to(self.device)
             latents = self.model.autoencoder.encode(to_model(frames[:, None], self.dtype))
         self._pending = (latents, actions, poses)
-        self.commit()
         self.frame_index = 0
         self._shown = frames.cpu()
         return WorldStep(self._shown, pose.float(), None)
@@ -259,7 +271,6 @@ class Session:
     def _generate(self, actions, poses, force_frame, force_rows) -> torch.Tensor:
         """Frames uint8 ``[B, Tb, H, W, 3]`` (CPU) of the block of raw ``actions [B, Tb, A]`` at ``poses
         [B, Tb, 4, 4]``; its latents (or the forced frames') are left pending."""
-        self.commit()
         model_actions, model_poses = self._block_inputs(actions, poses)
         latents, frames = self._sample(model_actions, model_poses, self.steps)
         if force_frame is not None:

@@ -141,7 +141,8 @@ def rope_splits(cfg: DiTConfig) -> tuple[int, int, int]:
 
 
 def rope_rotation(positions: torch.Tensor, cfg: DiTConfig) -> torch.Tensor:
-    """Rotary factors for ``positions [L, 3]`` (time, row, col) -> ``[L, head_dim / 2, 2]`` (cos, sin).
+    """Rotary factors for ``positions [L, 3]`` (time, row, col) -> ``[L, head_dim, 2]``: per dimension the
+    cosine of its pair's angle and the sine, negative on a pair's first dimension (see :func:`apply_rope`).
 
     A quarter of the pairs encode time, the rest rows and columns. Real-valued (no complex
     tensors), so the training forward compiles with Inductor.
@@ -151,17 +152,20 @@ def rope_rotation(positions: torch.Tensor, cfg: DiTConfig) -> torch.Tensor:
     for axis, n in enumerate(splits):
         freqs = cfg.rope_theta ** (-torch.arange(n, device=positions.device, dtype=torch.float32) / max(n, 1))
         angles.append(positions[:, axis : axis + 1].float() * freqs)
-    angles = torch.cat(angles, -1)
-    return torch.stack([angles.cos(), angles.sin()], -1)
+    angles = torch.cat(angles, -1).repeat_interleave(2, -1)  # [L, hd]: each pair's angle on both of its dims
+    sign = torch.tensor([-1.0, 1.0], device=positions.device).repeat(angles.shape[-1] // 2)
+    return torch.stack([angles.cos(), angles.sin() * sign], -1)
 
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (a, b) of ``x [B, H, L, hd]`` by ``rotation [L, hd/2, 2]`` (cos, sin):
-    (a cos - b sin, a sin + b cos), computed in float32 or better."""
-    work = torch.promote_types(x.dtype, torch.float32)
-    a, b = x.to(work).unflatten(-1, (-1, 2)).unbind(-1)
+    """Rotate adjacent pairs (a, b) of ``x [B, H, L, hd]`` by ``rotation [L, hd, 2]`` (:func:`rope_rotation`):
+    (a cos - b sin, a sin + b cos), as ``x cos + (b, a) sin_signed``, computed in float32 or better."""
+    dtype = x.dtype
+    work = torch.promote_types(dtype, torch.float32)
+    x = x.to(work)
     cos, sin = rotation.to(work).unbind(-1)
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2).to(x.dtype)
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (x * cos + swapped * sin).to(dtype)
 
 
 def token_positions(frame_positions: torch.Tensor, cfg: DiTConfig) -> torch.Tensor:
@@ -283,7 +287,8 @@ class Attention(nn.Module):
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
         q, k = apply_rope(self.q_norm(q), rotation), apply_rope(self.k_norm(k), rotation)
         if cache is not None:
-            k, v = cache.attend(layer, k, v)
+            k, v = cache.attend(layer, k, v, mask.sinks_ahead if isinstance(mask, FoldedMask) else 0)
+            mask = mask.tokens if isinstance(mask, FoldedMask) else mask
         if isinstance(mask, FrameMask):
             out = mask.attend(q, k, v)
         elif isinstance(mask, BlockMask):
@@ -313,29 +318,37 @@ class DiTBlock(nn.Module):
 class KVCache:
     """Per-layer rotary keys and values of ``sink_frames`` + a rolling window of frames.
 
-    Storage is allocated once: ``k, v [depth, B, H, (capacity + block_size) * N, hd]``. Frames are
+    Storage is allocated once: ``k, v [depth, B, H, (capacity + 2 * block_size) * N, hd]``. Frames are
     kept in order (sinks, then the window oldest to newest), each key rotated for its slot; the
-    slots after the held frames are scratch for the block being generated. Writing past capacity
-    drops the oldest window frames and rotates the remaining window keys back in time by as many
-    frames, so every frame keeps its slot position (sinks stay at 0..S-1).
+    slots after the held frames are scratch for the blocks of a forward (two: a folded commit and
+    the block being generated). Writing past capacity drops the oldest window frames and rotates the
+    remaining window keys back in time by as many frames, so every frame keeps its slot position
+    (sinks stay at 0..S-1).
     """
 
     def __init__(self, cfg: DiTConfig, batch: int, device=None, dtype=torch.float32):
         self.cfg = cfg
         self.capacity = cfg.sink_frames + cfg.window_frames
-        shape = (cfg.depth, batch, cfg.heads, (self.capacity + cfg.block_size) * cfg.tokens_per_frame, cfg.head_dim)
+        shape = (cfg.depth, batch, cfg.heads, (self.capacity + 2 * cfg.block_size) * cfg.tokens_per_frame, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.frames = 0  # frames held now
         self.written = 0  # frames written over the session
+        self._turns: dict = {}  # time-shift rotations, by (frames, device, dtype)
 
     def reset(self):
         self.frames = 0
         self.written = 0
 
-    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Put a block's (k, v) ``[B, H, Tb * N, hd]`` in the scratch slots; return all (k, v) to attend to.
+    def overflow(self, block_frames: int) -> int:
+        """Window frames that writing a block of ``block_frames`` frames now would drop."""
+        return max(0, self.frames + block_frames - self.capacity)
 
+    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor, sinks_ahead: int = 0):
+        """Put a forward's (k, v) ``[B, H, L, hd]`` in the scratch slots; return all (k, v) to attend to.
+
+        ``sinks_ahead`` > 0 puts a copy of the sink frames first, their keys moved that many frames
+        later in time (a folded commit that overflows: what the generated block sees after the roll).
         Under grad mode (a self-forcing exit step) the block is joined by concatenation instead, so
         later in-place writes to the buffer cannot invalidate the autograd graph; a ``write=True``
         forward then still commits it through the buffer.
@@ -345,32 +358,73 @@ class KVCache:
             held_k, held_v = self.k[layer, :, :, :start], self.v[layer, :, :, :start]
             self.k[layer, :, :, start : start + k.shape[2]] = k.detach()
             self.v[layer, :, :, start : start + v.shape[2]] = v.detach()
-            return torch.cat([held_k, k.to(self.k.dtype)], 2), torch.cat([held_v, v.to(self.v.dtype)], 2)
-        end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+            all_k, all_v = torch.cat([held_k, k.to(self.k.dtype)], 2), torch.cat([held_v, v.to(self.v.dtype)], 2)
+        else:
+            end = start + k.shape[2]
+            self.k[layer, :, :, start:end] = k
+            self.v[layer, :, :, start:end] = v
+            all_k, all_v = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if not sinks_ahead:
+            return all_k, all_v
+        sinks = self.cfg.sink_frames * self.cfg.tokens_per_frame
+        ahead = self._time_shifted(self.k[layer, :, :, :sinks], sinks_ahead)
+        return torch.cat([ahead, all_k], 2), torch.cat([self.v[layer, :, :, :sinks], all_v], 2)
+
+    def _time_shifted(self, keys: torch.Tensor, frames: int) -> torch.Tensor:
+        """Rotary ``keys [..., L, hd]`` moved ``frames`` frames in time: only the time pairs turn, all by
+        the same angles, so one matmul with a ``[2p, 2p]`` rotation (built once per shift) does it."""
+        time_dims = 2 * rope_splits(self.cfg)[0]
+        key = (frames, keys.device, keys.dtype)
+        if key not in self._turns:
+            shift = torch.zeros(1, 3, device=keys.device)
+            shift[:, 0] = frames
+            cos, sin = rope_rotation(shift, self.cfg)[0, :time_dims].unbind(-1)  # sin: negative on first dims
+            a = torch.arange(0, time_dims, 2, device=keys.device)
+            turn = torch.diag(cos)
+            turn[a + 1, a], turn[a, a + 1] = sin[a], sin[a + 1]
+            self._turns[key] = turn.to(keys.dtype)  # row vector (x_a, x_b) @ turn = (a cos - b sin, a sin + b cos)
+        return torch.cat([keys[..., :time_dims] @ self._turns[key], keys[..., time_dims:]], -1)
 
     def roll(self, block_frames: int):
         """Keep the block in the scratch slots; if that overflows, drop the oldest window frames."""
         n, sinks = self.cfg.tokens_per_frame, self.cfg.sink_frames
-        total = self.frames + block_frames
-        overflow = max(0, total - self.capacity)
+        overflow = self.overflow(block_frames)
         if overflow:
-            src, dst, end = (sinks + overflow) * n, sinks * n, total * n
-            shift = torch.zeros(1, 3, device=self.k.device)  # built on the device: capturable in a CUDA graph
-            shift[:, 0] = -overflow
-            # Only the time pairs turn (the others would be rotated by exactly 0): a quarter of the work.
-            time_dims = 2 * rope_splits(self.cfg)[0]
-            back = rope_rotation(shift, self.cfg)[:, : time_dims // 2]
-            window = self.k[:, :, :, src:end].clone()
-            window[..., :time_dims] = apply_rope(window[..., :time_dims], back)
-            self.k[:, :, :, dst : end - overflow * n] = window
+            src, dst, end = (sinks + overflow) * n, sinks * n, (self.frames + block_frames) * n
+            self.k[:, :, :, dst : end - overflow * n] = self._time_shifted(self.k[:, :, :, src:end], -overflow)
             self.v[:, :, :, dst : end - overflow * n] = self.v[:, :, :, src:end].clone()
 
     def advance(self, block_frames: int):
         self.frames = min(self.capacity, self.frames + block_frames)
         self.written += block_frames
+
+
+@dataclass(frozen=True)
+class FoldedMask:
+    """Attention of a forward that writes a clean block and predicts the next in one pass (a folded
+    commit): ``tokens [Lq, Lk]`` bool over the queries [commit | block] and the keys [sinks ahead |
+    held | commit | block]; ``sinks_ahead`` as in :meth:`KVCache.attend`."""
+
+    tokens: torch.Tensor
+    sinks_ahead: int
+
+
+def folded_frame_mask(held: int, sinks: int, overflow: int, commit: int, block: int, device=None) -> torch.Tensor:
+    """Frame mask ``[commit + block, ahead + held + commit + block]`` of a folded commit.
+
+    The commit's frames see the held frames and the commit, exactly as a separate write forward;
+    the block's frames see what they would after the write: the commit, themselves, and the held
+    frames minus the ``overflow`` oldest window frames, with the sinks taken from a copy moved
+    ``overflow`` frames ahead in time (``ahead`` = sinks then, else 0)."""
+    ahead = sinks if overflow else 0
+    kept = torch.ones(held, dtype=torch.bool, device=device)
+    if overflow:
+        kept[: sinks + overflow] = False
+    commit_row = torch.cat([torch.zeros(ahead, dtype=torch.bool, device=device), torch.ones(held + commit, dtype=torch.bool, device=device),
+                            torch.zeros(block, dtype=torch.bool, device=device)])
+    block_row = torch.cat([torch.ones(ahead, dtype=torch.bool, device=device), kept,
+                           torch.ones(commit + block, dtype=torch.bool, device=device)])
+    return torch.cat([commit_row.expand(commit, -1), block_row.expand(block, -1)])
 
 
 class WorldDiT(nn.Module):
@@ -481,14 +535,40 @@ class WorldDiT(nn.Module):
     def new_cache(self, batch: int, device=None, dtype=torch.float32) -> KVCache:
         return KVCache(self.cfg, batch, device, dtype)
 
-    def forward_cached(self, x, sigma, actions, poses, cache: KVCache, write: bool = False, cond_keep=None):
+    def forward_cached(self, x, sigma, actions, poses, cache: KVCache, write: bool = False, cond_keep=None,
+                       commit: tuple | None = None):
         """Velocity for one block ``x [B, Tb, C, h, w]`` given the frames in ``cache``.
 
         ``poses [B, Tb + 1, 4, 4]``: the pose of the frame before the block first (for a session's
         first block, repeat its first pose), so relative camera motion is known.
         With ``write=True`` the block's keys/values are appended to the cache (use it with the
-        clean block at sigma = 0 after sampling).
+        clean block at sigma = 0 after sampling). ``commit``: a clean block ``(latents [B, Tc, C, h, w],
+        actions [B, Tc, A], poses [B, Tc + 1, 4, 4])`` written into the cache in the same forward (a
+        folded commit, without ``cond_keep``): exactly what a separate ``write=True`` forward at
+        sigma = 0 would write, and ``x`` is predicted against the cache after that write.
         """
+        cfg, tb = self.cfg, x.shape[1]
+        if write and commit is not None:
+            raise ConfigError("forward_cached writes either the block (write=True) or a folded commit, not both")
+        tokens, cond = self._block_tokens(x, sigma, actions, poses, cond_keep)
+        tc, mask = 0, None
+        if commit is not None:
+            latents, commit_actions, commit_poses = commit
+            tc = latents.shape[1]
+            clean_tokens, clean_cond = self._block_tokens(latents, latents.new_zeros(latents.shape[:2]), commit_actions,
+                                                          commit_poses, None)
+            tokens, cond = torch.cat([clean_tokens, tokens], 1), torch.cat([clean_cond, cond], 1)
+            mask = self._folded_mask(cache, tc, tb, x.device)
+        rotation = self._cached_rotation(cache.frames, tc + tb, x.device)
+        for layer, block in enumerate(self.blocks):
+            tokens = block(tokens, cond, rotation, mask, cache, layer)
+        if write or commit is not None:
+            cache.roll(tc or tb)
+            cache.advance(tc or tb)
+        return self._unpatchify(tokens[:, tc * cfg.tokens_per_frame :], cond[:, tc:], tb)
+
+    def _block_tokens(self, x, sigma, actions, poses, cond_keep):
+        """Tokens and conditioning (:meth:`_embed`) of one cached block with ``poses [B, Tb + 1, 4, 4]``."""
         cfg, tb = self.cfg, x.shape[1]
         if tb > cfg.block_size:
             raise ConfigError(f"a cached block holds at most block_size={cfg.block_size} frames, got {tb}")
@@ -496,12 +576,23 @@ class WorldDiT(nn.Module):
             raise ConfigError(f"forward_cached needs poses for the block plus the frame before: {tb + 1}, got {poses.shape[1]}")
         self._check(x, sigma, actions, poses[:, 1:])
         rays = plucker_rays(poses.float(), cfg)[:, 1:]
-        tokens, cond = self._embed(x, sigma, actions, rays, cond_keep)
-        frame_pos = torch.arange(cache.frames, cache.frames + tb, device=x.device)
-        rotation = rope_rotation(token_positions(frame_pos, cfg), cfg)
-        for layer, block in enumerate(self.blocks):
-            tokens = block(tokens, cond, rotation, None, cache, layer)
-        if write:
-            cache.roll(tb)
-            cache.advance(tb)
-        return self._unpatchify(tokens, cond, tb)
+        return self._embed(x, sigma, actions, rays, cond_keep)
+
+    @torch.compiler.disable
+    def _cached_rotation(self, first: int, frames: int, device) -> torch.Tensor:
+        """Rotary factors of the tokens of ``frames`` frames from slot ``first`` on, built once and kept."""
+        key = ("rotation", first, frames, str(device))
+        if key not in self._tables:
+            positions = torch.arange(first, first + frames, device=device)
+            self._tables[key] = rope_rotation(token_positions(positions, self.cfg), self.cfg)
+        return self._tables[key]
+
+    @torch.compiler.disable
+    def _folded_mask(self, cache: KVCache, commit: int, block: int, device) -> FoldedMask:
+        """The :class:`FoldedMask` of a folded commit against ``cache`` as it is now, built once and kept."""
+        overflow, n = cache.overflow(commit), self.cfg.tokens_per_frame
+        key = ("folded", cache.frames, overflow, commit, block, str(device))
+        if key not in self._tables:
+            frames = folded_frame_mask(cache.frames, self.cfg.sink_frames, overflow, commit, block, device)
+            self._tables[key] = FoldedMask(token_mask(frames, n), overflow if self.cfg.sink_frames else 0)
+        return self._tables[key]

@@ -6,15 +6,19 @@
 #
 # Phases:
 #   data      collect training episodes (COLLECTORS processes in parallel)
-#   base      autoencoder -> bidirectional teacher -> frame-wise AR teacher (+ chunk-wise AR teacher if COMPARE=1)
+#   base      autoencoder -> bidirectional teacher -> frame-wise AR teacher (+ chunk-wise AR teacher if COMPARE=1); the
+#             teacher starts from the autoencoder of run AE_RUN (default autoencoder)
+#   ae_edge   the autoencoder stage side by side with and without the Laplacian (edge) loss term: runs autoencoder
+#             (the config's weight, 0) and autoencoder_edge<W> for each weight W in EDGE_WEIGHTS, each measured with
+#             train.evaluate --autoencoder-only into $OUT/eval/<run>/autoencoder.json
 #   distill   CF++: causal CD -> DMD (frame-wise, 2 steps); exports the student (DMD's, or CD's when DMD_S=0) as
 #             fp16 shards.
 #             With COMPARE=1, in parallel (same budgets, same data):
 #               Causal Forcing:      causal ODE from the chunk-wise AR teacher -> DMD (chunk, 4 steps)
 #               Self-Forcing-style:  ODE from the bidirectional teacher        -> DMD (chunk, 4 steps)
 #   scm       Causal-rCM: sCM from the frame-wise AR teacher (stage 3c) -> DMD, on CD's budgets (SCM_S, DMD_SCM_S)
-#   guidance  causal CD and sCM again on the same budgets, side by side, distilled towards the AR teacher without CFG
-#             (guidance 1): runs causal_cd_g1, causal_scm_g1
+#   guidance  causal CD towards the AR teacher at CFG 3 (the old default; cd.guidance is 1 now) and sCM towards the
+#             unguided one, on the same budgets, side by side: runs causal_cd_g3, causal_scm_g1
 #   dmd_g1    DMD from causal_scm_g1 (DMD_SCM_S): run dmd_scm_g1
 #   evaluate  python -m train.evaluate on every model the runs hold (reports under $OUT/eval/ROW)
 #   speed     time every evaluated model again, alone on the GPU (evaluations may have shared it)
@@ -108,7 +112,8 @@ collect() {
 AE=(optim.lr=3e-4 optim.warmup_steps=200 data.batch=32 ${AE_INIT:+"init.autoencoder=$AE_INIT"})
 base() {
   stage autoencoder autoencoder "${AE_S:-100}" "${AE[@]}"
-  stage teacher teacher "${TEACHER_S:-180}" optim.lr="$LR" optim.warmup_steps=200 "init.autoencoder=$(model autoencoder)" ${TEACHER_EXTRA:-}
+  stage teacher teacher "${TEACHER_S:-180}" optim.lr="$LR" optim.warmup_steps=200 "init.autoencoder=$(model "${AE_RUN:-autoencoder}")" \
+    ${TEACHER_EXTRA:-}
   stage ar_teacher ar_teacher "${AR_S:-100}" sample.steps=16 optim.lr="$(rate 5e-5)" "init.teacher=$(model teacher)" ${AR_EXTRA:-}
   if [ "${COMPARE:-0}" = 1 ]; then
     stage ar_teacher_chunk ar_teacher "${AR3_S:-50}" sample.steps=16 model.dit.block_size=3 "init.teacher=$(model ar_teacher)"
@@ -134,14 +139,14 @@ chain_scm() {
   stage causal_scm causal_scm "${SCM_S:-${CD_S:-120}}" optim.lr="$(rate 2e-5)" "init.teacher=$(model ar_teacher)" ${SCM_EXTRA:-}
   stage dmd_scm dmd "${DMD_SCM_S:-${DMD_S:-120}}" "init.student=$(model causal_scm)" "${DMD[@]}" ${DMD_EXTRA:-}
 }
-chain_guidance() {  # issue 12's lever, side by side: the same stages distilled towards the unguided AR teacher (CFG 1, not 3)
-  stage causal_cd_g1 causal_cd "${CD_S:-120}" optim.lr="$(rate 2e-5)" cd.guidance=1 "init.teacher=$(model ar_teacher)" ${CD_EXTRA:-} \
-    > "$RUNS/guidance_cd_g1.out" 2>&1 &
+chain_guidance() {  # issue 12's lever, side by side: causal CD towards the CFG-3 AR teacher, sCM towards the unguided one
+  stage causal_cd_g3 causal_cd "${CD_S:-120}" optim.lr="$(rate 2e-5)" cd.guidance=3 "init.teacher=$(model ar_teacher)" ${CD_EXTRA:-} \
+    > "$RUNS/guidance_cd_g3.out" 2>&1 &
   local cd=$! failed=0
   stage causal_scm_g1 causal_scm "${SCM_S:-${CD_S:-120}}" optim.lr="$(rate 2e-5)" scm.guidance=1 "init.teacher=$(model ar_teacher)" \
     ${SCM_EXTRA:-} || failed=1
   wait $cd || failed=1
-  cat "$RUNS/guidance_cd_g1.out"
+  cat "$RUNS/guidance_cd_g3.out"
   return $failed
 }
 chain_cf() {
@@ -152,6 +157,25 @@ chain_sf() {
   stage ode_bidirectional_chunk causal_ode "${ODE_S:-120}" "${ODE[@]}" ode.trajectories=bidirectional model.dit.block_size=3 \
     "init.teacher=$(model teacher)"
   stage dmd_sf dmd "${DMD_S:-120}" "init.student=$(model ode_bidirectional_chunk)" "${DMD[@]}"
+}
+
+ae_edge() {  # the autoencoder with and without the edge term, side by side, each measured on held-out clips
+  local runs=(autoencoder) pids=() w run failed=0
+  for w in ${EDGE_WEIGHTS:-0.1}; do runs+=("autoencoder_edge$w"); done
+  for run in "${runs[@]}"; do
+    w=${run#autoencoder_edge}
+    [ "$run" = autoencoder ] && w=0
+    stage "$run" autoencoder "${AE_S:-100}" "${AE[@]}" autoencoder.edge_weight="$w" > "$RUNS/ae_$run.out" 2>&1 &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p" || failed=1; done
+  for run in "${runs[@]}"; do
+    cat "$RUNS/ae_$run.out"
+    [ -f "$(model "$run")" ] || continue
+    python3 -m train.evaluate "$(model "$run")" --world "$WORLD" --device "$DEVICE" --autoencoder-only --clips 32 \
+      --out "$OUT/eval/$run" 2>&1 | tail -1 | sed "s/^/  $run: /"
+  done
+  return $failed
 }
 
 distill() {
@@ -248,12 +272,13 @@ for phase in "$@"; do
     base) base ;;
     distill) distill ;;
     scm) chain_scm ;;
+    ae_edge) ae_edge ;;
     guidance) chain_guidance ;;
     dmd_g1) stage dmd_scm_g1 dmd "${DMD_SCM_S:-${DMD_S:-120}}" "init.student=$(model causal_scm_g1)" "${DMD[@]}" ${DMD_EXTRA:-} ;;
     evaluate) evaluate ;;
     speed) speed ;;
     pack) pack ;;
     ablate) ablate ;;
-    *) echo "unknown phase $phase (data | base | distill | scm | guidance | dmd_g1 | evaluate | speed | pack | ablate)" >&2; exit 2 ;;
+    *) echo "unknown phase $phase (data | base | ae_edge | distill | scm | guidance | dmd_g1 | evaluate | speed | pack | ablate)" >&2; exit 2 ;;
   esac
 done
