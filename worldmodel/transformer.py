@@ -157,15 +157,18 @@ def rope_rotation(positions: torch.Tensor, cfg: DiTConfig) -> torch.Tensor:
     return torch.stack([angles.cos(), angles.sin() * sign], -1)
 
 
-def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor, norm: nn.RMSNorm | None = None) -> torch.Tensor:
     """Rotate adjacent pairs (a, b) of ``x [B, H, L, hd]`` by ``rotation [L, hd, 2]`` (:func:`rope_rotation`):
-    (a cos - b sin, a sin + b cos), as ``x cos + (b, a) sin_signed``, computed in float32 or better."""
+    (a cos - b sin, a sin + b cos), as ``x cos + (b, a) sin_signed``, computed in float32 or better. With
+    ``norm`` (the query or key RMSNorm) ``x`` is first normalised by it, in the same precision (one cast back)."""
     dtype = x.dtype
     work = torch.promote_types(dtype, torch.float32)
     x = x.to(work)
+    if norm is not None:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.to(work)
     cos, sin = rotation.to(work).unbind(-1)
-    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    return (x * cos + swapped * sin).to(dtype)
+    a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return (x * cos + torch.stack([b, a], -1).flatten(-2) * sin).to(dtype)
 
 
 def token_positions(frame_positions: torch.Tensor, cfg: DiTConfig) -> torch.Tensor:
@@ -285,10 +288,15 @@ class Attention(nn.Module):
     def forward(self, x, rotation, mask=None, cache=None, layer=0):
         """``x [B, L, D]`` -> ``[B, L, D]``; with ``cache`` the tokens also attend to its frames."""
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
-        q, k = apply_rope(self.q_norm(q), rotation), apply_rope(self.k_norm(k), rotation)
+        q, k = apply_rope(q, rotation, self.q_norm), apply_rope(k, rotation, self.k_norm)
+        if isinstance(mask, FoldedCommit):
+            (commit_k, commit_v), (block_k, block_v) = cache.attend_folded(layer, k, v, mask)
+            split = mask.tokens
+            out = torch.cat([F.scaled_dot_product_attention(q[:, :, :split], commit_k, commit_v),
+                             F.scaled_dot_product_attention(q[:, :, split:], block_k, block_v)], 2)
+            return self.proj(rearrange(out, "b h l d -> b l (h d)"))
         if cache is not None:
-            k, v = cache.attend(layer, k, v, mask.sinks_ahead if isinstance(mask, FoldedMask) else 0)
-            mask = mask.tokens if isinstance(mask, FoldedMask) else mask
+            k, v = cache.attend(layer, k, v)
         if isinstance(mask, FrameMask):
             out = mask.attend(q, k, v)
         elif isinstance(mask, BlockMask):
@@ -344,11 +352,9 @@ class KVCache:
         """Window frames that writing a block of ``block_frames`` frames now would drop."""
         return max(0, self.frames + block_frames - self.capacity)
 
-    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor, sinks_ahead: int = 0):
+    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Put a forward's (k, v) ``[B, H, L, hd]`` in the scratch slots; return all (k, v) to attend to.
 
-        ``sinks_ahead`` > 0 puts a copy of the sink frames first, their keys moved that many frames
-        later in time (a folded commit that overflows: what the generated block sees after the roll).
         Under grad mode (a self-forcing exit step) the block is joined by concatenation instead, so
         later in-place writes to the buffer cannot invalidate the autograd graph; a ``write=True``
         forward then still commits it through the buffer.
@@ -358,17 +364,27 @@ class KVCache:
             held_k, held_v = self.k[layer, :, :, :start], self.v[layer, :, :, :start]
             self.k[layer, :, :, start : start + k.shape[2]] = k.detach()
             self.v[layer, :, :, start : start + v.shape[2]] = v.detach()
-            all_k, all_v = torch.cat([held_k, k.to(self.k.dtype)], 2), torch.cat([held_v, v.to(self.v.dtype)], 2)
-        else:
-            end = start + k.shape[2]
-            self.k[layer, :, :, start:end] = k
-            self.v[layer, :, :, start:end] = v
-            all_k, all_v = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-        if not sinks_ahead:
-            return all_k, all_v
-        sinks = self.cfg.sink_frames * self.cfg.tokens_per_frame
-        ahead = self._time_shifted(self.k[layer, :, :, :sinks], sinks_ahead)
-        return torch.cat([ahead, all_k], 2), torch.cat([self.v[layer, :, :, :sinks], all_v], 2)
+            return torch.cat([held_k, k.to(self.k.dtype)], 2), torch.cat([held_v, v.to(self.v.dtype)], 2)
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def attend_folded(self, layer: int, k: torch.Tensor, v: torch.Tensor, fold: "FoldedCommit"):
+        """:meth:`attend` for a folded commit's (k, v) ``[B, H, Tc*N + Tb*N, hd]`` ([commit | block]): the
+        (k, v) its commit attends to (the held frames and itself, as a separate write forward would) and
+        the (k, v) its block attends to (what it would see after that write: without the ``overflow``
+        oldest window frames, and the sinks moved ``overflow`` frames ahead in time, as the roll leaves
+        them relative to the rest)."""
+        all_k, all_v = self.attend(layer, k, v)
+        n = self.cfg.tokens_per_frame
+        commit_end = self.frames * n + fold.tokens
+        commit = all_k[:, :, :commit_end], all_v[:, :, :commit_end]
+        if not fold.overflow:
+            return commit, (all_k, all_v)
+        sinks, drop = self.cfg.sink_frames * n, (self.cfg.sink_frames + fold.overflow) * n
+        ahead = self._time_shifted(all_k[:, :, :sinks], fold.overflow)
+        return commit, (torch.cat([ahead, all_k[:, :, drop:]], 2), torch.cat([all_v[:, :, :sinks], all_v[:, :, drop:]], 2))
 
     def _time_shifted(self, keys: torch.Tensor, frames: int) -> torch.Tensor:
         """Rotary ``keys [..., L, hd]`` moved ``frames`` frames in time: only the time pairs turn, all by
@@ -400,31 +416,12 @@ class KVCache:
 
 
 @dataclass(frozen=True)
-class FoldedMask:
-    """Attention of a forward that writes a clean block and predicts the next in one pass (a folded
-    commit): ``tokens [Lq, Lk]`` bool over the queries [commit | block] and the keys [sinks ahead |
-    held | commit | block]; ``sinks_ahead`` as in :meth:`KVCache.attend`."""
+class FoldedCommit:
+    """How a forward over [clean block | noisy block] splits (a folded commit): the clean block's
+    ``tokens`` come first, and writing it drops ``overflow`` window frames (:meth:`KVCache.attend_folded`)."""
 
-    tokens: torch.Tensor
-    sinks_ahead: int
-
-
-def folded_frame_mask(held: int, sinks: int, overflow: int, commit: int, block: int, device=None) -> torch.Tensor:
-    """Frame mask ``[commit + block, ahead + held + commit + block]`` of a folded commit.
-
-    The commit's frames see the held frames and the commit, exactly as a separate write forward;
-    the block's frames see what they would after the write: the commit, themselves, and the held
-    frames minus the ``overflow`` oldest window frames, with the sinks taken from a copy moved
-    ``overflow`` frames ahead in time (``ahead`` = sinks then, else 0)."""
-    ahead = sinks if overflow else 0
-    kept = torch.ones(held, dtype=torch.bool, device=device)
-    if overflow:
-        kept[: sinks + overflow] = False
-    commit_row = torch.cat([torch.zeros(ahead, dtype=torch.bool, device=device), torch.ones(held + commit, dtype=torch.bool, device=device),
-                            torch.zeros(block, dtype=torch.bool, device=device)])
-    block_row = torch.cat([torch.ones(ahead, dtype=torch.bool, device=device), kept,
-                           torch.ones(commit + block, dtype=torch.bool, device=device)])
-    return torch.cat([commit_row.expand(commit, -1), block_row.expand(block, -1)])
+    tokens: int
+    overflow: int
 
 
 class WorldDiT(nn.Module):
@@ -558,7 +555,7 @@ class WorldDiT(nn.Module):
             clean_tokens, clean_cond = self._block_tokens(latents, latents.new_zeros(latents.shape[:2]), commit_actions,
                                                           commit_poses, None)
             tokens, cond = torch.cat([clean_tokens, tokens], 1), torch.cat([clean_cond, cond], 1)
-            mask = self._folded_mask(cache, tc, tb, x.device)
+            mask = FoldedCommit(tc * cfg.tokens_per_frame, cache.overflow(tc))
         rotation = self._cached_rotation(cache.frames, tc + tb, x.device)
         for layer, block in enumerate(self.blocks):
             tokens = block(tokens, cond, rotation, mask, cache, layer)
@@ -585,14 +582,4 @@ class WorldDiT(nn.Module):
         if key not in self._tables:
             positions = torch.arange(first, first + frames, device=device)
             self._tables[key] = rope_rotation(token_positions(positions, self.cfg), self.cfg)
-        return self._tables[key]
-
-    @torch.compiler.disable
-    def _folded_mask(self, cache: KVCache, commit: int, block: int, device) -> FoldedMask:
-        """The :class:`FoldedMask` of a folded commit against ``cache`` as it is now, built once and kept."""
-        overflow, n = cache.overflow(commit), self.cfg.tokens_per_frame
-        key = ("folded", cache.frames, overflow, commit, block, str(device))
-        if key not in self._tables:
-            frames = folded_frame_mask(cache.frames, self.cfg.sink_frames, overflow, commit, block, device)
-            self._tables[key] = FoldedMask(token_mask(frames, n), overflow if self.cfg.sink_frames else 0)
         return self._tables[key]
