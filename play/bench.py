@@ -7,7 +7,8 @@ Starts Xvfb when there is no display, launches ``python -m play`` on an untraine
 screenshot of the window with ImageMagick's ``import``, and prints the client's own measurements:
 model FPS, frames presented per second, generation time, and latency from input sampling to the
 presented frame (mean, median, 90th percentile), with the machine's 1-minute load average before and
-after (other processes slow a 2-core machine down: measure at a load below ~1.5). Needs Xvfb, xdotool
+after (other processes slow a 2-core machine down: measure at a load below ~1.5) and, on Linux, the
+share of CPU time a hypervisor stole during the measured seconds (a VM's other tenants do too). Needs Xvfb, xdotool
 and ImageMagick on PATH (apt-get install -y xvfb xdotool imagemagick libgl1-mesa-dri).
 """
 
@@ -48,6 +49,22 @@ def start_xvfb() -> tuple[subprocess.Popen, str]:
             raise BenchError(f"Xvfb did not start on :{number}")
         time.sleep(0.05)
     return server, f":{number}"
+
+
+def cpu_times(stat: Path = Path("/proc/stat")) -> list[int] | None:
+    """The machine's CPU time counters (user nice system idle iowait irq softirq steal ...), or None off Linux."""
+    try:
+        return [int(v) for v in stat.read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def steal_percent(before: list[int] | None, after: list[int] | None) -> float | None:
+    """The share of CPU time the hypervisor took between two :func:`cpu_times` readings (a VM's other tenants)."""
+    if before is None or after is None or len(before) < 8:
+        return None
+    spent = [b - a for a, b in zip(before, after)]
+    return round(100 * spent[7] / max(sum(spent), 1), 1)
 
 
 def read_log(path: Path) -> list[dict]:
@@ -99,7 +116,9 @@ def run(args, client_options: list[str]) -> dict:
         xdotool(env, "windowfocus", window)
         time.sleep(args.warmup)
         first = len(read_log(log))  # events before the measured window
+        times_before = cpu_times()
         play_input(env, args.seconds)
+        steal = steal_percent(times_before, cpu_times())
         if args.screenshot:
             geometry = dict(line.split("=") for line in xdotool(env, "getwindowgeometry", "--shell", window).split())
             crop = f"{geometry['WIDTH']}x{geometry['HEIGHT']}+{geometry['X']}+{geometry['Y']}"
@@ -114,7 +133,7 @@ def run(args, client_options: list[str]) -> dict:
         if server is not None:
             server.terminate()
     return {**summarise(read_log(log)[first:], read_log(log)), "load_before": round(load_before, 2),
-            "load_after": round(os.getloadavg()[0], 2)}
+            "load_after": round(os.getloadavg()[0], 2), "cpu_steal_percent": steal}
 
 
 def summarise(measured: list[dict], everything: list[dict]) -> dict:

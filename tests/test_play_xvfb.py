@@ -176,6 +176,7 @@ def test_bench_measures_fps_and_latency(display, monkeypatch, tmp_path, capsys):
     assert figures["renderer"] == "gl" and int(figures["moving_frames"]) > 0
     assert 0 < float(figures["latency_ms_median"]) < 1000 and float(figures["model_fps_shown"]) > 1
     assert float(figures["load_before"]) >= 0 and float(figures["load_after"]) >= 0
+    assert 0 <= float(figures["cpu_steal_percent"]) <= 100
     image = np.asarray(Image.open(shot).convert("RGB"))
     assert image.shape == (512, 512, 3) and image.std() > 5
 
@@ -205,3 +206,14 @@ def test_controls_are_printed_and_f1_shows_them_over_the_frames(display, tmp_pat
     assert changed.sum() > 2000, "F1 changed nothing on screen"
     cx, cy = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2
     assert abs(cx - (x + w / 2)) < 0.1 * w and abs(cy - (y + h / 2)) < 0.1 * h  # centred in the window
+
+
+def test_steal_percent_reads_the_hypervisor_share(tmp_path):
+    from play.bench import cpu_times, steal_percent
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 1 2 3\n")
+    before = cpu_times(stat)
+    stat.write_text("cpu  160 0 70 880 10 0 5 75 0 0\n")
+    assert steal_percent(before, cpu_times(stat)) == 20.0  # 40 of 200 ticks
+    assert cpu_times(tmp_path / "missing") is None and steal_percent(None, before) is None
