@@ -3,7 +3,8 @@ import torch
 
 from worldmodel.actions import ActionSpec
 from worldmodel.camera import integrate
-from worldmodel.transformer import ConfigError, DiTConfig, WorldDiT, apply_rope, block_ids, frame_mask, rope_rotation
+from worldmodel.transformer import (ConfigError, DiTConfig, WorldDiT, apply_rope, block_ids, frame_mask, rope_rotation,
+                                   token_positions)
 from tests.test_camera import random_rigid
 
 SPEC = ActionSpec()
@@ -174,3 +175,15 @@ def test_bad_config_and_inputs_are_clear_errors():
         model(x, sigma, actions[..., :3], poses)
     with pytest.raises(ConfigError, match="unknown attention mode"):
         model(x, sigma, actions, poses, mode="sideways")
+
+
+def test_rotary_with_the_norm_inside_equals_the_norm_then_the_rotary():
+    """The query/key RMSNorm folded into the rotary's float32 pass computes what the module then the rotary do."""
+    torch.manual_seed(int(torch.randint(0, 10_000, ())))
+    cfg = DiTConfig(dim=64, heads=2)
+    rotation = rope_rotation(token_positions(torch.arange(2, 5), cfg), cfg)
+    norm = torch.nn.RMSNorm(cfg.head_dim, eps=1e-6).double()
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(cfg.head_dim, dtype=torch.float64))
+    x = torch.randn(2, 2, rotation.shape[0], cfg.head_dim, dtype=torch.float64)
+    torch.testing.assert_close(apply_rope(x, rotation, norm), apply_rope(norm(x), rotation), rtol=1e-12, atol=1e-12)

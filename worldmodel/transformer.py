@@ -165,7 +165,7 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor, norm: nn.RMSNorm | None 
     work = torch.promote_types(dtype, torch.float32)
     x = x.to(work)
     if norm is not None:
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.to(work)
+        x = F.rms_norm(x, norm.normalized_shape, norm.weight.to(work), norm.eps)
     cos, sin = rotation.to(work).unbind(-1)
     a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
     return (x * cos + torch.stack([b, a], -1).flatten(-2) * sin).to(dtype)
