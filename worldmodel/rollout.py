@@ -54,9 +54,9 @@ class Rollout:
 
     def denoiser(self, actions: torch.Tensor, poses: torch.Tensor, commit: tuple | None = None) -> Callable:
         """The guided velocity model ``(x, sigma) -> v`` of the block with these inputs against the
-        cache (``sigma`` a float or ``[B, T]``; ``v`` in the dtype of ``x``). ``commit``: a clean block
-        ``(latents, actions, poses)`` that the first call writes into the cache in its own forward (a
-        folded commit, see ``WorldDiT.forward_cached``); under grad mode it is written alone first."""
+        cache (``sigma`` a float or ``[B, Tb]``; ``v`` in the dtype of ``x``). ``commit``: a clean block
+        ``(latents, actions, poses)`` that the first call's forward also writes into the cache (a folded
+        commit, see ``WorldDiT.forward_cached``); under grad mode it is written by a forward of its own first."""
         if commit is not None and torch.is_grad_enabled():
             self.write(*commit)
             commit = None
