@@ -85,6 +85,8 @@ def build_parser() -> ArgumentParser:
     m.add_argument("--threads", type=int_in(1, MAX_THREADS), help="CPU threads for generation (default: all cores but one, "
                                                         "which the display loop keeps)")
     m.add_argument("--fps", type=float_in(0, MAX_FPS), help="model frames per second (default: the world's frame rate)")
+    m.add_argument("--compile", action="store_true", help="compile the model for a full KV cache before playing: about 15%% "
+                   "faster frames on a 2-core CPU, about half a minute more at start")
     w = p.add_argument_group("window")
     w.add_argument("--backend", choices=BACKENDS, default="pygame")
     w.add_argument("--size", type=parse_size, default=None, help="window size WIDTHxHEIGHT")
@@ -201,6 +203,9 @@ def make_generator(args, model):
     generator = FrameGenerator(session, world, start_images(world_name))
     if args.steps is not None:
         generator.set_steps(args.steps)
+    if args.compile and session is not None:
+        print("compiling the model for a full KV cache (about half a minute on 2 CPU cores)...", flush=True)
+        session.compile()
     return generator, world_name
 
 

@@ -187,3 +187,26 @@ def test_rotary_with_the_norm_inside_equals_the_norm_then_the_rotary():
         norm.weight.add_(torch.randn(cfg.head_dim, dtype=torch.float64))
     x = torch.randn(2, 2, rotation.shape[0], cfg.head_dim, dtype=torch.float64)
     torch.testing.assert_close(apply_rope(x, rotation, norm), apply_rope(norm(x), rotation), rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_full_cache_forwards_equal_the_eager_ones():
+    """``compile_full_cache``: against a full cache the compiled blocks compute what the eager ones do, for a
+    plain and a folded forward; against a filling cache the blocks stay eager."""
+    seed = int(torch.randint(0, 10_000, ()))
+    model = tiny_dit(seed, depth=1, window_frames=2).float()
+    x, sigma, actions, poses = (t.float() for t in random_inputs(1, 6, seed, model.cfg))
+    eager, compiled = model.new_cache(1), model.new_cache(1)
+    with torch.no_grad():
+        for f in range(3):  # fill both caches (sinks 1 + window 2): eager forwards either way
+            for cache in (eager, compiled):
+                model.forward_cached(x[:, [f]], sigma[:, [f]] * 0, actions[:, [f]], context_poses(poses, [f]), cache, write=True)
+        runs = []
+        for cache, compile_it in ((eager, False), (compiled, True)):
+            if compile_it:
+                model.compile_full_cache()
+            clean = (x[:, [3]], actions[:, [3]], context_poses(poses, [3]))
+            folded = model.forward_cached(x[:, [4]], sigma[:, [4]], actions[:, [4]], context_poses(poses, [4]), cache, commit=clean)
+            plain = model.forward_cached(x[:, [4]], sigma[:, [4]] / 2, actions[:, [4]], context_poses(poses, [4]), cache)
+            runs.append((folded, plain, cache.k.clone()))
+    for want, got in zip(*runs):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

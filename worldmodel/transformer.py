@@ -443,6 +443,16 @@ class WorldDiT(nn.Module):
         # "jvp" (frame mask; forward-mode dual inputs through kernels.attention_jvp, plain ones through SDPA)
         self.attention = "sdpa"
         self._tables: dict = {}
+        self._full_cache_blocks: list | None = None  # compiled blocks for forwards against a full cache
+
+    def compile_full_cache(self) -> None:
+        """Compile each block (``torch.compile``, static shapes) for the cached forwards against a full
+        KV cache: a session's steady state after its first ``sink_frames + window_frames`` frames, with
+        two shapes at most (a step's first, folded forward and the others). Forwards against a filling
+        cache stay eager, so every block compiles once or twice, not once per fill level."""
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 4 * len(self.blocks))  # all blocks share one code object
+        self._full_cache_blocks = [torch.compile(block, dynamic=False) for block in self.blocks]
 
     @torch.compiler.disable
     def sequence_tables(self, mode: str, frames: int, device) -> tuple:
@@ -557,7 +567,8 @@ class WorldDiT(nn.Module):
             tokens, cond = torch.cat([clean_tokens, tokens], 1), torch.cat([clean_cond, cond], 1)
             mask = FoldedCommit(tc * cfg.tokens_per_frame, cache.overflow(tc))
         rotation = self._cached_rotation(cache.frames, tc + tb, x.device)
-        for layer, block in enumerate(self.blocks):
+        full = self._full_cache_blocks is not None and cache.frames == cache.capacity
+        for layer, block in enumerate(self._full_cache_blocks if full else self.blocks):
             tokens = block(tokens, cond, rotation, mask, cache, layer)
         if write or commit is not None:
             cache.roll(tc or tb)
