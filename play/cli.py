@@ -125,8 +125,8 @@ def build_export_parser() -> ArgumentParser:
 def check_options(args) -> None:
     if args.untrained and args.checkpoint:
         raise PlayError("--untrained and --checkpoint exclude each other")
-    if args.world_only and (args.untrained or args.checkpoint or args.steps):
-        raise PlayError("--world-only runs no model: drop --untrained / --checkpoint / --steps")
+    if args.world_only and (args.untrained or args.checkpoint or args.steps or args.compile):
+        raise PlayError("--world-only runs no model: drop --untrained / --checkpoint / --steps / --compile")
     if args.replay and args.script:
         raise PlayError("--replay and --script are two input sources: choose one")
     if args.headless:
@@ -143,6 +143,8 @@ def check_options(args) -> None:
         raise PlayError("--start cannot be used with a world: the world's first frame is the start")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise PlayError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
+    if args.compile and args.device.startswith("cuda"):
+        raise PlayError("--compile is for a model on the CPU (a CUDA session replays CUDA graphs)")
     if args.start is not None and not args.start.is_file():
         raise PlayError(f"start image {args.start} does not exist")
     for flag, folder in (("--record", args.record), ("--record-dir", args.record_dir)):

@@ -209,6 +209,7 @@ def error_line(capsys):
     (lambda d: None, ["--start", "{d}/none.png"], "start image"),
     (lambda d: None, ["--headless", "--frames", "3"], "needs --out VIDEO and/or --record DIR"),
     (lambda d: None, ["--headless", "--frames", "3", "--out", "{d}/v.gif"], "must end in one of .mp4"),
+    (lambda d: None, ["--world-only", "--world", "procedural", "--compile"], "drop --untrained / --checkpoint / --steps / --compile"),
 ])
 def test_bad_files_and_options_give_one_line_errors(dummy_video, tmp_path, capsys, write, argv, message):
     write(tmp_path)
