@@ -99,9 +99,9 @@ class Session:
         return self.rollout.cache
 
     def compile(self) -> None:
-        """Compile the DiT for a full KV cache (``WorldDiT.compile_full_cache``) and compile it now, by
-        playing a scratch session of the same batch, device, dtype and steps past the window's capacity
-        (this session's noise and state are untouched). About 15% faster frames on a 2-core CPU, after
+        """Compile the DiT's blocks for a full KV cache (``WorldDiT.compile_full_cache``), now: a scratch
+        session of the same batch, device and dtype plays past the window's capacity (this session's
+        noise and state are untouched). About 15% faster frames on a 2-core CPU, after
         about half a minute of compiling."""
         self.model.dit.compile_full_cache()
         steps = self.steps if len(self.steps) > 1 else [1.0, 0.5]  # two steps at least: both forward shapes
