@@ -44,16 +44,22 @@ def test_session_shapes_and_determinism(tiny, tmp_path):
     assert torch.equal(again.reset(None, seeds=[3]).frames, generated)  # reseeded as a session of seed 3
 
 
-def test_commit_writes_the_pending_frame_once(tiny):
-    s = Session(tiny, seed=0, steps=[1.0])
+def write_pending(session):
+    """The pending block into the cache with a t = 0 forward of its own: what a folded commit must equal."""
+    if session._pending is not None:
+        session.rollout.write(*session._pending)
+        session._pending = None
+
+
+def test_each_step_writes_the_block_before_it_once(tiny):
+    s = Session(tiny, seed=0, steps=[1.0, 0.5])
     h, w = tiny.frame_size
     s.reset(torch.full((h, w, 3), 128, dtype=torch.uint8))
     assert s._pending is not None and s.cache.frames == 0
-    s.step(walk(tiny))  # its first forward writes the start frame
-    assert s._pending is not None and s.cache.frames == 1 and s.cache.k.abs().sum() > 0
-    s.commit()
-    s.commit()
-    assert s.cache.frames == 2 and s._pending is None
+    for frames in (1, 2):
+        s.step(walk(tiny))  # its first forward writes the block before it, its second none
+        assert s._pending is not None and (s.cache.frames, s.cache.written) == (frames, frames)
+    assert s.cache.k.abs().sum() > 0
 
 
 def test_force_frame_writes_the_given_frame(tiny):
@@ -65,7 +71,7 @@ def test_force_frame_writes_the_given_frame(tiny):
     forced = torch.randint(0, 256, (1, h, w, 3), dtype=torch.uint8)
     a.step(walk(tiny), force_frame=forced)
     b.step(walk(tiny))
-    a.commit(), b.commit()
+    write_pending(a), write_pending(b)
     assert not torch.allclose(a.cache.k, b.cache.k)
     with pytest.raises(SessionError, match="force_frame"):
         a.step(walk(tiny), force_frame=forced[..., :2])
@@ -137,7 +143,7 @@ def test_noise_groups_and_narrow_play_like_separate_sessions():
                 both.narrow(1)
             both.narrow(2)
             assert both.batch == 2 and state_to_pose(both.state).shape == (2, 4, 4)
-    both.commit(), first.commit()
+    write_pending(both), write_pending(first)
     torch.testing.assert_close(both.cache.k, first.cache.k, atol=1e-5, rtol=1e-5)
     assert [g.get_state().tolist() for _, g in both._noise] == [first._noise[0][1].get_state().tolist()]  # one group left
     with pytest.raises(SessionError, match="adding up to the batch"):
@@ -176,7 +182,7 @@ def test_guidance_is_one_forward_of_the_doubled_batch():
 
     model.dit.forward_cached = counted
     session.step(walk(model, 2))
-    session.commit()
+    write_pending(session)
     assert calls == [4, 4, 4, 4]  # 3 Euler steps (the first also writes the start frame), then the cache write
     assert session.cache.k.shape[1] == 4
 
@@ -195,11 +201,11 @@ def test_folded_commit_plays_like_separate_writes(block_size, guidance, sinks):
     model.dit.forward_cached = lambda *a, **k: calls.append(k.get("commit") is not None) or forward(*a, **k)
     for t in range(folded.cache.capacity + 4):
         action = torch.stack([walk(model, dx=float((t + i) % 5 - 2) * 6) for i in range(block_size)], 1)
-        separate.commit()
+        write_pending(separate)
         a, b = folded.step(action).frames, separate.step(action).frames
         assert (a.int() - b.int()).abs().max() <= 1, t  # uint8 rounding of float64 latents equal to ~1e-12
         torch.testing.assert_close(folded._pending[0], separate._pending[0], rtol=1e-9, atol=1e-9)
-    folded.commit(), separate.commit()
+    write_pending(folded), write_pending(separate)
     assert folded.cache.frames == separate.cache.frames == folded.cache.capacity
     held = folded.cache.frames * model.dit.cfg.tokens_per_frame  # the slots after them are scratch
     for part in ("k", "v"):
@@ -253,7 +259,7 @@ def test_session_cache_stays_at_capacity(tiny):
     storage = s.cache.k.data_ptr()
     for _ in range(2 * s.cache.capacity):
         s.step(walk(tiny))
-    s.commit()
+    write_pending(s)
     assert s.cache.frames == s.cache.capacity and s.cache.k.data_ptr() == storage
     assert s.cache.written == 2 * s.cache.capacity + 1
 

@@ -201,12 +201,16 @@ def test_compiled_full_cache_forwards_equal_the_eager_ones():
             for cache in (eager, compiled):
                 model.forward_cached(x[:, [f]], sigma[:, [f]] * 0, actions[:, [f]], context_poses(poses, [f]), cache, write=True)
         runs = []
+        compiled_frames = []
         for cache, compile_it in ((eager, False), (compiled, True)):
             if compile_it:
                 model.compile_full_cache()
+                block = model._full_cache_blocks[0]
+                model._full_cache_blocks[0] = lambda *a: compiled_frames.append(a[4].frames) or block(*a)
             clean = (x[:, [3]], actions[:, [3]], context_poses(poses, [3]))
             folded = model.forward_cached(x[:, [4]], sigma[:, [4]], actions[:, [4]], context_poses(poses, [4]), cache, commit=clean)
             plain = model.forward_cached(x[:, [4]], sigma[:, [4]] / 2, actions[:, [4]], context_poses(poses, [4]), cache)
             runs.append((folded, plain, cache.k.clone()))
     for want, got in zip(*runs):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert compiled_frames == [model.cfg.sink_frames + model.cfg.window_frames] * 2  # both ran compiled, on a full cache

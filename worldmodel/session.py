@@ -5,7 +5,7 @@ Each step integrates the actions into camera poses (the same controller as train
 camera of a world that integrated them), samples the next latent block with the checkpoint's
 sampler against the KV cache (:class:`worldmodel.rollout.Rollout`), decodes it, and keeps the clean
 latents pending: the next step's first forward writes them into the cache (a folded commit, one
-forward fewer a frame), or ``commit()`` does now with a t = 0 forward of their own. The cache is a fixed-size
+forward fewer a frame than a t = 0 forward of their own). The cache is a fixed-size
 rolling window with sink frames, so memory stays flat however long the session runs. A chunk-wise
 model takes a whole block of actions a step, or one action a step: then the actions are buffered
 into blocks (:class:`worldmodel.rollout.FrameBuffer`) and each frame shows ``block_size - 1`` steps late.
@@ -13,7 +13,7 @@ into blocks (:class:`worldmodel.rollout.FrameBuffer`) and each frame shows ``blo
 Batches. The rows of a session are independent plays; their noise comes from one generator per
 *noise group* of rows (one group by default), so a session of several groups draws exactly what
 separate sessions of those sizes and seeds would, and ``narrow`` drops groups whose plays have
-ended. On CUDA, sampling and the commit replay CUDA graphs (:mod:`worldmodel.cuda_graphs`).
+ended. On CUDA, sampling (with its folded commit) replays CUDA graphs (:mod:`worldmodel.cuda_graphs`).
 """
 
 from __future__ import annotations
@@ -167,27 +167,20 @@ class Session:
         if self._graphs is None:
             return sample(noise, actions, poses, *pending)
         key = ("sample", self.cache.frames, sigmas, tuple(noise.shape), tuple(pending[0].shape) if pending else None)
-        out = self._graphed(key, sample, (noise, actions, poses, *pending), pending[0].shape[1] if pending else 0)
-        return tuple(t.clone() for t in out)
-
-    def _graphed(self, key, fn, inputs, writes: int):
-        """``fn(*inputs)`` replayed from its CUDA graph; ``writes``: frames it writes into the KV cache,
-        whose host-side counters are advanced here (the graph holds only the device work)."""
         cache = self.cache
-        if not writes:
-            return self._graphs(key, fn, inputs)
 
         def save():
             return cache.k.clone(), cache.v.clone(), cache.frames, cache.written
 
-        def restore(state):
+        def restore(state):  # warm-up and capture write the pending block too: undo it
             cache.k.copy_(state[0])
             cache.v.copy_(state[1])
             cache.frames, cache.written = state[2], state[3]
 
-        out = self._graphs(key, fn, inputs, save, restore)
-        cache.advance(writes)
-        return out
+        out = self._graphs(key, sample, (noise, actions, poses, *pending), save, restore)
+        if pending:  # the graph holds only the device work of the write: advance the host-side counters
+            cache.advance(pending[0].shape[1])
+        return tuple(t.clone() for t in out)
 
     def _block_inputs(self, actions: torch.Tensor, poses: torch.Tensor):
         """Raw ``actions [B, Tb, A]`` and the block's poses ``[B, Tb, 4, 4]`` (float64, CPU) -> the model's
@@ -196,22 +189,6 @@ class Session:
         poses, self._before = block_poses(poses, self._before), poses[:, -1]
         poses = (rigid_inverse(poses[:, :1]) @ poses).to(self.device, torch.float32)
         return normalize_actions(actions, self.action_spec).to(self.device, self.dtype), poses
-
-    def commit(self):
-        """Write the last sampled (or forced) latents into the KV cache now, with a t = 0 forward of
-        their own (otherwise the next step folds that write into its first forward)."""
-        if self._pending is None:
-            return
-        pending, self._pending = self._pending, None
-        if self._graphs is None:
-            self.rollout.write(*pending)
-            return
-
-        def write(latents, actions, poses):
-            self.rollout.write(latents, actions, poses)
-            return ()
-
-        self._graphed(("commit", self.cache.frames, tuple(pending[0].shape)), write, pending, pending[0].shape[1])
 
     # -- public API
 
