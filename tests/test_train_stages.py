@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from train import trainer as trainer_module
 from train.__main__ import main
 from train.bench import write_synthetic
-from train.inputs import StageInputError, check_same_autoencoder
+from train.inputs import StageInputError, check_same_autoencoder, kept_blocks, rebuilt
 from train.config import compose
 from train.trainer import run
 from worldmodel import checkpoint
@@ -155,6 +156,40 @@ def test_distilled_model_plays_in_a_session(chain):
     session.reset(torch.zeros(32, 32, 3, dtype=torch.uint8))
     frame = session.step(make_action(model.action_spec, ["W"], dx=5)[None]).frames
     assert frame.shape == (1, 32, 32, 3) and frame.dtype == torch.uint8
+
+
+def test_kept_blocks_are_evenly_spaced_and_keep_both_ends():
+    assert kept_blocks(6, 6) == [0, 1, 2, 3, 4, 5]
+    assert kept_blocks(6, 4) == [0, 2, 3, 5]
+    assert kept_blocks(6, 3) == [0, 2, 5]
+    assert kept_blocks(6, 1) == [5]
+    with pytest.raises(StageInputError, match="depth 7"):
+        kept_blocks(6, 7)
+
+
+def test_a_shallower_rebuild_takes_the_kept_blocks_and_every_other_weight(chain):
+    teacher = checkpoint.load(chain["ar_teacher"] / "model.safetensors")
+    cfg = OmegaConf.merge(teacher.config, {"dit": {"depth": 1, "window_frames": 3}})
+    small = rebuilt(cfg, teacher)
+    assert len(small.dit.blocks) == 1 and small.dit.cfg.window_frames == 3
+    state, small_state = teacher.state_dict(), small.state_dict()
+    for name, value in small_state.items():
+        source = name.replace("dit.blocks.0.", "dit.blocks.1.")
+        assert torch.equal(value, state[source]), name
+    assert len(state) - len(small_state) == len(teacher.dit.blocks[0].state_dict())
+
+
+def test_a_smaller_tier_student_distils_from_the_full_teacher_and_plays(chain, episodes, tmp_path):
+    """One block of the tiny teacher's two and a shorter KV window (model.dit.depth / window_frames)."""
+    run("causal_cd", args(episodes, tmp_path / "cpu", 2, f"init.teacher={chain['ar_teacher']}/model.safetensors",
+                          "model.dit.depth=1", "model.dit.window_frames=3", "data.clip_len=4"))
+    model = checkpoint.load(tmp_path / "cpu" / "model.safetensors")
+    assert len(model.dit.blocks) == 1 and model.dit.cfg.window_frames == 3
+    session = Session(model)
+    session.reset(torch.zeros(32, 32, 3, dtype=torch.uint8))
+    for _ in range(6):  # past the window
+        frame = session.step(make_action(model.action_spec, ["W"], dx=5)[None]).frames
+    assert frame.shape == (1, 32, 32, 3)
 
 
 def checkpoint_tensors(run_dir: Path, step: int) -> dict[str, torch.Tensor]:

@@ -46,7 +46,7 @@ STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32
 
 class CausalODEStage(ARTeacherStudentStage):
     name = "causal_ode"
-    model_overrides = ("dit.block_size", "dit.window_frames", "dit.sink_frames", "sampler")
+    model_overrides = ("dit.block_size", "dit.depth", "dit.window_frames", "dit.sink_frames", "sampler")
 
     @classmethod
     def accepted_inputs(cls, cfg):

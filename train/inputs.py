@@ -78,10 +78,25 @@ def check_block_fit(clip_len: int, block_size: int) -> None:
 
 
 
+def kept_blocks(source_depth: int, depth: int) -> list[int]:
+    """The ``depth`` source blocks a shallower DiT starts from: evenly spaced, the first and last kept."""
+    if not 1 <= depth <= source_depth:
+        raise StageInputError(f"model.dit.depth {depth} must be between 1 and the input model's depth {source_depth}")
+    if depth == 1:
+        return [source_depth - 1]
+    return [round(i * (source_depth - 1) / (depth - 1)) for i in range(depth)]
+
+
 def rebuilt(model_cfg, source: WorldModel) -> WorldModel:
-    """A WorldModel of ``model_cfg`` (e.g. a new block size or sampler) with the weights of ``source``."""
+    """A WorldModel of ``model_cfg`` (e.g. a new block size, sampler, KV window or a smaller depth) with the
+    weights of ``source``. A shallower DiT takes the source's :func:`kept_blocks`; every other weight is the same."""
     model = WorldModel(OmegaConf.create(OmegaConf.to_container(model_cfg, resolve=True)))
-    model.load_state_dict(source.state_dict())
+    state = source.state_dict()
+    keep = kept_blocks(len(source.dit.blocks), len(model.dit.blocks))
+    prefix = "dit.blocks."
+    blocks = {f"{prefix}{new}.{key[len(f'{prefix}{old}.'):]}": value
+              for new, old in enumerate(keep) for key, value in state.items() if key.startswith(f"{prefix}{old}.")}
+    model.load_state_dict({**{k: v for k, v in state.items() if not k.startswith(prefix)}, **blocks})
     return model
 
 

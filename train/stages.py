@@ -5,6 +5,7 @@ frozen AR teacher that it keeps (3a, 3c). Each stage module subclasses one and s
 from __future__ import annotations
 
 import torch
+from omegaconf import OmegaConf
 
 from train import algorithms as alg
 from train.clips import clip_latents, first_clip, real_frames, to_clip
@@ -120,6 +121,7 @@ class ARTeacherStudentStage(StudentStage):
     others), which it keeps; shared by 3a, 3b and 3c."""
 
     inputs = {"teacher": ("ar_teacher",)}
+    model_overrides = ("dit.depth", "dit.window_frames", "dit.sink_frames", "sampler")  # a smaller tier's student
 
     @classmethod
     def model_config(cls, cfg, inputs, data_info):
@@ -127,7 +129,9 @@ class ARTeacherStudentStage(StudentStage):
 
     def __init__(self, trainer, inputs):
         super().__init__(trainer, inputs, inputs["teacher"])
-        self.teacher = ema_copy(self.student)  # the student starts as the teacher; this copy stays frozen
+        # the student starts as the teacher (or a shallower copy of it: model.dit.depth); this copy stays frozen
+        teacher_cfg = OmegaConf.merge(self.cfg.model, {"dit": {"depth": len(inputs["teacher"].dit.blocks)}})
+        self.teacher = ema_copy(rebuilt(teacher_cfg, inputs["teacher"]).dit.to(self.device))
 
     def networks(self):
         return [*super().networks(), self.teacher]

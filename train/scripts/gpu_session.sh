@@ -10,14 +10,14 @@
 # command. It runs, in order:
 #   1. the GPU tests of the kernels (TRITON_INTERPRET=0) beside the data collection, then the generation benchmark
 #      (worldmodel.bench) of the code in .bench_before.tgz and of this tree, one after the other, alone;
-#   2. the autoencoder from the shipped model's (AE_INIT) with and without the edge loss (pipeline phase ae_edge,
-#      EDGE_WEIGHTS), each measured on held-out clips; the one with the sharpest reconstructions that keeps PSNR
-#      >= 33 dB (else the plain one) goes on;
-#   3. teacher -> AR teacher from it, then causal CD (unguided teacher, the config's default now);
-#   4. full evaluations side by side: the shipped model, the AR teacher (16 Euler steps, CFG 1) and the student;
-#   5. exports (student fp16, AR teacher bf16, in shards of <= 15 MiB), then the training benchmark on what is left
-#      of the lease (until DEADLINE_S after the start).
-# Budgets (seconds) come from the environment: AE_S TEACHER_S AR_S CD_S TESTS_S EVAL_TIMEOUT_S DEADLINE_S.
+#   2. the autoencoder on from the shipped model's (AE_INIT) for AE_S, then teacher -> AR teacher from it (the AR
+#      teacher also exported every AR_EXPORT_S seconds of its run, to measure what more steps give);
+#   3. causal CD of the full student and of the CPU tier's smaller one (pipeline phase cpu_tier), side by side;
+#   4. full evaluations side by side: the shipped model, the AR teacher at AR_EXPORT_S and at its end (16 Euler
+#      steps, CFG 1), the student and the CPU-tier student;
+#   5. exports (the students fp16, the AR teacher bf16, in shards of <= 15 MiB), then the training benchmark's batch
+#      matrix on what is left of the lease (until DEADLINE_S after the start).
+# Budgets (seconds) come from the environment: AE_S TEACHER_S AR_S AR_EXPORT_S CD_S CD_CPU_S TESTS_S EVAL_TIMEOUT_S DEADLINE_S.
 # Wheels missing on the GPU image (omegaconf) come from .whl/.
 set -uo pipefail
 START=$(date +%s)
@@ -56,27 +56,16 @@ timeout 150 python3 -m worldmodel.bench --device cuda --frames 200 > "$T/play_be
 note "play bench: before $(grep -E '^ +frame +2 ' "$T/play_bench_before.txt" 2>/dev/null | tr -s ' '), after $(grep -E '^ +frame +2 ' "$T/play_bench_after.txt" | tr -s ' ')"
 pack_texts
 
-note "autoencoder with and without the edge loss"
-AE_INIT=${AE_INIT:-$SHIPPED} AE_S=${AE_S:-90} EDGE_WEIGHTS=${EDGE_WEIGHTS:-0.1 0.3} bash $P procedural ae_edge > "$T/ae_edge.txt" 2>&1 \
-  || note "an autoencoder run failed"
-AE_RUN=$(python3 - "$E" <<'PY'
-import json, sys
-from pathlib import Path
-rows = {p.parent.name: json.loads(p.read_text()) for p in Path(sys.argv[1]).glob("autoencoder*/autoencoder.json")}
-ok = {name: r for name, r in rows.items() if r["psnr"] >= 33.0}
-best = min(ok, key=lambda name: abs(1 - ok[name]["sharpness_ratio"])) if ok else "autoencoder"
-print(best)
-PY
-)
-note "autoencoders: $(grep ': autoencoder on' "$T/ae_edge.txt" | tr '\n' ' ') -> $AE_RUN"
-pack_texts
-
-note "base from $AE_RUN"
-AE_RUN=$AE_RUN TEACHER_S=${TEACHER_S:-220} AR_S=${AR_S:-150} bash $P procedural base > "$T/base.txt" 2>&1 \
+note "base"
+AE_INIT=${AE_INIT:-$SHIPPED} AE_S=${AE_S:-30} TEACHER_S=${TEACHER_S:-220} AR_S=${AR_S:-300} \
+  AR_EXTRA="run.export_every_s=${AR_EXPORT_S:-150}" bash $P procedural base > "$T/base.txt" 2>&1 \
   || { note "base failed: nothing after it can run"; pack_texts; note "done"; exit 1; }
 pack_texts
-note "causal CD (unguided teacher)"
+note "causal CD (unguided teacher) beside the CPU tier's"
+CD_CPU_S=${CD_CPU_S:-${CD_S:-240}} bash $P procedural cpu_tier > "$T/cpu_tier.txt" 2>&1 &
+cpu=$!
 CD_S=${CD_S:-240} DMD_S=0 bash $P procedural distill > "$T/distill.txt" 2>&1 || note "causal CD failed"
+wait $cpu || note "CPU-tier causal CD failed"
 pack_texts
 
 note "evaluate"
@@ -93,7 +82,9 @@ evaluate() {  # evaluate NAME CHECKPOINT [ARGS...]: in the background, timed, un
 FULL=(--clips 32 --long-frames 400 --long-clips 2 --window 100)
 evaluate shipped "$SHIPPED" "${FULL[@]}"
 evaluate ar_teacher_g1 "$R/ar_teacher/model.safetensors" "${FULL[@]}" --guidance 1
+evaluate "ar_teacher_${AR_EXPORT_S:-150}s_g1" "$R/ar_teacher/exports/model_$(printf %06d "${AR_EXPORT_S:-150}")s.safetensors" "${FULL[@]}" --guidance 1
 evaluate causal_cd_2step "$R/causal_cd/model.safetensors" "${FULL[@]}"
+evaluate causal_cd_cpu_2step "$R/causal_cd_cpu/model.safetensors" "${FULL[@]}"
 wait
 note "evaluated: $(tr '\n' ' ' < "$T/eval_times.txt")"
 bash $P procedural pack > "$T/pack.txt" 2>&1
@@ -106,6 +97,7 @@ checkpoint.save(sys.argv[2], checkpoint.load(sys.argv[1]), dtype=getattr(torch, 
 PY
 }
 export_shards causal_cd causal_cd float16
+export_shards causal_cd_cpu causal_cd_cpu float16
 export_shards ar_teacher ar_teacher bfloat16
 pack_texts
 
@@ -119,7 +111,6 @@ bench() {  # bench SECONDS_NEEDED NAME ARGS...: the training benchmark, if the l
     --out "$T/bench_$name.json" "$@" > "$T/bench_$name.txt" 2>&1 || note "bench $name stopped ($?)"
   pack_texts
 }
-bench 90 dmd --stages dmd,causal_cd --batches 128 --variants after --profile
-bench 60 before --stages teacher,ar_teacher --batches 32,128 --variants before,after
+bench 120 batches --stages teacher,ar_teacher,causal_cd --batches 32,128,512 --variants after
 note "done"
 pack_texts

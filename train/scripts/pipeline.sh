@@ -13,6 +13,10 @@
 #             train.evaluate --autoencoder-only into $OUT/eval/<run>/autoencoder.json
 #   distill   CF++: causal CD -> DMD (frame-wise, 2 steps); exports the student (DMD's, or CD's when DMD_S=0) as
 #             fp16 shards.
+#   cpu_tier  causal CD of the CPU tier's smaller student (CPU_TIER: model.dit.* and data.clip_len keys, default depth 4
+#             and a KV window of 8 frames) from the full AR teacher, its first blocks the teacher's evenly spaced ones
+#             (train.inputs.kept_blocks), at CD_CPU_LR (default 5e-5 at batch 32, 2.5x CD's: it starts further from
+#             its target) for CD_CPU_S seconds: run causal_cd_cpu
 #             With COMPARE=1, in parallel (same budgets, same data):
 #               Causal Forcing:      causal ODE from the chunk-wise AR teacher -> DMD (chunk, 4 steps)
 #               Self-Forcing-style:  ODE from the bidirectional teacher        -> DMD (chunk, 4 steps)
@@ -31,7 +35,7 @@
 #
 # Environment: RUNS (run folders, default /tmp/runs), OUT (results, default out), PRESET (default),
 # AE_INIT (a checkpoint of any stage whose autoencoder the autoencoder stage goes on training),
-# DEVICE (cuda), budgets in seconds AE_S TEACHER_S AR_S AR3_S CD_S SCM_S ODE_S DMD_S DMD_SCM_S (0 skips the stage), EPISODES, FRAMES,
+# DEVICE (cuda), budgets in seconds AE_S TEACHER_S AR_S AR3_S CD_S CD_CPU_S SCM_S ODE_S DMD_S DMD_SCM_S (0 skips the stage), EPISODES, FRAMES,
 # COLLECTORS, WORKERS (data workers per stage), ODE_BATCHES, ODE_GRID, EXTRA (more KEY=VALUE for every stage), EVAL (more
 # train.evaluate arguments), EVAL_ROWS (evaluate only these rows), EVAL_PARALLEL (1: evaluate rows side by side),
 # EVAL_THREADS (CPU threads per evaluation, default 4), BATCH (global clips per step, default 64) and LR (the
@@ -134,6 +138,11 @@ ODE=(ode.num_batches="${ODE_BATCHES:-24}" ode.grid_steps="${ODE_GRID:-48}" model
 chain_cfpp() {
   stage causal_cd causal_cd "${CD_S:-120}" optim.lr="$(rate 2e-5)" "init.teacher=$(model ar_teacher)" ${CD_EXTRA:-}
   stage dmd dmd "${DMD_S:-120}" "init.student=$(model causal_cd)" "${DMD[@]}" ${DMD_EXTRA:-}
+}
+CPU_TIER=(${CPU_TIER:-model.dit.depth=4 model.dit.window_frames=8 data.clip_len=9})
+cpu_tier() {
+  stage causal_cd_cpu causal_cd "${CD_CPU_S:-${CD_S:-120}}" optim.lr="$(rate "${CD_CPU_LR:-5e-5}")" "init.teacher=$(model ar_teacher)" \
+    "${CPU_TIER[@]}"
 }
 chain_scm() {
   stage causal_scm causal_scm "${SCM_S:-${CD_S:-120}}" optim.lr="$(rate 2e-5)" "init.teacher=$(model ar_teacher)" ${SCM_EXTRA:-}
@@ -271,6 +280,7 @@ for phase in "$@"; do
     data) collect ;;
     base) base ;;
     distill) distill ;;
+    cpu_tier) cpu_tier ;;
     scm) chain_scm ;;
     ae_edge) ae_edge ;;
     guidance) chain_guidance ;;
@@ -279,6 +289,6 @@ for phase in "$@"; do
     speed) speed ;;
     pack) pack ;;
     ablate) ablate ;;
-    *) echo "unknown phase $phase (data | base | ae_edge | distill | scm | guidance | dmd_g1 | evaluate | speed | pack | ablate)" >&2; exit 2 ;;
+    *) echo "unknown phase $phase (data | base | ae_edge | distill | cpu_tier | scm | guidance | dmd_g1 | evaluate | speed | pack | ablate)" >&2; exit 2 ;;
   esac
 done
