@@ -2,9 +2,9 @@
 
 The loop posts a job each tick; the worker takes the newest one when it is free. A step posted while
 another is still waiting is merged into it (newest keys, summed mouse motion), so a slow model gets
-fresh input instead of a queue of stale input. After each frame the worker writes it into the KV
-cache before it takes the next job, so that write is never part of a frame's input-to-photon time. torch releases the GIL in its kernels, so the loop
-keeps sampling input and presenting while a frame is generated.
+fresh input instead of a queue of stale input. Each frame's KV-cache write is folded into the next
+step's first forward (``Session``), so the worker does nothing while it waits. torch releases the GIL
+in its kernels, so the loop keeps sampling input and presenting while a frame is generated.
 """
 
 from __future__ import annotations
