@@ -5,7 +5,7 @@
 # generation benchmark compares against) then poll it with calls that return as soon as it ends, and copy
 # /tmp/session/out/* to $OUT:
 #   while ! grep -q "\] done" /tmp/session/status; do sleep 10; [ $SECONDS -gt 560 ] && break; done; cp /tmp/session/out/* $OUT/
-# (at most 8 files: session.tgz holds the texts, results.tgz the evaluation reports, then the student's fp16 shards
+# (at most 8 files: session.tgz holds the texts, results.tgz the evaluation reports, then the students' fp16 shards
 # and the AR teacher's). Never `pkill -f` or `pgrep -f` a word that the poll command itself contains: it matches that
 # command. It runs, in order:
 #   1. the GPU tests of the kernels (TRITON_INTERPRET=0) beside the data collection, then the generation benchmark

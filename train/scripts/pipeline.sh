@@ -13,13 +13,13 @@
 #             train.evaluate --autoencoder-only into $OUT/eval/<run>/autoencoder.json
 #   distill   CF++: causal CD -> DMD (frame-wise, 2 steps); exports the student (DMD's, or CD's when DMD_S=0) as
 #             fp16 shards.
+#             With COMPARE=1, in parallel (same budgets, same data):
+#               Causal Forcing:      causal ODE from the chunk-wise AR teacher -> DMD (chunk, 4 steps)
+#               Self-Forcing-style:  ODE from the bidirectional teacher        -> DMD (chunk, 4 steps)
 #   cpu_tier  causal CD of the CPU tier's smaller student (CPU_TIER: model.dit.* and data.clip_len keys, default depth 4
 #             and a KV window of 8 frames) from the full AR teacher, its first blocks the teacher's evenly spaced ones
 #             (train.inputs.kept_blocks), at CD_CPU_LR (default 5e-5 at batch 32, 2.5x CD's: it starts further from
 #             its target) for CD_CPU_S seconds: run causal_cd_cpu
-#             With COMPARE=1, in parallel (same budgets, same data):
-#               Causal Forcing:      causal ODE from the chunk-wise AR teacher -> DMD (chunk, 4 steps)
-#               Self-Forcing-style:  ODE from the bidirectional teacher        -> DMD (chunk, 4 steps)
 #   scm       Causal-rCM: sCM from the frame-wise AR teacher (stage 3c) -> DMD, on CD's budgets (SCM_S, DMD_SCM_S)
 #   guidance  causal CD towards the AR teacher at CFG 3 (the old default; cd.guidance is 1 now) and sCM towards the
 #             unguided one, on the same budgets, side by side: runs causal_cd_g3, causal_scm_g1
