@@ -180,9 +180,16 @@ def test_a_shallower_rebuild_takes_the_kept_blocks_and_every_other_weight(chain)
 
 
 def test_a_smaller_tier_student_distils_from_the_full_teacher_and_plays(chain, episodes, tmp_path):
-    """One block of the tiny teacher's two and a shorter KV window (model.dit.depth / window_frames)."""
-    run("causal_cd", args(episodes, tmp_path / "cpu", 2, f"init.teacher={chain['ar_teacher']}/model.safetensors",
-                          "model.dit.depth=1", "model.dit.window_frames=3", "data.clip_len=4"))
+    """One block of the tiny teacher's two and a shorter KV window (model.dit.depth / window_frames); the
+    frozen teacher keeps both blocks and its weights."""
+    overrides = args(episodes, tmp_path / "cpu", 2, f"init.teacher={chain['ar_teacher']}/model.safetensors",
+                     "model.dit.depth=1", "model.dit.window_frames=3", "data.clip_len=4")
+    trainer = trainer_module.Trainer("causal_cd", overrides)
+    source = checkpoint.load(chain["ar_teacher"] / "model.safetensors").dit.state_dict()
+    teacher = trainer.stage.teacher.state_dict()
+    assert len(trainer.stage.teacher.blocks) == 2 and len(trainer.stage.student.blocks) == 1
+    assert teacher.keys() == source.keys() and all(torch.equal(teacher[k], source[k]) for k in source)
+    trainer.train()
     model = checkpoint.load(tmp_path / "cpu" / "model.safetensors")
     assert len(model.dit.blocks) == 1 and model.dit.cfg.window_frames == 3
     session = Session(model)

@@ -91,12 +91,16 @@ def rebuilt(model_cfg, source: WorldModel) -> WorldModel:
     """A WorldModel of ``model_cfg`` (e.g. a new block size, sampler, KV window or a smaller depth) with the
     weights of ``source``. A shallower DiT takes the source's :func:`kept_blocks`; every other weight is the same."""
     model = WorldModel(OmegaConf.create(OmegaConf.to_container(model_cfg, resolve=True)))
-    state = source.state_dict()
-    keep = kept_blocks(len(source.dit.blocks), len(model.dit.blocks))
-    prefix = "dit.blocks."
-    blocks = {f"{prefix}{new}.{key[len(f'{prefix}{old}.'):]}": value
-              for new, old in enumerate(keep) for key, value in state.items() if key.startswith(f"{prefix}{old}.")}
-    model.load_state_dict({**{k: v for k, v in state.items() if not k.startswith(prefix)}, **blocks})
+    new_index = {old: new for new, old in enumerate(kept_blocks(len(source.dit.blocks), len(model.dit.blocks)))}
+    prefix, state = "dit.blocks.", {}
+    for key, value in source.state_dict().items():
+        if key.startswith(prefix):
+            index, rest = key[len(prefix):].split(".", 1)
+            if int(index) not in new_index:
+                continue
+            key = f"{prefix}{new_index[int(index)]}.{rest}"
+        state[key] = value
+    model.load_state_dict(state)
     return model
 
 

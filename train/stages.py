@@ -131,7 +131,7 @@ class ARTeacherStudentStage(StudentStage):
         super().__init__(trainer, inputs, inputs["teacher"])
         # the student starts as the teacher (or a shallower copy of it: model.dit.depth); this copy stays frozen
         teacher_cfg = OmegaConf.merge(self.cfg.model, {"dit": {"depth": len(inputs["teacher"].dit.blocks)}})
-        self.teacher = ema_copy(rebuilt(teacher_cfg, inputs["teacher"]).dit.to(self.device))
+        self.teacher = frozen(rebuilt(teacher_cfg, inputs["teacher"]).dit.to(self.device))
 
     def networks(self):
         return [*super().networks(), self.teacher]
