@@ -123,6 +123,21 @@ def test_autoencoder_goes_on_from_any_stage_checkpoint(chain, episodes, tmp_path
     assert any(not torch.equal(moved[k], v) for k, v in source.autoencoder.state_dict().items())
 
 
+def test_teacher_starts_from_any_stage_autoencoder_unchanged(chain, episodes, tmp_path):
+    """A teacher started from a student keeps the student's autoencoder bit for bit (so a later student
+    shares the shipped latent space) and the DiT and sampler a teacher from an autoencoder run gets."""
+    student = checkpoint.load(chain["causal_cd"] / "model.safetensors")
+    run("teacher", args(episodes, tmp_path / "t", 1, *FAST, "sample.steps=4",
+                        f"init.autoencoder={chain['causal_cd']}/model.safetensors"))
+    teacher = checkpoint.load(tmp_path / "t" / "model.safetensors")
+    from_autoencoder = checkpoint.load(chain["teacher"] / "model.safetensors").config
+    assert teacher.config.stage == "teacher"
+    assert teacher.config.dit == from_autoencoder.dit and teacher.config.sampler == from_autoencoder.sampler
+    for name, value in student.autoencoder.state_dict().items():
+        assert torch.equal(teacher.autoencoder.state_dict()[name], value), name
+    assert not torch.equal(teacher.dit.final.weight, student.dit.final.weight)
+
+
 def test_dmd_generator_is_updated_on_its_turns_only(chain):
     records = [r for r in read_log(chain["dmd"]) if "critic_loss" in r]
     assert ["generator_loss" in r for r in records] == [True, False, True]  # critic_updates=2

@@ -1,7 +1,7 @@
 """Stage 1: the bidirectional camera/action-conditioned teacher, trained by flow matching.
 
-Input: ``init.autoencoder`` (a stage ``autoencoder`` checkpoint; its autoencoder is frozen, the
-DiT is built fresh from the preset). Output: a WorldModel of stage ``teacher``: the initialisation
+Input: ``init.autoencoder`` (a checkpoint of any stage, e.g. the shipped model, whose autoencoder is
+frozen; the DiT and the sampler are built fresh from the preset). Output: a WorldModel of stage ``teacher``: the initialisation
 of the AR teacher, the real score of DMD, and the source of the Self-Forcing-style ODE baseline.
 
 Loss: :func:`train.algorithms.flow_matching_loss` with full attention over the clip, one noise
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from train.config import fresh_model_config
+from train.config import STAGES, fresh_model_config
 from train.data import derive_seed
 from train.stages import FlowMatchingStage
 from worldmodel.model import WorldModel
@@ -23,13 +23,13 @@ from worldmodel.model import WorldModel
 
 class TeacherStage(FlowMatchingStage):
     name = "teacher"
-    inputs = {"autoencoder": ("autoencoder",)}
+    inputs = {"autoencoder": STAGES}
     model_overrides = ("dit", "sampler")
 
     @classmethod
     def model_config(cls, cfg, inputs, data_info):
-        model_cfg = inputs["autoencoder"].config.copy()
-        model_cfg.dit = fresh_model_config(str(cfg.preset), data_info).dit
+        model_cfg = fresh_model_config(str(cfg.preset), data_info)
+        model_cfg.autoencoder = inputs["autoencoder"].config.autoencoder
         return model_cfg
 
     def __init__(self, trainer, inputs):

@@ -13,11 +13,12 @@
 #   2. the autoencoder on from the shipped model's (AE_INIT) for AE_S, then teacher -> AR teacher from it (the AR
 #      teacher also exported every AR_EXPORT_S seconds of its run, to measure what more steps give);
 #   3. causal CD of the full student and of the CPU tier's smaller one (pipeline phase cpu_tier), side by side;
-#   4. full evaluations side by side: the shipped model, the AR teacher at AR_EXPORT_S and at its end (16 Euler
-#      steps, CFG 1), the student and the CPU-tier student;
+#   4. full evaluations side by side: the shipped model, the AR teacher at AR_EXPORT_S (16 Euler steps, CFG 1) and at
+#      its end (at each guidance of AR_GUIDANCES, default 1), the student and the CPU-tier student (CD_CPU_S=0 skips it);
 #   5. exports (the students fp16, the AR teacher bf16, in shards of <= 15 MiB), then the training benchmark's batch
 #      matrix on what is left of the lease (until DEADLINE_S after the start).
-# Budgets (seconds) come from the environment: AE_S TEACHER_S AR_S AR_EXPORT_S CD_S CD_CPU_S TESTS_S EVAL_TIMEOUT_S DEADLINE_S.
+# Budgets (seconds) come from the environment: AE_S (0: the shipped autoencoder as it is) TEACHER_S AR_S AR_EXPORT_S CD_S
+# CD_CPU_S TESTS_S EVAL_TIMEOUT_S DEADLINE_S; the benchmark's rows from BENCH_STAGES and BENCH_BATCHES.
 # Wheels missing on the GPU image (omegaconf) come from .whl/.
 set -uo pipefail
 START=$(date +%s)
@@ -81,7 +82,9 @@ evaluate() {  # evaluate NAME CHECKPOINT [ARGS...]: in the background, timed, un
 }
 FULL=(--clips 32 --long-frames 400 --long-clips 2 --window 100)
 evaluate shipped "$SHIPPED" "${FULL[@]}"
-evaluate ar_teacher_g1 "$R/ar_teacher/model.safetensors" "${FULL[@]}" --guidance 1
+for g in ${AR_GUIDANCES:-1}; do  # the AR teacher's own sampler (16 Euler steps) at each guidance
+  evaluate "ar_teacher_g$g" "$R/ar_teacher/model.safetensors" "${FULL[@]}" --guidance "$g"
+done
 evaluate "ar_teacher_${AR_EXPORT_S:-150}s_g1" "$R/ar_teacher/exports/model_$(printf %06d "${AR_EXPORT_S:-150}")s.safetensors" "${FULL[@]}" --guidance 1
 evaluate causal_cd_2step "$R/causal_cd/model.safetensors" "${FULL[@]}"
 evaluate causal_cd_cpu_2step "$R/causal_cd_cpu/model.safetensors" "${FULL[@]}"
@@ -111,6 +114,6 @@ bench() {  # bench SECONDS_NEEDED NAME ARGS...: the training benchmark, if the l
     --out "$T/bench_$name.json" "$@" > "$T/bench_$name.txt" 2>&1 || note "bench $name stopped ($?)"
   pack_texts
 }
-bench 120 batches --stages teacher,ar_teacher,causal_cd --batches 32,128,512 --variants after
+bench 120 batches --stages "${BENCH_STAGES:-teacher,ar_teacher,causal_cd}" --batches "${BENCH_BATCHES:-32,128,512}" --variants after
 note "done"
 pack_texts

@@ -7,7 +7,8 @@
 # Phases:
 #   data      collect training episodes (COLLECTORS processes in parallel)
 #   base      autoencoder -> bidirectional teacher -> frame-wise AR teacher (+ chunk-wise AR teacher if COMPARE=1); the
-#             teacher starts from the autoencoder of run AE_RUN (default autoencoder)
+#             teacher starts from the autoencoder of run AE_RUN (default autoencoder), or with AE_S=0 from AE_INIT's
+#             autoencoder unchanged (so the students keep the shipped model's latent space)
 #   ae_edge   the autoencoder stage side by side with and without the Laplacian (edge) loss term: runs autoencoder
 #             (the config's weight, 0) and autoencoder_edge<W> for each weight W in EDGE_WEIGHTS, each measured with
 #             train.evaluate --autoencoder-only into $OUT/eval/<run>/autoencoder.json
@@ -115,9 +116,11 @@ collect() {
 
 AE=(optim.lr=3e-4 optim.warmup_steps=200 data.batch=32 ${AE_INIT:+"init.autoencoder=$AE_INIT"})
 base() {
+  local ae
+  ae=$(model "${AE_RUN:-autoencoder}")
+  if [ "${AE_S:-100}" = 0 ] && [ -n "${AE_INIT:-}" ]; then ae=$AE_INIT; fi  # AE_INIT's autoencoder as it is
   stage autoencoder autoencoder "${AE_S:-100}" "${AE[@]}"
-  stage teacher teacher "${TEACHER_S:-180}" optim.lr="$LR" optim.warmup_steps=200 "init.autoencoder=$(model "${AE_RUN:-autoencoder}")" \
-    ${TEACHER_EXTRA:-}
+  stage teacher teacher "${TEACHER_S:-180}" optim.lr="$LR" optim.warmup_steps=200 "init.autoencoder=$ae" ${TEACHER_EXTRA:-}
   stage ar_teacher ar_teacher "${AR_S:-100}" sample.steps=16 optim.lr="$(rate 5e-5)" "init.teacher=$(model teacher)" ${AR_EXTRA:-}
   if [ "${COMPARE:-0}" = 1 ]; then
     stage ar_teacher_chunk ar_teacher "${AR3_S:-50}" sample.steps=16 model.dit.block_size=3 "init.teacher=$(model ar_teacher)"
