@@ -1,6 +1,6 @@
 """Untrusted input at the real command lines: a corpus of broken and hostile recordings, scripts,
 configs, flags and checkpoints, each run as a subprocess (``python -m play``, ``worldmodel.data``,
-``train``, ``train.evaluate``) under a memory limit and a timeout. Every one must end with exit
+``worldmodel.checkpoint``, ``train``, ``train.evaluate``) under a memory limit and a timeout. Every one must end with exit
 status 2 and exactly one ``error:`` line, no traceback, and leave every input and pre-existing
 output file as it was. An omegaconf interpolation in a checkpoint is refused, and the environment
 value it asks for appears nowhere."""
@@ -124,6 +124,7 @@ def scripts(d: Path) -> None:
 def checkpoints(d: Path) -> None:
     good = d / "good.safetensors"
     checkpoint.save(good, build_model("tiny", seed=0))
+    checkpoint.save(d / "dit.safetensors", build_model("tiny", seed=1), dit_only=True)
     tensors = load_file(str(good))
     config = checkpoint.read_metadata(good)["config"]
 
@@ -151,7 +152,7 @@ def configs(d: Path) -> None:
     (run / "config.yaml").write_text(bomb)
     (run / "checkpoints" / "step_000000001.safetensors").write_bytes(b"")
     (d / "out").mkdir()
-    for name in ("existing.mp4", "existing.png", "existing.npz", "existing.json"):
+    for name in ("existing.mp4", "existing.png", "existing.npz", "existing.json", "existing.safetensors"):
         (d / "out" / name).write_bytes(b"pre-existing output " + name.encode())
 
 
@@ -246,6 +247,13 @@ CASES = {
                                         "corrupt or truncated"),
     "evaluate a pickle": ("train.evaluate {d}/pickle.safetensors --world procedural --out {d}/eval",
                           "not a valid safetensors"),
+    # DiT-only checkpoints: python -m worldmodel.checkpoint
+    "join with another autoencoder keeps OUT": (
+        "worldmodel.checkpoint join {d}/dit.safetensors {d}/good.safetensors {d}/out/existing.safetensors", "are not those"),
+    "play a DiT-only file": ("play --checkpoint {d}/dit.safetensors --headless --frames 2 --out {d}/v.mp4",
+                             "holds only the DiT and needs an autoencoder"),
+    "split an interpolating checkpoint keeps OUT": (
+        "worldmodel.checkpoint dit-only {d}/interp.safetensors {d}/out/existing.safetensors", "omegaconf interpolation"),
 }
 LIMITS = {"disk full while recording": FULL_DISK}
 ENVIRONMENTS = {name: {"IMAGEIO_FFMPEG_EXE": "/bin/false"} for name in CASES if name.startswith("ffmpeg fails")}

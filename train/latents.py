@@ -54,13 +54,12 @@ class _WholeEpisodes(Dataset):
 
 
 def fingerprint(autoencoder: nn.Module, dataset: ClipDataset, dtype: torch.dtype) -> str:
-    """A hash of the autoencoder's weights and config, the episodes (path, steps, bytes) and the storage dtype."""
+    """A hash of the autoencoder's config and weights (:func:`worldmodel.checkpoint.weights_fingerprint`), the
+    episodes (path, steps, bytes) and the storage dtype."""
     h = hashlib.blake2b(digest_size=12)
     config = getattr(autoencoder, "config", None)
     h.update(json.dumps(config.to_dict() if hasattr(config, "to_dict") else repr(config), sort_keys=True).encode())
-    for name, value in sorted(autoencoder.state_dict().items()):
-        h.update(name.encode())
-        h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(checkpoint.weights_fingerprint(autoencoder).encode())
     for ep in dataset.episodes:
         h.update(f"{ep.path.resolve()}:{len(ep)}:{(ep.path / 'steps.rec').stat().st_size}".encode())
     h.update(str(dtype).encode())

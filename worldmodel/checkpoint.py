@@ -4,6 +4,14 @@ A checkpoint is one file ``NAME.safetensors``, or, when saved with ``max_shard_m
 ``NAME-01-of-03.safetensors``... beside each other (each with the full metadata); ``load`` takes
 ``NAME.safetensors`` either way. Writes are atomic (temp file + rename).
 
+A DiT-only checkpoint (``save(..., dit_only=True)``, metadata ``contents=dit``) holds the ``dit.*``
+tensors alone, the full config, and the :func:`weights_fingerprint` of the autoencoder the DiT was
+trained against; it loads only joined with an autoencoder of that config and fingerprint
+(``load(path, autoencoder_from=...)``). From bash::
+
+    python -m worldmodel.checkpoint dit-only CHECKPOINT OUT [--dtype bfloat16]
+    python -m worldmodel.checkpoint join DIT_FILE AUTOENCODER_CHECKPOINT OUT [--dtype ...]
+
 Every checkpoint is untrusted input. Loading checks the files, the format, that all shards carry
 the same metadata, the configuration (a mapping of the expected types and sane sizes, with no
 omegaconf ``${...}`` interpolation, which would be resolved, e.g. ``${oc.env:HOME}``), then every
@@ -14,9 +22,12 @@ allocation before the check) and that floating weights are finite. Any problem r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
+import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -24,16 +35,23 @@ import torch
 from omegaconf import OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
 
 from worldmodel.actions import ActionSpec
 from worldmodel.autoencoder import AutoencoderConfig
 from worldmodel.camera import ControllerSpec
+from worldmodel.cli_args import ArgumentParser, run_cli
 from worldmodel.files import atomic_output
 from worldmodel.model import DEFAULT_SAMPLER, WorldModel
 from worldmodel.transformer import DiTConfig
 
 FORMAT = "worldmodel"
 VERSION = "1"
+DIT_ONLY = "dit"
+"""The ``contents`` metadata of a DiT-only checkpoint (a full one has no ``contents`` key)."""
+DIT_PREFIX = "dit."
+FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 MAX_SIZE = 2**16
@@ -73,13 +91,29 @@ def shard_paths(path: str | os.PathLike, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{k:02d}-of-{count:02d}{path.suffix}") for k in range(1, count + 1)]
 
 
+def weights_fingerprint(module: nn.Module) -> str:
+    """sha256 over ``module``'s state_dict in name order: each name, shape and values (floating ones as
+    float32, so that weights keep their fingerprint when a checkpoint loads them as float32)."""
+    h = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        value = value.detach().cpu()
+        value = value.float() if value.is_floating_point() else value
+        h.update(f"{name} {list(value.shape)} {value.dtype}\n".encode())
+        h.update(value.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def save(path: str | os.PathLike, model: WorldModel, dtype: torch.dtype | None = None, extra: dict | None = None,
-         max_shard_mib: float | None = None) -> list[Path]:
+         max_shard_mib: float | None = None, dit_only: bool = False) -> list[Path]:
     """Write ``model`` (weights cast to ``dtype`` if given, e.g. torch.float16 for shipping), as
-    shards of at most ``max_shard_mib`` if given and needed. Returns the files written."""
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    shards of at most ``max_shard_mib`` if given and needed; with ``dit_only``, only its DiT (see the
+    module docstring). Returns the files written."""
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in model.state_dict().items()
+             if not dit_only or k.startswith(DIT_PREFIX)}
     config = json.dumps(OmegaConf.to_container(model.config, resolve=True))
     metadata = {"format": FORMAT, "version": VERSION, "config": config, "extra": json.dumps(extra or {})}
+    if dit_only:
+        metadata.update(contents=DIT_ONLY, autoencoder_fingerprint=weights_fingerprint(model.autoencoder))
     limit = None if max_shard_mib is None else max_shard_mib * 2**20
     shards, size = [{}], 0
     for name, tensor in state.items():
@@ -186,7 +220,8 @@ def check_config(config, path) -> None:
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The checkpoint's metadata (format, version, config dict, extra dict), validated."""
+    """The checkpoint's metadata (format, version, config dict, extra dict; a DiT-only one's contents
+    and autoencoder_fingerprint), validated."""
     files = checkpoint_files(path)
     meta, path = check_shards_agree(files), files[0]
     if meta.get("format") != FORMAT:
@@ -198,6 +233,11 @@ def read_metadata(path: str | os.PathLike) -> dict:
     except (KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} has unreadable config metadata: {e}") from None
     check_config(meta["config"], path)
+    if "contents" in meta:
+        if meta["contents"] != DIT_ONLY:
+            raise CheckpointError(f"{path} has contents {meta['contents']!r:.40}; this code reads full and {DIT_ONLY!r} checkpoints")
+        if not FINGERPRINT.fullmatch(meta.get("autoencoder_fingerprint", "")):
+            raise CheckpointError(f"{path} is DiT-only but has no valid autoencoder_fingerprint (64 hex digits)")
     return meta
 
 
@@ -225,14 +265,44 @@ def read_state(files: list[Path]) -> dict:
     return state
 
 
-def load(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32) -> WorldModel:
-    """Build the model its config describes and load the weights, checking every tensor first."""
+def load(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32,
+         autoencoder_from: str | os.PathLike | WorldModel | None = None) -> WorldModel:
+    """Build the model its config describes and load the weights, checking every tensor first. A DiT-only
+    checkpoint needs ``autoencoder_from`` (a checkpoint path or a WorldModel), whose autoencoder must have
+    the config and the fingerprint the file records; a full checkpoint takes none."""
     meta = read_metadata(path)
+    dit_only = "contents" in meta
+    if dit_only and autoencoder_from is None:
+        raise CheckpointError(f"{path} holds only the DiT and needs an autoencoder: join it with an autoencoder "
+                              f"checkpoint (python -m worldmodel.checkpoint join)")
+    if not dit_only and autoencoder_from is not None:
+        raise CheckpointError(f"{path} is a full checkpoint with its own autoencoder; only a DiT-only one takes another")
     state = read_state(checkpoint_files(path))
-    check_state(build(meta["config"], path, "meta").state_dict(), state, path)
+    expected = build(meta["config"], path, "meta").state_dict()
+    check_state({k: v for k, v in expected.items() if not dit_only or k.startswith(DIT_PREFIX)}, state, path)
+    if dit_only:
+        source = autoencoder_from if isinstance(autoencoder_from, WorldModel) else load(autoencoder_from)
+        check_autoencoder(meta, source, path, autoencoder_from)
+        state.update({f"autoencoder.{k}": v for k, v in source.autoencoder.state_dict().items()})
     model = build(meta["config"], path)
     model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
     return model.to(device).eval()
+
+
+def check_autoencoder(meta: dict, source: WorldModel, path, source_name) -> None:
+    """Raise CheckpointError unless ``source``'s autoencoder has the config and the fingerprint that the
+    DiT-only checkpoint ``path`` (metadata ``meta``) records."""
+    name = "the given model" if isinstance(source_name, WorldModel) else str(source_name)
+    wanted = AutoencoderConfig.from_dict(meta["config"]["autoencoder"]).to_dict()
+    found = AutoencoderConfig.from_dict(OmegaConf.to_container(source.config.autoencoder)).to_dict()
+    differ = sorted(k for k in wanted if wanted[k] != found[k])
+    if differ:
+        raise CheckpointError(f"{name}: its autoencoder config differs from the one {path}'s DiT was trained against "
+                              f"(keys {differ})")
+    fingerprint = weights_fingerprint(source.autoencoder)
+    if fingerprint != meta["autoencoder_fingerprint"]:
+        raise CheckpointError(f"{name}: its autoencoder's weights (fingerprint {fingerprint[:12]}) are not those {path}'s "
+                              f"DiT was trained against ({meta['autoencoder_fingerprint'][:12]})")
 
 
 def check_tensor(name: str, expected: torch.Tensor, found: torch.Tensor, path) -> None:
@@ -260,3 +330,38 @@ def check_state(expected: dict, found: dict, path) -> None:
         )
     for name, tensor in expected.items():
         check_tensor(name, tensor, found[name], path)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m worldmodel.checkpoint",
+                            description="Split a checkpoint's DiT off, or join a DiT-only file with an autoencoder.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("dit-only", help="write CHECKPOINT's DiT alone, with its autoencoder's fingerprint")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="of the weights written (default float32)")
+    p = sub.add_parser("join", help="write a full checkpoint: DIT_FILE's DiT with AUTOENCODER_CHECKPOINT's autoencoder")
+    p.add_argument("dit_file")
+    p.add_argument("autoencoder_checkpoint")
+    p.add_argument("out")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="of the weights written (default float32)")
+    return parser
+
+
+def run_command(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    if Path(args.out).suffix != ".safetensors":
+        raise CheckpointError(f"OUT {args.out} must be a .safetensors file")
+    source = args.dit_file if args.command == "join" else args.checkpoint
+    model = load(source, autoencoder_from=args.autoencoder_checkpoint if args.command == "join" else None)
+    for file in save(args.out, model, DTYPES[args.dtype], read_metadata(source)["extra"], dit_only=args.command == "dit-only"):
+        print(f"wrote {file} ({file.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(lambda: run_command(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,12 +6,14 @@
 # /tmp/session/out/* to $OUT:
 #   while ! grep -q "\] done" /tmp/session/status; do sleep 10; [ $SECONDS -gt 560 ] && break; done; cp /tmp/session/out/* $OUT/
 # (at most 8 files: session.tgz holds the texts, results.tgz the evaluation reports, then the students' fp16 shards
-# and the AR teacher's). Never `pkill -f` or `pgrep -f` a word that the poll command itself contains: it matches that
+# and the AR teacher's DiT alone in bf16, ar_teacher_dit.safetensors, 12.7 MiB: with AE_S=0 it fits the shipped
+# autoencoder, and AR_INIT=assets/models/procedural-ar-teacher.safetensors trains it on in the next lease). Never `pkill -f` or `pgrep -f` a word that the poll command itself contains: it matches that
 # command. It runs, in order:
 #   1. the GPU tests of the kernels (TRITON_INTERPRET=0) beside the data collection, then the generation benchmark
 #      (worldmodel.bench) of the code in .bench_before.tgz and of this tree, one after the other, alone;
-#   2. the autoencoder on from the shipped model's (AE_INIT) for AE_S, then teacher -> AR teacher from it (the AR
-#      teacher also exported every AR_EXPORT_S seconds of its run, to measure what more steps give);
+#   2. the autoencoder on from the shipped model's (AE_INIT) for AE_S (0: as it is), then teacher -> AR teacher from it,
+#      or with AR_INIT (a DiT-only AR teacher, e.g. the carried assets/models/procedural-ar-teacher.safetensors, and
+#      AE_S=0) the AR teacher on from that one (it is also exported every AR_EXPORT_S seconds of its run);
 #   3. causal CD of the full student and of the CPU tier's smaller one (pipeline phase cpu_tier), side by side;
 #   4. full evaluations side by side: the shipped model, the AR teacher at AR_EXPORT_S (16 Euler steps, CFG 1) and at
 #      its end (at each guidance of AR_GUIDANCES, default 1), the student and the CPU-tier student (CD_CPU_S=0 skips it);
@@ -101,7 +103,8 @@ PY
 }
 export_shards causal_cd causal_cd float16
 export_shards causal_cd_cpu causal_cd_cpu float16
-export_shards ar_teacher ar_teacher bfloat16
+python3 -m worldmodel.checkpoint dit-only "$R/ar_teacher/model.safetensors" "$S/out/ar_teacher_dit.safetensors" --dtype bfloat16 \
+  > "$T/export_ar_teacher.txt" 2>&1 || note "export ar_teacher failed"  # carried to the next session as AR_INIT
 pack_texts
 
 bench() {  # bench SECONDS_NEEDED NAME ARGS...: the training benchmark, if the lease has that long left

@@ -35,7 +35,9 @@
 # The stages' configs hold the recipe the ablation chose (flow shift 1, context noise 0.1, students at sigmas 1, 0.5).
 #
 # Environment: RUNS (run folders, default /tmp/runs), OUT (results, default out), PRESET (default),
-# AE_INIT (a checkpoint of any stage whose autoencoder the autoencoder stage goes on training),
+# AE_INIT (a checkpoint of any stage whose autoencoder the autoencoder stage goes on training), AR_INIT (a DiT-only AR
+# teacher, from python -m worldmodel.checkpoint dit-only: phase base joins it with AE_INIT's autoencoder, which needs
+# AE_S=0, into $RUNS/ar_teacher_init and trains the AR teacher on from it, with no bidirectional teacher stage),
 # DEVICE (cuda), budgets in seconds AE_S TEACHER_S AR_S AR3_S CD_S CD_CPU_S SCM_S ODE_S DMD_S DMD_SCM_S (0 skips the stage), EPISODES, FRAMES,
 # COLLECTORS, WORKERS (data workers per stage), ODE_BATCHES, ODE_GRID, EXTRA (more KEY=VALUE for every stage), EVAL (more
 # train.evaluate arguments), EVAL_ROWS (evaluate only these rows), EVAL_PARALLEL (1: evaluate rows side by side),
@@ -116,12 +118,22 @@ collect() {
 
 AE=(optim.lr=3e-4 optim.warmup_steps=200 data.batch=32 ${AE_INIT:+"init.autoencoder=$AE_INIT"})
 base() {
-  local ae
+  local ae init
   ae=$(model "${AE_RUN:-autoencoder}")
+  init=$(model teacher)
   if [ "${AE_S:-100}" = 0 ] && [ -n "${AE_INIT:-}" ]; then ae=$AE_INIT; fi  # AE_INIT's autoencoder as it is
-  stage autoencoder autoencoder "${AE_S:-100}" "${AE[@]}"
-  stage teacher teacher "${TEACHER_S:-180}" optim.lr="$LR" optim.warmup_steps=200 "init.autoencoder=$ae" ${TEACHER_EXTRA:-}
-  stage ar_teacher ar_teacher "${AR_S:-100}" sample.steps=16 optim.lr="$(rate 5e-5)" "init.teacher=$(model teacher)" ${AR_EXTRA:-}
+  if [ -n "${AR_INIT:-}" ]; then  # the carried AR teacher's DiT, with the autoencoder it was trained against
+    if [ "${AE_S:-100}" != 0 ] || [ -z "${AE_INIT:-}" ]; then log "AR_INIT needs AE_INIT (its autoencoder) and AE_S=0"; return 2; fi
+    init=$(model ar_teacher_init)
+    if [ ! -f "$init" ] || [ ! -d "$RUNS/ar_teacher" ]; then  # kept once a run started from it: its resume checks the bytes
+      log "ar_teacher_init: $AR_INIT joined with the autoencoder of $AE_INIT"
+      python3 -m worldmodel.checkpoint join "$AR_INIT" "$AE_INIT" "$init" | sed 's/^/  /'
+    fi
+  else
+    stage autoencoder autoencoder "${AE_S:-100}" "${AE[@]}"
+    stage teacher teacher "${TEACHER_S:-180}" optim.lr="$LR" optim.warmup_steps=200 "init.autoencoder=$ae" ${TEACHER_EXTRA:-}
+  fi
+  stage ar_teacher ar_teacher "${AR_S:-100}" sample.steps=16 optim.lr="$(rate 5e-5)" "init.teacher=$init" ${AR_EXTRA:-}
   if [ "${COMPARE:-0}" = 1 ]; then
     stage ar_teacher_chunk ar_teacher "${AR3_S:-50}" sample.steps=16 model.dit.block_size=3 "init.teacher=$(model ar_teacher)"
   fi
