@@ -3,8 +3,8 @@ import torch
 
 from worldmodel.actions import ActionSpec
 from worldmodel.camera import integrate
-from worldmodel.transformer import (ConfigError, DiTConfig, WorldDiT, apply_rope, block_ids, frame_mask, rope_rotation,
-                                   token_positions)
+from worldmodel.transformer import (ConfigError, DiTConfig, WorldDiT, apply_rope, attention, block_ids, frame_mask,
+                                   rope_rotation, token_positions)
 from tests.test_camera import random_rigid
 
 SPEC = ActionSpec()
@@ -187,6 +187,19 @@ def test_rotary_with_the_norm_inside_equals_the_norm_then_the_rotary():
         norm.weight.add_(torch.randn(cfg.head_dim, dtype=torch.float64))
     x = torch.randn(2, 2, rotation.shape[0], cfg.head_dim, dtype=torch.float64)
     torch.testing.assert_close(apply_rope(x, rotation, norm), apply_rope(norm(x), rotation), rtol=1e-12, atol=1e-12)
+
+
+def test_cpu_attention_equals_the_textbook_formula_on_strided_views():
+    """The CPU path of ``attention`` (matmuls over contiguous copies) is softmax(q k^T / sqrt(d)) v, also
+    for keys and values that are strided views of a larger store, as the KV cache hands them out."""
+    torch.manual_seed(int(torch.randint(0, 10_000, ())))
+    store = torch.randn(2, 3, 4, 40, 16, dtype=torch.float64)  # keys and values [B, H, L, d] of a larger cache
+    k, v = store[0, :, :, 5:33], store[1, :, :, 5:33]
+    q = torch.randn(3, 7, 4, 16, dtype=torch.float64).transpose(1, 2)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    weights = torch.einsum("bhqd,bhkd->bhqk", q, k) / 4.0
+    expected = torch.einsum("bhqk,bhkd->bhqd", weights.softmax(-1), v)
+    torch.testing.assert_close(attention(q, k, v), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_compiled_full_cache_forwards_equal_the_eager_ones():
