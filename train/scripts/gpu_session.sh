@@ -6,18 +6,19 @@
 # /tmp/session/out/* to $OUT:
 #   while ! grep -q "\] done" /tmp/session/status; do sleep 10; [ $SECONDS -gt 560 ] && break; done; cp /tmp/session/out/* $OUT/
 # (at most 8 files: session.tgz holds the texts, results.tgz the evaluation reports, then the students' fp16 shards
-# and the AR teacher's DiT alone in bf16, ar_teacher_dit.safetensors, 12.7 MiB: with AE_S=0 it fits the shipped
-# autoencoder, and AR_INIT=assets/models/procedural-ar-teacher.safetensors trains it on in the next lease). Never `pkill -f` or `pgrep -f` a word that the poll command itself contains: it matches that
-# command. It runs, in order:
+# and the AR teacher's DiT alone in bf16, ar_teacher_dit.safetensors, 12.7 MiB: it fits the shipped autoencoder, and
+# committed as assets/models/procedural-ar-teacher.safetensors the next lease trains it on). Never `pkill -f` or
+# `pgrep -f` a word that the poll command itself contains: it matches that command. It runs, in order:
 #   1. the GPU tests of the kernels (TRITON_INTERPRET=0) beside the data collection, then the generation benchmark
 #      (worldmodel.bench) of the code in .bench_before.tgz and of this tree, one after the other, alone;
-#   2. the autoencoder on from the shipped model's (AE_INIT) for AE_S (0: as it is), then teacher -> AR teacher from it,
-#      or with AR_INIT (a DiT-only AR teacher, e.g. the carried assets/models/procedural-ar-teacher.safetensors, and
-#      AE_S=0) the AR teacher on from that one (it is also exported every AR_EXPORT_S seconds of its run);
+#   2. the AR teacher trained on from AR_INIT (a DiT-only AR teacher; by default the carried
+#      assets/models/procedural-ar-teacher.safetensors, with the shipped autoencoder as it is), or with AR_INIT= (empty)
+#      the autoencoder on from the shipped model's (AE_INIT) for AE_S (0: as it is), then teacher -> AR teacher from it
+#      (the AR teacher is also exported every AR_EXPORT_S seconds of its run);
 #   3. causal CD of the full student and of the CPU tier's smaller one (pipeline phase cpu_tier), side by side;
 #   4. full evaluations side by side: the shipped model, the AR teacher at AR_EXPORT_S (16 Euler steps, CFG 1) and at
 #      its end (at each guidance of AR_GUIDANCES, default 1), the student and the CPU-tier student (CD_CPU_S=0 skips it);
-#   5. exports (the students fp16, the AR teacher bf16, in shards of <= 15 MiB), then the training benchmark's batch
+#   5. exports (the students fp16 in shards of <= 15 MiB, the AR teacher's DiT bf16), then the training benchmark's batch
 #      matrix on what is left of the lease (until DEADLINE_S after the start).
 # Budgets (seconds) come from the environment: AE_S (0: the shipped autoencoder as it is) TEACHER_S AR_S AR_EXPORT_S CD_S
 # CD_CPU_S TESTS_S EVAL_TIMEOUT_S DEADLINE_S; the benchmark's rows from BENCH_STAGES and BENCH_BATCHES.
@@ -43,6 +44,9 @@ T=$S/text
 R=$RUNS/procedural
 E=$OUT/procedural/eval
 SHIPPED=${SHIPPED:-assets/models/procedural.safetensors}  # the shard set
+CARRIED=assets/models/procedural-ar-teacher.safetensors  # the AR teacher's DiT an earlier lease left (AR_INIT= skips it)
+export AR_INIT=${AR_INIT-$([ -f "$CARRIED" ] && echo "$CARRIED")}
+[ -n "$AR_INIT" ] && AE_S=0  # its autoencoder is the shipped one, unchanged
 
 note "GPU tests beside the data"
 TRITON_INTERPRET=0 timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider tests/test_attention_jvp.py tests/test_kernels.py \
