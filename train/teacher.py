@@ -1,8 +1,9 @@
 """Stage 1: the bidirectional camera/action-conditioned teacher, trained by flow matching.
 
 Input: ``init.autoencoder`` (a checkpoint of any stage, e.g. the shipped model, whose autoencoder is
-frozen; the DiT and the sampler are built fresh from the preset). Output: a WorldModel of stage ``teacher``: the initialisation
-of the AR teacher, the real score of DMD, and the source of the Self-Forcing-style ODE baseline.
+frozen; the DiT and the sampler are built fresh from the preset). Output: a WorldModel of stage
+``teacher``: the initialisation of the AR teacher, the real score of DMD, and the source of the
+Self-Forcing-style ODE baseline.
 
 Loss: :func:`train.algorithms.flow_matching_loss` with full attention over the clip, one noise
 level per clip (``flow.per_block=true`` draws one per block instead), and condition dropout
