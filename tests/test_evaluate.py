@@ -182,6 +182,23 @@ def test_swap_test_fails_for_a_model_that_ignores_actions_and_passes_for_an_orac
     assert report["oracle"]["mse_own"] == 0.0
 
 
+def test_swap_test_by_horizon_scores_each_prefix_of_the_clip():
+    """A rollout under its own actions that matches the truth for 3 frames and then drifts far, against a
+    swapped one that is off by a little everywhere: it passes over frames 1-2 and 1-3 and fails later and
+    over the whole clip, and each prefix equals the test run on the clip cut to that length."""
+    torch.manual_seed(int(torch.randint(0, 10_000, ())))
+    truth = torch.randint(40, 200, (3, 9, 8, 8, 3), dtype=torch.uint8)
+    own, swapped = truth.clone(), truth.clone()
+    own[:, 4:] = 255 - own[:, 4:]
+    swapped[:, 1:] += 10
+    report = ev.swap_report(truth, {"model": (own, swapped)}, horizons=(2, 3, 4, 8, 16))["model"]
+    assert report["by_horizon"] == {"2": 1.0, "3": 1.0, "4": 0.0, "8": 0.0}  # 16 > the clip's 8 frames
+    assert report["pass_fraction"] == 0.0
+    for h in ("2", "4"):
+        cut = ev.swap_report(truth[:, : int(h) + 1], {"model": (own[:, : int(h) + 1], swapped[:, : int(h) + 1])})
+        assert cut["model"]["pass_fraction"] == report["by_horizon"][h]
+
+
 def test_rollout_in_blocks_pads_the_last_block_and_forces_frames():
     actions = random_actions(2, 8)
     forced = torch.randint(0, 256, (2, 8, 4, 4, 3), dtype=torch.uint8)

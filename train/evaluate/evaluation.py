@@ -52,7 +52,7 @@ def evaluate(make_session: SessionFactory, idm: InverseDynamics, settings: EvalS
         "model": (autoregressive, generated["swapped"]),
         "ground truth": (truth, replay(settings, clips["seeds"], swapped_actions)),
         "repeat last frame": (repeat_first(truth), repeat_first(truth)),
-    }, settings.device)
+    }, horizons, settings.device)
 
     stability = stability_report(idm, long, generated["long"], reference["frames"], settings.window, settings.device)
 

@@ -55,21 +55,30 @@ def fidelity_report(runs: dict[str, tuple[torch.Tensor, torch.Tensor]], horizons
     return {"horizons": horizons, "rows": rows, "curves": curves}
 
 
-def clip_distance(generated: torch.Tensor, truth: torch.Tensor, device="cpu") -> torch.Tensor:
-    """Mean per-frame MSE ``[B]`` over frames 1.. of uint8 videos ``[B, T, ...]`` (the start frame is given)."""
+def frame_distances(generated: torch.Tensor, truth: torch.Tensor, device="cpu") -> torch.Tensor:
+    """Per-frame MSE ``[B, T - 1]`` over frames 1.. of uint8 videos ``[B, T, ...]`` (the start frame is given)."""
     (mse,) = per_frame(lambda g, r: (metrics.mean_squared_error(g, r),), generated[:, 1:], truth[:, 1:], device=device)
-    return mse.mean(1)
+    return mse
 
 
-def swap_report(truth: torch.Tensor, rows: dict[str, tuple], device="cpu") -> dict:
-    """Swap test. ``rows``: name -> (video under own actions, video under swapped actions), scored against ``truth``."""
+def clip_distance(generated: torch.Tensor, truth: torch.Tensor, device="cpu") -> torch.Tensor:
+    """Mean per-frame MSE ``[B]`` over frames 1.. of uint8 videos ``[B, T, ...]``."""
+    return frame_distances(generated, truth, device).mean(1)
+
+
+def swap_report(truth: torch.Tensor, rows: dict[str, tuple], horizons=(), device="cpu") -> dict:
+    """Swap test. ``rows``: name -> (video under own actions, video under swapped actions), scored against ``truth``
+    over the whole clip, and over its first h frames for each horizon h that the clip holds (``by_horizon``): how
+    far into a rollout the actions still decide which one is closer."""
     report = {}
     for name, (under_own, under_swapped) in rows.items():
-        d_own, d_swapped = clip_distance(under_own, truth, device), clip_distance(under_swapped, truth, device)
+        d_own, d_swapped = frame_distances(under_own, truth, device), frame_distances(under_swapped, truth, device)
         report[name] = {
-            "pass_fraction": metrics.swap_pass_fraction(d_own, d_swapped),
+            "pass_fraction": metrics.swap_pass_fraction(d_own.mean(1), d_swapped.mean(1)),
             "mse_own": float(d_own.mean()),
             "mse_swapped": float(d_swapped.mean()),
+            "by_horizon": {str(h): metrics.swap_pass_fraction(d_own[:, :h].mean(1), d_swapped[:, :h].mean(1))
+                           for h in horizons if h <= d_own.shape[1]},
         }
     return report
 

@@ -68,8 +68,11 @@ def markdown(report: dict, title: str) -> str:
     out += [table(["frames"] + list(CONTROL_COLUMNS),
                   [[name] + [r[c] for c in CONTROL_COLUMNS] for name, r in report["controllability"].items()]), ""]
     out += ["## Swap test (rollout under own actions closer to ground truth than under another clip's)", ""]
-    out += [table(["run", "pass fraction", "MSE own", "MSE swapped"],
-                  [[n, r["pass_fraction"], r["mse_own"], r["mse_swapped"]] for n, r in report["swap_test"].items()]), ""]
+    swap = report["swap_test"]
+    within = list(next(iter(swap.values()))["by_horizon"])
+    out += [table(["run", "pass fraction", *(f"over frames 1-{h}" for h in within), "MSE own", "MSE swapped"],
+                  [[n, r["pass_fraction"], *(r["by_horizon"][h] for h in within), r["mse_own"], r["mse_swapped"]]
+                   for n, r in swap.items()]), ""]
     st = report["stability"]
     out += [f"## Stability (windows of {st['window']} frames; sharpness and colour in 0..255 units)", ""]
     rows = []
