@@ -26,7 +26,7 @@ from train.trainer import run
 from worldmodel import checkpoint
 from worldmodel.actions import ActionSpec, make_action
 from worldmodel.camera import ControllerSpec, integrate
-from worldmodel.model import PRESETS, build_model
+from worldmodel.model import PRESETS, WorldModel, build_model
 from worldmodel.session import Session
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,6 +212,30 @@ def test_a_smaller_tier_student_distils_from_the_full_teacher_and_plays(chain, e
     for _ in range(6):  # past the window
         frame = session.step(make_action(model.action_spec, ["W"], dx=5)[None]).frames
     assert frame.shape == (1, 32, 32, 3)
+
+
+def test_distillation_goes_on_from_an_earlier_student(chain, episodes, tmp_path, capsys):
+    """init.student starts causal CD from that student, not from the teacher (a step at a negligible rate
+    exports the student's weights); a student of another DiT size or of a teacher stage is refused."""
+    student = checkpoint.load(chain["causal_cd"] / "model.safetensors")
+    teacher = checkpoint.load(chain["ar_teacher"] / "model.safetensors")
+    run("causal_cd", args(episodes, tmp_path / "cd", 1, "optim.lr=1e-12", f"init.teacher={chain['ar_teacher']}/model.safetensors",
+                          f"init.student={chain['causal_cd']}/model.safetensors"))
+    went_on = checkpoint.load(tmp_path / "cd" / "model.safetensors").dit.state_dict()
+    for name, value in student.dit.state_dict().items():
+        torch.testing.assert_close(went_on[name], value, rtol=0, atol=1e-9, msg=name)
+    assert any(not torch.equal(student.dit.state_dict()[k], v) for k, v in teacher.dit.state_dict().items())
+    config = student.config.copy()
+    config.dit.mlp_ratio = 2.0
+    wider = WorldModel(config)
+    wider.autoencoder.load_state_dict(student.autoencoder.state_dict())
+    checkpoint.save(tmp_path / "wider.safetensors", wider)
+    capsys.readouterr()  # the run above's progress bars
+    for path, expected in ((tmp_path / "wider.safetensors", "differs from init.teacher's in ['mlp_ratio']"),
+                           (chain["teacher"] / "model.safetensors", "produced by stage 'teacher'")):
+        err = cli_error(capsys, ["causal_cd", *args(episodes, tmp_path / "r", 1), f"init.student={path}",
+                                 f"init.teacher={chain['ar_teacher']}/model.safetensors"])
+        assert expected in err
 
 
 def checkpoint_tensors(run_dir: Path, step: int) -> dict[str, torch.Tensor]:

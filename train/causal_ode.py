@@ -53,7 +53,7 @@ class CausalODEStage(ARTeacherStudentStage):
         kind = str(cfg.ode.trajectories)
         if kind not in TRAJECTORY_SOURCES:
             raise TrainConfigError(f"ode.trajectories must be one of {list(TRAJECTORY_SOURCES)}, got {kind!r}")
-        return {"teacher": TRAJECTORY_SOURCES[kind]}
+        return {**super().accepted_inputs(cfg), "teacher": TRAJECTORY_SOURCES[kind]}
 
     def __init__(self, trainer, inputs):
         super().__init__(trainer, inputs)

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from train import algorithms as alg
 from train.clips import clip_latents, first_clip, real_frames, to_clip
-from train.inputs import bundle, check_block_fit, rebuilt, student_config
+from train.inputs import StageInputError, bundle, check_block_fit, check_same_autoencoder, rebuilt, student_config
 from train.networks import ema_copy, frozen, guided_velocity_fn, latent_shape, velocity_fn
 from train.samples import ar_sample_video, few_step_block_sampler, side_by_side
 from train.trainer import Stage
@@ -116,20 +116,42 @@ class StudentStage(Stage):
         return bundle(self.cfg.model, self.name, self.ae, self.student_ema)
 
 
+TIER_KEYS = ("depth", "window_frames", "sink_frames")
+"""The DiT settings a smaller tier's student may have apart from its teacher's."""
+STUDENT_STAGES = ("causal_cd", "causal_ode", "causal_scm", "dmd")
+"""The stages whose checkpoints are few-step students (``init.student`` of 3a, 3b and 3c)."""
+
+
 class ARTeacherStudentStage(StudentStage):
     """A student started from a frozen teacher (``init.teacher``, an AR teacher unless the stage accepts
-    others), which it keeps; shared by 3a, 3b and 3c."""
+    others), which it keeps, or from an earlier student of that teacher's latent space (``init.student``,
+    e.g. the shipped model: distillation goes on from it towards a newer teacher); shared by 3a, 3b and 3c."""
 
     inputs = {"teacher": ("ar_teacher",)}
-    model_overrides = ("dit.depth", "dit.window_frames", "dit.sink_frames", "sampler")  # a smaller tier's student
+    model_overrides = (*(f"dit.{k}" for k in TIER_KEYS), "sampler")  # a smaller tier's student
+
+    @classmethod
+    def accepted_inputs(cls, cfg):
+        if OmegaConf.select(cfg, "init.student", default=None):
+            return {**cls.inputs, "student": STUDENT_STAGES}
+        return cls.inputs
 
     @classmethod
     def model_config(cls, cfg, inputs, data_info):
-        return student_config(inputs["teacher"].config)
+        if "student" not in inputs:
+            return student_config(inputs["teacher"].config)
+        student, teacher = inputs["student"], inputs["teacher"]
+        check_same_autoencoder(student, teacher, "init.student and init.teacher")
+        free = [k.removeprefix("dit.") for k in cls.model_overrides if k.startswith("dit.")]  # what model.* may change
+        differ = sorted(k for k, v in OmegaConf.to_container(teacher.config.dit).items()
+                        if k not in free and student.config.dit[k] != v)
+        if differ:
+            raise StageInputError(f"init.student's DiT differs from init.teacher's in {differ}; only {free} may")
+        return student_config(student.config)
 
     def __init__(self, trainer, inputs):
-        super().__init__(trainer, inputs, inputs["teacher"])
-        # the student starts as the teacher (or a shallower copy of it: model.dit.depth); this copy stays frozen
+        super().__init__(trainer, inputs, inputs.get("student", inputs["teacher"]))
+        # the student starts as init.student or as the teacher (or a shallower copy: model.dit.depth); the teacher stays frozen
         teacher_cfg = OmegaConf.merge(self.cfg.model, {"dit": {"depth": len(inputs["teacher"].dit.blocks)}})
         self.teacher = frozen(rebuilt(teacher_cfg, inputs["teacher"]).dit.to(self.device))
 

@@ -15,7 +15,8 @@
 #      assets/models/procedural-ar-teacher.safetensors, with the shipped autoencoder as it is), or with AR_INIT= (empty)
 #      the autoencoder on from the shipped model's (AE_INIT) for AE_S (0: as it is), then teacher -> AR teacher from it
 #      (the AR teacher is also exported every AR_EXPORT_S seconds of its run);
-#   3. causal CD of the full student and of the CPU tier's smaller one (pipeline phase cpu_tier), side by side;
+#   3. causal CD of the full student (CD_INIT=assets/models/procedural.safetensors: on from the shipped student, not from
+#      the AR teacher) and of the CPU tier's smaller one (pipeline phase cpu_tier), side by side;
 #   4. full evaluations side by side: the shipped model, the AR teacher at AR_EXPORT_S (16 Euler steps, CFG 1) and at
 #      its end (at each guidance of AR_GUIDANCES, default 1), the student and the CPU-tier student (CD_CPU_S=0 skips it);
 #   5. exports (the students fp16 in shards of <= 15 MiB, the AR teacher's DiT bf16), then the training benchmark's batch
