@@ -116,8 +116,6 @@ class StudentStage(Stage):
         return bundle(self.cfg.model, self.name, self.ae, self.student_ema)
 
 
-TIER_KEYS = ("depth", "window_frames", "sink_frames")
-"""The DiT settings a smaller tier's student may have apart from its teacher's."""
 STUDENT_STAGES = ("causal_cd", "causal_ode", "causal_scm", "dmd")
 """The stages whose checkpoints are few-step students (``init.student`` of 3a, 3b and 3c)."""
 
@@ -128,7 +126,7 @@ class ARTeacherStudentStage(StudentStage):
     e.g. the shipped model: distillation goes on from it towards a newer teacher); shared by 3a, 3b and 3c."""
 
     inputs = {"teacher": ("ar_teacher",)}
-    model_overrides = (*(f"dit.{k}" for k in TIER_KEYS), "sampler")  # a smaller tier's student
+    model_overrides = ("dit.depth", "dit.window_frames", "dit.sink_frames", "sampler")  # a smaller tier's student
 
     @classmethod
     def accepted_inputs(cls, cfg):
