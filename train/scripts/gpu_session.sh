@@ -15,10 +15,11 @@
 #      assets/models/procedural-ar-teacher.safetensors, with the shipped autoencoder as it is), or with AR_INIT= (empty)
 #      the autoencoder on from the shipped model's (AE_INIT) for AE_S (0: as it is), then teacher -> AR teacher from it
 #      (the AR teacher is also exported every AR_EXPORT_S seconds of its run);
-#   3. causal CD of the full student (CD_INIT=assets/models/procedural.safetensors: on from the shipped student, not from
-#      the AR teacher) and of the CPU tier's smaller one (pipeline phase cpu_tier), side by side;
+#   3. causal CD of the full student beside SIDE: the CPU tier's smaller student (pipeline phase cpu_tier, the default)
+#      or causal CD on from the shipped student (SIDE=cd_on: run causal_cd_on, same budget CD_S);
 #   4. full evaluations side by side: the shipped model, the AR teacher at AR_EXPORT_S (16 Euler steps, CFG 1) and at
-#      its end (at each guidance of AR_GUIDANCES, default 1), the student and the CPU-tier student (CD_CPU_S=0 skips it);
+#      its end (at each guidance of AR_GUIDANCES, default 1), the student and the side run's (CD_CPU_S=0 skips the
+#      CPU tier);
 #   5. exports (the students fp16 in shards of <= 15 MiB, the AR teacher's DiT bf16), then the training benchmark's batch
 #      matrix on what is left of the lease (until DEADLINE_S after the start).
 # Budgets (seconds) come from the environment: AE_S (0: the shipped autoencoder as it is) TEACHER_S AR_S AR_EXPORT_S CD_S
@@ -69,11 +70,12 @@ AE_INIT=${AE_INIT:-$SHIPPED} AE_S=${AE_S:-30} TEACHER_S=${TEACHER_S:-220} AR_S=$
   AR_EXTRA="run.export_every_s=${AR_EXPORT_S:-150}" bash $P procedural base > "$T/base.txt" 2>&1 \
   || { note "base failed: nothing after it can run"; pack_texts; note "done"; exit 1; }
 pack_texts
-note "causal CD (unguided teacher) beside the CPU tier's"
-CD_CPU_S=${CD_CPU_S:-${CD_S:-240}} bash $P procedural cpu_tier > "$T/cpu_tier.txt" 2>&1 &
-cpu=$!
+SIDE=${SIDE:-cpu_tier}
+note "causal CD (unguided teacher) beside $SIDE"
+CD_CPU_S=${CD_CPU_S:-${CD_S:-240}} CD_S=${CD_S:-240} bash $P procedural "$SIDE" > "$T/$SIDE.txt" 2>&1 &
+side=$!
 CD_S=${CD_S:-240} DMD_S=0 bash $P procedural distill > "$T/distill.txt" 2>&1 || note "causal CD failed"
-wait $cpu || note "CPU-tier causal CD failed"
+wait $side || note "$SIDE failed"
 pack_texts
 
 note "evaluate"
@@ -95,11 +97,13 @@ done
 evaluate "ar_teacher_${AR_EXPORT_S:-150}s_g1" "$R/ar_teacher/exports/model_$(printf %06d "${AR_EXPORT_S:-150}")s.safetensors" "${FULL[@]}" --guidance 1
 evaluate causal_cd_2step "$R/causal_cd/model.safetensors" "${FULL[@]}"
 evaluate causal_cd_cpu_2step "$R/causal_cd_cpu/model.safetensors" "${FULL[@]}"
+evaluate causal_cd_on_2step "$R/causal_cd_on/model.safetensors" "${FULL[@]}"
 wait
 note "evaluated: $(tr '\n' ' ' < "$T/eval_times.txt")"
 bash $P procedural pack > "$T/pack.txt" 2>&1
 cp "$OUT/procedural/results.tgz" "$S/out/results.tgz" 2>/dev/null
-export_shards() {  # export_shards RUN NAME DTYPE: $S/out/NAME-0k-of-0N.safetensors
+export_shards() {  # export_shards RUN NAME DTYPE: $S/out/NAME-0k-of-0N.safetensors, if the run has a model
+  [ -f "$R/$1/model.safetensors" ] || return 0
   python3 - "$R/$1/model.safetensors" "$S/out/$2.safetensors" "$3" <<'PY' || note "export $1 failed"
 import sys, torch
 from worldmodel import checkpoint
@@ -108,6 +112,7 @@ PY
 }
 export_shards causal_cd causal_cd float16
 export_shards causal_cd_cpu causal_cd_cpu float16
+export_shards causal_cd_on causal_cd_on float16
 python3 -m worldmodel.checkpoint dit-only "$R/ar_teacher/model.safetensors" "$S/out/ar_teacher_dit.safetensors" --dtype bfloat16 \
   > "$T/export_ar_teacher.txt" 2>&1 || note "export ar_teacher failed"  # carried to the next session as AR_INIT
 pack_texts

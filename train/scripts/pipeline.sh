@@ -21,6 +21,9 @@
 #             and a KV window of 8 frames) from the full AR teacher, its first blocks the teacher's evenly spaced ones
 #             (train.inputs.kept_blocks), at CD_CPU_LR (default 5e-5 at batch 32, 2.5x CD's: it starts further from
 #             its target) for CD_CPU_S seconds: run causal_cd_cpu
+#   cd_on     causal CD towards the AR teacher on from an earlier student of its latent space (CD_INIT, default the
+#             shipped assets/models/WORLD.safetensors; init.student) instead of from the AR teacher, for CD_S: run
+#             causal_cd_on
 #   scm       Causal-rCM: sCM from the frame-wise AR teacher (stage 3c) -> DMD, on CD's budgets (SCM_S, DMD_SCM_S)
 #   guidance  causal CD towards the AR teacher at CFG 3 (the old default; cd.guidance is 1 now) and sCM towards the
 #             unguided one, on the same budgets, side by side: runs causal_cd_g3, causal_scm_g1
@@ -38,7 +41,7 @@
 # AE_INIT (a checkpoint of any stage whose autoencoder the autoencoder stage goes on training), AR_INIT (a DiT-only AR
 # teacher, from python -m worldmodel.checkpoint dit-only: phase base joins it with AE_INIT's autoencoder, which needs
 # AE_S=0, into $RUNS/ar_teacher_init and trains the AR teacher on from it, with no bidirectional teacher stage), CD_INIT
-# (an earlier student, e.g. the shipped model, that causal CD in distill goes on from instead of the AR teacher),
+# (the earlier student phase cd_on goes on from, default the shipped model),
 # DEVICE (cuda), budgets in seconds AE_S TEACHER_S AR_S AR3_S CD_S CD_CPU_S SCM_S ODE_S DMD_S DMD_SCM_S (0 skips the stage), EPISODES, FRAMES,
 # COLLECTORS, WORKERS (data workers per stage), ODE_BATCHES, ODE_GRID, EXTRA (more KEY=VALUE for every stage), EVAL (more
 # train.evaluate arguments), EVAL_ROWS (evaluate only these rows), EVAL_PARALLEL (1: evaluate rows side by side),
@@ -152,14 +155,17 @@ PY
 DMD=("init.teacher=$(model teacher)")  # the real score: the bidirectional teacher, for every row
 ODE=(ode.num_batches="${ODE_BATCHES:-24}" ode.grid_steps="${ODE_GRID:-48}" model.sampler.steps="$CHUNK_STEPS")
 chain_cfpp() {
-  stage causal_cd causal_cd "${CD_S:-120}" optim.lr="$(rate 2e-5)" "init.teacher=$(model ar_teacher)" \
-    ${CD_INIT:+"init.student=$CD_INIT"} ${CD_EXTRA:-}
+  stage causal_cd causal_cd "${CD_S:-120}" optim.lr="$(rate 2e-5)" "init.teacher=$(model ar_teacher)" ${CD_EXTRA:-}
   stage dmd dmd "${DMD_S:-120}" "init.student=$(model causal_cd)" "${DMD[@]}" ${DMD_EXTRA:-}
 }
 CPU_TIER=(${CPU_TIER:-model.dit.depth=4 model.dit.window_frames=8 data.clip_len=9})
 cpu_tier() {
   stage causal_cd_cpu causal_cd "${CD_CPU_S:-${CD_S:-120}}" optim.lr="$(rate "${CD_CPU_LR:-5e-5}")" "init.teacher=$(model ar_teacher)" \
     "${CPU_TIER[@]}"
+}
+cd_on() {  # causal CD on from an earlier student (CD_INIT, default the shipped model) towards the AR teacher
+  stage causal_cd_on causal_cd "${CD_S:-120}" optim.lr="$(rate 2e-5)" "init.teacher=$(model ar_teacher)" \
+    "init.student=${CD_INIT:-assets/models/$WORLD.safetensors}" ${CD_EXTRA:-}
 }
 chain_scm() {
   stage causal_scm causal_scm "${SCM_S:-${CD_S:-120}}" optim.lr="$(rate 2e-5)" "init.teacher=$(model ar_teacher)" ${SCM_EXTRA:-}
@@ -298,6 +304,7 @@ for phase in "$@"; do
     base) base ;;
     distill) distill ;;
     cpu_tier) cpu_tier ;;
+    cd_on) cd_on ;;
     scm) chain_scm ;;
     ae_edge) ae_edge ;;
     guidance) chain_guidance ;;
@@ -306,6 +313,6 @@ for phase in "$@"; do
     speed) speed ;;
     pack) pack ;;
     ablate) ablate ;;
-    *) echo "unknown phase $phase (data | base | ae_edge | distill | cpu_tier | scm | guidance | dmd_g1 | evaluate | speed | pack | ablate)" >&2; exit 2 ;;
+    *) echo "unknown phase $phase (data | base | ae_edge | distill | cpu_tier | cd_on | scm | guidance | dmd_g1 | evaluate | speed | pack | ablate)" >&2; exit 2 ;;
   esac
 done
