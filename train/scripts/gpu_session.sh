@@ -1,25 +1,27 @@
 #!/usr/bin/env bash
 # One GPU lease, started in the background so that it outlives the 10-minute device command:
 #   setsid nohup bash train/scripts/gpu_session.sh > /tmp/session.log 2>&1 < /dev/null &
-# (carry .whl, and .bench_before.tgz: `git archive BASE worldmodel kernels | gzip > .bench_before.tgz`, the code the
-# generation benchmark compares against) then poll it with calls that return as soon as it ends, and copy
+# (carry .whl, from train/scripts/wheels.sh [doom], and .bench_before.tgz: `git archive BASE worldmodel kernels | gzip >
+# .bench_before.tgz`, the code the generation benchmark compares against) then poll it with calls that return as soon as it ends, and copy
 # /tmp/session/out/* to $OUT:
 #   while ! grep -q "\] done" /tmp/session/status; do sleep 10; [ $SECONDS -gt 560 ] && break; done; cp /tmp/session/out/* $OUT/
 # (at most 8 files: session.tgz holds the texts, results.tgz the evaluation reports, then the students' fp16 shards
 # and the AR teacher's DiT alone in bf16, ar_teacher_dit.safetensors, 12.7 MiB: it fits the shipped autoencoder, and
-# committed as assets/models/procedural-ar-teacher.safetensors the next lease trains it on). Never `pkill -f` or
-# `pgrep -f` a word that the poll command itself contains: it matches that command. It runs, in order:
+# committed as assets/models/WORLD-ar-teacher.safetensors the next lease trains it on). Never `pkill -f` or
+# `pgrep -f` a word that the poll command itself contains: it matches that command.
+# WORLD (procedural, the default, or doom) picks the world. It runs, in order:
 #   1. the GPU tests of the kernels (TRITON_INTERPRET=0) beside the data collection, then the generation benchmark
-#      (worldmodel.bench) of the code in .bench_before.tgz and of this tree, one after the other, alone;
+#      (worldmodel.bench) of the code in .bench_before.tgz and of this tree, one after the other, alone (TESTS_S=0 skips
+#      both);
 #   2. the AR teacher trained on from AR_INIT (a DiT-only AR teacher; by default the carried
-#      assets/models/procedural-ar-teacher.safetensors, with the shipped autoencoder as it is), or with AR_INIT= (empty)
-#      the autoencoder on from the shipped model's (AE_INIT) for AE_S (0: as it is), then teacher -> AR teacher from it
-#      (the AR teacher is also exported every AR_EXPORT_S seconds of its run);
-#   3. causal CD of the full student beside SIDE: the CPU tier's smaller student (pipeline phase cpu_tier, the default)
-#      or causal CD on from the shipped student (SIDE=cd_on: run causal_cd_on, same budget CD_S);
+#      assets/models/WORLD-ar-teacher.safetensors if there is one, with the shipped autoencoder as it is), or with no
+#      AR_INIT (none carried, or AR_INIT= empty) the autoencoder on from the shipped model's (AE_INIT) for AE_S (0: as
+#      it is), then teacher -> AR teacher from it (the AR teacher is also exported every AR_EXPORT_S seconds of its run);
+#   3. causal CD of the full student beside SIDE: the CPU tier's smaller student (pipeline phase cpu_tier, the default),
+#      causal CD on from the shipped student (SIDE=cd_on: run causal_cd_on, same budget CD_S) or nothing (SIDE=none);
 #   4. full evaluations side by side: the shipped model, the AR teacher at AR_EXPORT_S (16 Euler steps, CFG 1) and at
 #      its end (at each guidance of AR_GUIDANCES, default 1), the student and the side run's (CD_CPU_S=0 skips the
-#      CPU tier);
+#      CPU tier), and the autoencoder alone on held-out frames when this lease trained it;
 #   5. exports (the students fp16 in shards of <= 15 MiB, the AR teacher's DiT bf16), then the training benchmark's batch
 #      matrix on what is left of the lease (until DEADLINE_S after the start).
 # Budgets (seconds) come from the environment: AE_S (0: the shipped autoencoder as it is) TEACHER_S AR_S AR_EXPORT_S CD_S
@@ -43,39 +45,45 @@ pack_texts() {  # the status, every phase's text and the stage logs, as $S/out/s
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$S/status"
 P=train/scripts/pipeline.sh
 T=$S/text
-R=$RUNS/procedural
-E=$OUT/procedural/eval
-SHIPPED=${SHIPPED:-assets/models/procedural.safetensors}  # the shard set
-CARRIED=assets/models/procedural-ar-teacher.safetensors  # the AR teacher's DiT an earlier lease left (AR_INIT= skips it)
+WORLD=${WORLD:-procedural}
+R=$RUNS/$WORLD
+E=$OUT/$WORLD/eval
+SHIPPED=${SHIPPED:-assets/models/$WORLD.safetensors}  # the shard set
+CARRIED=assets/models/$WORLD-ar-teacher.safetensors  # the AR teacher's DiT an earlier lease left (AR_INIT= skips it)
 export AR_INIT=${AR_INIT-$([ -f "$CARRIED" ] && echo "$CARRIED")}
 [ -n "$AR_INIT" ] && AE_S=0  # its autoencoder is the shipped one, unchanged
 
+TESTS_S=${TESTS_S:-300}
 note "GPU tests beside the data"
-TRITON_INTERPRET=0 timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider tests/test_attention_jvp.py tests/test_kernels.py \
-  tests/test_cuda.py > "$T/gpu_tests.txt" 2>&1 &
+[ "$TESTS_S" != 0 ] && TRITON_INTERPRET=0 timeout "$TESTS_S" python3 -m pytest -q -p no:cacheprovider tests/test_attention_jvp.py \
+  tests/test_kernels.py tests/test_cuda.py > "$T/gpu_tests.txt" 2>&1 &
 tests=$!
-bash $P procedural data > "$T/data.txt" 2>&1 || note "data failed"
-wait $tests; note "GPU tests: $(tail -1 "$T/gpu_tests.txt")"
-if [ -f .bench_before.tgz ]; then  # the generation benchmark before and after, alone on the GPU, one after the other
+bash $P "$WORLD" data > "$T/data.txt" 2>&1 || note "data failed"
+wait $tests; note "GPU tests: $([ "$TESTS_S" = 0 ] && echo skipped || tail -1 "$T/gpu_tests.txt")"
+if [ "$TESTS_S" = 0 ]; then
+  :
+elif [ -f .bench_before.tgz ]; then  # the generation benchmark before and after, alone on the GPU, one after the other
   mkdir -p /tmp/before && tar xzf .bench_before.tgz -C /tmp/before
   (cd /tmp/before && PYTHONPATH=/tmp/site:/tmp/before timeout 150 python3 -m worldmodel.bench --device cuda --frames 200) \
     > "$T/play_bench_before.txt" 2>&1 || note "play bench (before) failed"
 fi
-timeout 150 python3 -m worldmodel.bench --device cuda --frames 200 > "$T/play_bench_after.txt" 2>&1 || note "play bench failed"
-note "play bench: before $(grep -E '^ +frame +2 ' "$T/play_bench_before.txt" 2>/dev/null | tr -s ' '), after $(grep -E '^ +frame +2 ' "$T/play_bench_after.txt" | tr -s ' ')"
+if [ "$TESTS_S" != 0 ]; then
+  timeout 150 python3 -m worldmodel.bench --device cuda --frames 200 > "$T/play_bench_after.txt" 2>&1 || note "play bench failed"
+  note "play bench: before $(grep -E '^ +frame +2 ' "$T/play_bench_before.txt" 2>/dev/null | tr -s ' '), after $(grep -E '^ +frame +2 ' "$T/play_bench_after.txt" | tr -s ' ')"
+fi
 pack_texts
 
 note "base"
 AE_INIT=${AE_INIT:-$SHIPPED} AE_S=${AE_S:-30} TEACHER_S=${TEACHER_S:-220} AR_S=${AR_S:-300} \
-  AR_EXTRA="run.export_every_s=${AR_EXPORT_S:-150}" bash $P procedural base > "$T/base.txt" 2>&1 \
+  AR_EXTRA="run.export_every_s=${AR_EXPORT_S:-150}" bash $P "$WORLD" base > "$T/base.txt" 2>&1 \
   || { note "base failed: nothing after it can run"; pack_texts; note "done"; exit 1; }
 pack_texts
 SIDE=${SIDE:-cpu_tier}
 note "causal CD (unguided teacher) beside $SIDE"
-CD_CPU_S=${CD_CPU_S:-${CD_S:-240}} CD_S=${CD_S:-240} bash $P procedural "$SIDE" > "$T/$SIDE.txt" 2>&1 &
-side=$!
-CD_S=${CD_S:-240} DMD_S=0 bash $P procedural distill > "$T/distill.txt" 2>&1 || note "causal CD failed"
-wait $side || note "$SIDE failed"
+side=
+[ "$SIDE" != none ] && { CD_CPU_S=${CD_CPU_S:-${CD_S:-240}} CD_S=${CD_S:-240} bash $P "$WORLD" "$SIDE" > "$T/$SIDE.txt" 2>&1 & side=$!; }
+CD_S=${CD_S:-240} DMD_S=0 bash $P "$WORLD" distill > "$T/distill.txt" 2>&1 || note "causal CD failed"
+[ -z "$side" ] || wait $side || note "$SIDE failed"
 pack_texts
 
 note "evaluate"
@@ -85,7 +93,7 @@ evaluate() {  # evaluate NAME CHECKPOINT [ARGS...]: in the background, timed, un
   shift 2
   [ -f "$ckpt" ] || [ -f "${ckpt%.safetensors}-01-of-02.safetensors" ] || return 0
   ( s=$(date +%s)
-    OMP_NUM_THREADS=2 timeout "${EVAL_TIMEOUT_S:-420}" python3 -m train.evaluate "$ckpt" --world procedural --out "$E/$name" --device cuda "$@" \
+    OMP_NUM_THREADS=2 timeout "${EVAL_TIMEOUT_S:-420}" python3 -m train.evaluate "$ckpt" --world "$WORLD" --out "$E/$name" --device cuda "$@" \
       > "$R/eval-$name.log" 2>&1
     echo "$name rc=$? $(( $(date +%s) - s ))s" >> "$T/eval_times.txt" ) &
 }
@@ -98,10 +106,11 @@ evaluate "ar_teacher_${AR_EXPORT_S:-150}s_g1" "$R/ar_teacher/exports/model_$(pri
 evaluate causal_cd_2step "$R/causal_cd/model.safetensors" "${FULL[@]}"
 evaluate causal_cd_cpu_2step "$R/causal_cd_cpu/model.safetensors" "${FULL[@]}"
 evaluate causal_cd_on_2step "$R/causal_cd_on/model.safetensors" "${FULL[@]}"
+[ -f "$R/autoencoder/done" ] && evaluate autoencoder "$R/autoencoder/model.safetensors" --autoencoder-only --clips 32
 wait
 note "evaluated: $(tr '\n' ' ' < "$T/eval_times.txt")"
-bash $P procedural pack > "$T/pack.txt" 2>&1
-cp "$OUT/procedural/results.tgz" "$S/out/results.tgz" 2>/dev/null
+bash $P "$WORLD" pack > "$T/pack.txt" 2>&1
+cp "$OUT/$WORLD/results.tgz" "$S/out/results.tgz" 2>/dev/null
 export_shards() {  # export_shards RUN NAME DTYPE: $S/out/NAME-0k-of-0N.safetensors, if the run has a model
   [ -f "$R/$1/model.safetensors" ] || return 0
   python3 - "$R/$1/model.safetensors" "$S/out/$2.safetensors" "$3" <<'PY' || note "export $1 failed"
@@ -123,7 +132,7 @@ bench() {  # bench SECONDS_NEEDED NAME ARGS...: the training benchmark, if the l
   local left=$(( ${DEADLINE_S:-1500} - ($(date +%s) - START) ))
   note "bench $name (${left}s left)"
   [ "$left" -gt "$need" ] || return 0
-  timeout "$left" python3 -m train.bench --preset default --window 10 --device cuda --data "$R/episodes" \
+  timeout "$left" python3 -m train.bench --preset default --window 10 --device cuda --data "$RUNS/procedural/episodes" \
     --out "$T/bench_$name.json" "$@" > "$T/bench_$name.txt" 2>&1 || note "bench $name stopped ($?)"
   pack_texts
 }
