@@ -16,21 +16,8 @@ python3 -m pip wheel -q --no-deps "$TMP"/antlr/antlr4* -w "$TMP/whl"
 if [ "${1:-}" = doom ]; then
   python3 -m pip download -q vizdoom==1.3.2 --no-deps --only-binary :all: --python-version "${GPU_PYTHON:-3.12}" \
     --platform manylinux_2_28_x86_64 -d "$TMP/vizdoom"
-  python3 - "$TMP"/vizdoom/vizdoom-*.whl "$TMP/whl" <<'PY'
-import sys, zipfile
-from pathlib import Path
-src, out = Path(sys.argv[1]), Path(sys.argv[2]) / Path(sys.argv[1]).name
-DROP = "vizdoom/freedoom1.wad"
-with zipfile.ZipFile(src) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zout:
-    for item in zin.infolist():
-        if item.filename == DROP:
-            continue
-        data = zin.read(item)
-        if item.filename.endswith(".dist-info/RECORD"):
-            data = b"".join(line for line in data.splitlines(keepends=True) if not line.startswith(DROP.encode()))
-        zout.writestr(item, data)
-print(f"{out.name}: {src.stat().st_size / 2**20:.1f} -> {out.stat().st_size / 2**20:.1f} MiB")
-PY
+  src=$(ls "$TMP"/vizdoom/vizdoom-*.whl)
+  python3 -m train.wheels "$src" "$TMP/whl/$(basename "$src")" --drop vizdoom/freedoom1.wad
 fi
 cp "$TMP"/whl/*.whl "$DEST/"
 ls -la "$DEST"
