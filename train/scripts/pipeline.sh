@@ -9,9 +9,12 @@
 #   base      autoencoder -> bidirectional teacher -> frame-wise AR teacher (+ chunk-wise AR teacher if COMPARE=1); the
 #             teacher starts from the autoencoder of run AE_RUN (default autoencoder), or with AE_S=0 from AE_INIT's
 #             autoencoder unchanged (so the students keep the shipped model's latent space)
-#   ae_edge   the autoencoder stage side by side with and without the Laplacian (edge) loss term: runs autoencoder
-#             (the config's weight, 0) and autoencoder_edge<W> for each weight W in EDGE_WEIGHTS, each measured with
-#             train.evaluate --autoencoder-only into $OUT/eval/<run>/autoencoder.json
+#   ae_variants  the autoencoder stage side by side: run autoencoder as configured, and one run per variant of
+#             AE_VARIANTS (space-separated; a variant is comma-separated KEY=VALUE overrides, default
+#             autoencoder.edge_weight=0.1; run autoencoder_<last part of each key><value>, e.g.
+#             model.autoencoder.latent_channels=16,init.autoencoder=null -> autoencoder_latent_channels16_autoencodernull,
+#             a wider latent from scratch), each measured with train.evaluate --autoencoder-only into
+#             $OUT/eval/<run>/autoencoder.json; AE_RUN=<run> then gives phase base that autoencoder
 #   distill   CF++: causal CD -> DMD (frame-wise, 2 steps); exports the student (DMD's, or CD's when DMD_S=0) as
 #             fp16 shards.
 #             With COMPARE=1, in parallel (same budgets, same data):
@@ -191,21 +194,25 @@ chain_sf() {
   stage dmd_sf dmd "${DMD_S:-120}" "init.student=$(model ode_bidirectional_chunk)" "${DMD[@]}"
 }
 
-ae_edge() {  # the autoencoder with and without the edge term, side by side, each measured on held-out clips
-  local runs=(autoencoder) pids=() w run failed=0
-  for w in ${EDGE_WEIGHTS:-0.1}; do runs+=("autoencoder_edge$w"); done
-  for run in "${runs[@]}"; do
-    w=${run#autoencoder_edge}
-    [ "$run" = autoencoder ] && w=0
-    stage "$run" autoencoder "${AE_S:-100}" "${AE[@]}" autoencoder.edge_weight="$w" > "$RUNS/ae_$run.out" 2>&1 &
+ae_variants() {  # the autoencoder stage side by side: run autoencoder and one run per variant, each measured on held-out clips
+  local runs=(autoencoder) variants=("") pids=() v kv key name i failed=0 extra
+  for v in ${AE_VARIANTS:-autoencoder.edge_weight=0.1}; do
+    name=autoencoder
+    IFS=, read -r -a extra <<<"$v"
+    for kv in "${extra[@]}"; do key=${kv%%=*}; name+="_${key##*.}${kv#*=}"; done
+    runs+=("$name"); variants+=("$v")
+  done
+  for i in "${!runs[@]}"; do
+    IFS=, read -r -a extra <<<"${variants[$i]}"
+    stage "${runs[$i]}" autoencoder "${AE_S:-100}" "${AE[@]}" "${extra[@]}" > "$RUNS/ae_${runs[$i]}.out" 2>&1 &
     pids+=($!)
   done
   for p in "${pids[@]}"; do wait "$p" || failed=1; done
-  for run in "${runs[@]}"; do
-    cat "$RUNS/ae_$run.out"
-    [ -f "$(model "$run")" ] || continue
-    python3 -m train.evaluate "$(model "$run")" --world "$WORLD" --device "$DEVICE" --autoencoder-only --clips 32 \
-      --out "$OUT/eval/$run" 2>&1 | tail -1 | sed "s/^/  $run: /"
+  for name in "${runs[@]}"; do
+    cat "$RUNS/ae_$name.out"
+    [ -f "$(model "$name")" ] || continue
+    python3 -m train.evaluate "$(model "$name")" --world "$WORLD" --device "$DEVICE" --autoencoder-only --clips 32 \
+      --out "$OUT/eval/$name" 2>&1 | tail -1 | sed "s/^/  $name: /"
   done
   return $failed
 }
@@ -306,13 +313,13 @@ for phase in "$@"; do
     cpu_tier) cpu_tier ;;
     cd_on) cd_on ;;
     scm) chain_scm ;;
-    ae_edge) ae_edge ;;
+    ae_variants) ae_variants ;;
     guidance) chain_guidance ;;
     dmd_g1) stage dmd_scm_g1 dmd "${DMD_SCM_S:-${DMD_S:-120}}" "init.student=$(model causal_scm_g1)" "${DMD[@]}" ${DMD_EXTRA:-} ;;
     evaluate) evaluate ;;
     speed) speed ;;
     pack) pack ;;
     ablate) ablate ;;
-    *) echo "unknown phase $phase (data | base | ae_edge | distill | cpu_tier | cd_on | scm | guidance | dmd_g1 | evaluate | speed | pack | ablate)" >&2; exit 2 ;;
+    *) echo "unknown phase $phase (data | base | ae_variants | distill | cpu_tier | cd_on | scm | guidance | dmd_g1 | evaluate | speed | pack | ablate)" >&2; exit 2 ;;
   esac
 done
