@@ -2,8 +2,8 @@
 # One GPU lease, started in the background so that it outlives the 10-minute device command:
 #   setsid nohup bash train/scripts/gpu_session.sh > /tmp/session.log 2>&1 < /dev/null &
 # (carry .whl, from train/scripts/wheels.sh [doom], and .bench_before.tgz: `git archive BASE worldmodel kernels | gzip >
-# .bench_before.tgz`, the code the generation benchmark compares against) then poll it with calls that return as soon as it ends, and copy
-# /tmp/session/out/* to $OUT:
+# .bench_before.tgz`, the code the generation benchmark compares against) then poll it with calls that return as soon
+# as it ends, and copy /tmp/session/out/* to $OUT:
 #   while ! grep -q "\] done" /tmp/session/status; do sleep 10; [ $SECONDS -gt 560 ] && break; done; cp /tmp/session/out/* $OUT/
 # (at most 8 files: session.tgz holds the texts, results.tgz the evaluation reports, then the students' fp16 shards
 # and the AR teacher's DiT alone in bf16, ar_teacher_dit.safetensors, 12.7 MiB: it fits the shipped autoencoder, and
