@@ -121,7 +121,7 @@ def test_failures_say_what_went_wrong():
     assert bench.failure(2, "error: unknown config key 'data.bach'\n") == "error: unknown config key 'data.bach'"
     assert bench.failure(-9, "") == "exit status -9"
     row = {"stage": "dmd", "preset": "default", "batch": 512, "variant": "after", "status": "out of memory"}
-    assert bench.table([row]).splitlines()[-1] == "| dmd | default | 512 | after | - | - | - | - | - | - | out of memory |"
+    assert bench.table([row]).splitlines()[-1] == "| dmd | default | 512 | after | - | - | - | - | - | - | - | out of memory |"
 
 
 def test_a_tiny_run_of_both_variants(tmp_path, capsys):
@@ -149,3 +149,31 @@ def test_profile_runs_a_third_window_and_prints_its_top_kernels(tmp_path, capsys
     assert row["status"] == "ok" and row["profile"].startswith("steps 4..6 of teacher\n")
     assert "aten::" in row["profile"] and "Self CPU" in row["profile"]
     assert "top kernels by device time" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode, frames, block_size", [("causal", 13, 1), ("teacher_forcing", 13, 1), ("teacher_forcing", 7, 3),
+                                                      ("causal", 5, 2)])
+@pytest.mark.parametrize("tokens_per_frame", [64, 80, 48, 200])
+def test_tile_work_counts_the_tiles_flex_attention_computes(mode, frames, block_size, tokens_per_frame):
+    from worldmodel.transformer import flex_block_mask
+    mask = frame_mask(mode, frames, block_size)
+    block = flex_block_mask(mask, tokens_per_frame)
+    tiles = int(block.kv_num_blocks.sum()) + int(block.full_kv_num_blocks.sum())
+    allowed = token_mask(mask, tokens_per_frame).double().sum().item()
+    assert bench.tile_work(mode, frames, block_size, tokens_per_frame) == pytest.approx(tiles * 128**2 / allowed, rel=1e-12)
+
+
+def test_tile_work_is_one_when_frames_line_up_with_tiles_and_none_without_a_mask():
+    assert bench.tile_work("teacher_forcing", 13, 1, 128) == 1.0
+    assert bench.tile_work("bidirectional", 13, 1, 80) is None
+    assert bench.tile_work("teacher_forcing", 13, 1, 80) > bench.tile_work("teacher_forcing", 13, 1, 64) > 1.0
+
+
+@pytest.mark.parametrize("stage, compile_setting, device, expected", [
+    ("ar_teacher", "auto", "cuda", True), ("causal_cd", True, "cpu", True), ("ar_teacher", "auto", "cpu", False),
+    ("causal_scm", False, "cuda", False), ("teacher", True, "cuda", False), ("dmd", "auto", "cuda", False)])
+def test_stage_tile_work_only_where_flex_attention_runs(stage, compile_setting, device, expected):
+    cfg = OmegaConf.create({"stage": stage, "run": {"compile": compile_setting, "device": device}, "data": {"clip_len": 13},
+                            "model": model_config("default", "doom")})
+    tiles = bench.stage_tile_work(cfg)
+    assert tiles == (pytest.approx(bench.tile_work("teacher_forcing", 13, 1, 80)) if expected else None)
