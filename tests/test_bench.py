@@ -170,7 +170,8 @@ def test_tile_work_is_one_when_frames_line_up_with_tiles_and_none_without_a_mask
 
 
 @pytest.mark.parametrize("stage, compile_setting, device, expected", [
-    ("ar_teacher", "auto", "cuda", True), ("causal_cd", True, "cpu", True), ("ar_teacher", "auto", "cpu", False),
+    ("ar_teacher", "auto", "cuda", True), ("causal_cd", True, "cuda:0", True), ("causal_cd", True, "cpu", False),
+    ("ar_teacher", "auto", "cpu", False),
     ("causal_scm", False, "cuda", False), ("teacher", True, "cuda", False), ("dmd", "auto", "cuda", False)])
 def test_stage_tile_work_only_where_flex_attention_runs(stage, compile_setting, device, expected):
     cfg = OmegaConf.create({"stage": stage, "run": {"compile": compile_setting, "device": device}, "data": {"clip_len": 13},

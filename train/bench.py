@@ -200,12 +200,12 @@ def step_flops(cfg: DictConfig, step: int) -> float | None:
 
 def stage_tile_work(cfg: DictConfig) -> float | None:
     """:func:`tile_work` of the stage's masked full-sequence forwards (the teacher-forcing sequence of
-    stages 2, 3a and 3c) when they run through FlexAttention (compiled: ``run.compile`` true, or auto on
-    CUDA); None otherwise."""
+    stages 2, 3a and 3c; sCM's JVP forward has its own kernel) when they run through FlexAttention:
+    compiled (``run.compile`` true or auto) on CUDA (the trainer keeps SDPA on the CPU); None otherwise."""
     device = str(cfg.run.device)
     on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    compiled = cfg.run.compile is True or (cfg.run.compile == "auto" and on_cuda)
-    if str(cfg.stage) not in ("ar_teacher", "causal_cd", "causal_scm") or not compiled:
+    compiled = cfg.run.compile is True or cfg.run.compile == "auto"
+    if str(cfg.stage) not in ("ar_teacher", "causal_cd", "causal_scm") or not (compiled and on_cuda):
         return None
     dit = dit_config(cfg.model)
     return tile_work("teacher_forcing", int(cfg.data.clip_len), dit.block_size, dit.tokens_per_frame)
