@@ -60,14 +60,12 @@ note "GPU tests beside the data"
 tests=$!
 bash $P "$WORLD" data > "$T/data.txt" 2>&1 || note "data failed"
 wait $tests; note "GPU tests: $([ "$TESTS_S" = 0 ] && echo skipped || tail -1 "$T/gpu_tests.txt")"
-if [ "$TESTS_S" = 0 ]; then
-  :
-elif [ -f .bench_before.tgz ]; then  # the generation benchmark before and after, alone on the GPU, one after the other
-  mkdir -p /tmp/before && tar xzf .bench_before.tgz -C /tmp/before
-  (cd /tmp/before && PYTHONPATH=/tmp/site:/tmp/before timeout 150 python3 -m worldmodel.bench --device cuda --frames 200) \
-    > "$T/play_bench_before.txt" 2>&1 || note "play bench (before) failed"
-fi
-if [ "$TESTS_S" != 0 ]; then
+if [ "$TESTS_S" != 0 ]; then  # the generation benchmark before and after, alone on the GPU, one after the other
+  if [ -f .bench_before.tgz ]; then
+    mkdir -p /tmp/before && tar xzf .bench_before.tgz -C /tmp/before
+    (cd /tmp/before && PYTHONPATH=/tmp/site:/tmp/before timeout 150 python3 -m worldmodel.bench --device cuda --frames 200) \
+      > "$T/play_bench_before.txt" 2>&1 || note "play bench (before) failed"
+  fi
   timeout 150 python3 -m worldmodel.bench --device cuda --frames 200 > "$T/play_bench_after.txt" 2>&1 || note "play bench failed"
   note "play bench: before $(grep -E '^ +frame +2 ' "$T/play_bench_before.txt" 2>/dev/null | tr -s ' '), after $(grep -E '^ +frame +2 ' "$T/play_bench_after.txt" | tr -s ' ')"
 fi

@@ -195,17 +195,13 @@ chain_sf() {
 }
 
 ae_variants() {  # the autoencoder stage side by side: run autoencoder and one run per variant, each measured on held-out clips
-  local runs=(autoencoder) variants=("") pids=() v kv key name i failed=0 extra
-  for v in ${AE_VARIANTS:-autoencoder.edge_weight=0.1}; do
+  local runs=() pids=() v kv key name failed=0 extra
+  for v in "" ${AE_VARIANTS:-autoencoder.edge_weight=0.1}; do  # "": the baseline
     name=autoencoder
     IFS=, read -r -a extra <<<"$v"
     for kv in "${extra[@]}"; do key=${kv%%=*}; name+="_${key##*.}${kv#*=}"; done
-    runs+=("$name"); variants+=("$v")
-  done
-  for i in "${!runs[@]}"; do
-    IFS=, read -r -a extra <<<"${variants[$i]}"
-    stage "${runs[$i]}" autoencoder "${AE_S:-100}" "${AE[@]}" "${extra[@]}" > "$RUNS/ae_${runs[$i]}.out" 2>&1 &
-    pids+=($!)
+    stage "$name" autoencoder "${AE_S:-100}" "${AE[@]}" "${extra[@]}" > "$RUNS/ae_$name.out" 2>&1 &
+    pids+=($!); runs+=("$name")
   done
   for p in "${pids[@]}"; do wait "$p" || failed=1; done
   for name in "${runs[@]}"; do
