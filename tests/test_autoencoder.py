@@ -213,7 +213,7 @@ def test_loss_terms_combine_as_documented():
     fresh_seed()
     model = FrameAutoencoder(AutoencoderConfig(frame_height=16, frame_width=16, **TINY))
     frames = random_frames(2, 2, 16, 16, smooth=True)
-    loss, stats = reconstruction_loss(model, frames, ssim_mix=0.3, kl_weight=0.01, edge_weight=0.2, sample_posterior=False)
+    loss, stats, _ = reconstruction_loss(model, frames, ssim_mix=0.3, kl_weight=0.01, edge_weight=0.2, sample_posterior=False)
     assert set(stats) == {"loss", "l1", "ssim", "kl", "edge", "psnr"}
     expected = 0.7 * stats["l1"] + 0.3 * (1 - stats["ssim"]) + 0.01 * stats["kl"] + 0.2 * stats["edge"]
     torch.testing.assert_close(loss.detach(), expected)
@@ -241,7 +241,7 @@ def test_ssim_term_is_float32_under_bf16_autocast():
     expected = ssim(to_images(recon.double()), to_images(frames.double()))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = ssim(to_images(recon), to_images(frames))  # what the loss must avoid
-        _, stats = reconstruction_loss(model, frames, sample_posterior=False)
+        _, stats, _ = reconstruction_loss(model, frames, sample_posterior=False)
     assert abs(float(got) - float(expected)) > 1e-4  # bf16 SSIM is visibly off
     assert stats["ssim"].dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -257,7 +257,7 @@ def test_loss_decreases_when_overfitting_one_batch():
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(30):
-        loss, _ = reconstruction_loss(model, frames)
+        loss, _, _ = reconstruction_loss(model, frames)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -243,6 +243,8 @@ def checkpoint_tensors(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 RESUME_CASES = {
+    "autoencoder": lambda c: [f"init.autoencoder={c['autoencoder']}/model.safetensors", "autoencoder.train_encoder=false",
+                              "autoencoder.adversarial_weight=0.5", "autoencoder.discriminator_channels=[8,16]"],
     "teacher": lambda c: ["optim.warmup_steps=1", f"init.autoencoder={c['autoencoder']}/model.safetensors"],
     "causal_ode": lambda c: [f"init.teacher={c['ar_teacher']}/model.safetensors", "ode.num_batches=3", "ode.grid_steps=8"],
     "causal_scm": lambda c: [f"init.teacher={c['ar_teacher']}/model.safetensors", "scm.tangent_warmup=3"],
@@ -508,3 +510,28 @@ def test_exports_on_the_run_clock_load_as_models(chain, episodes, tmp_path):
     assert all(a["run_seconds"] < b["run_seconds"] for a, b in zip(exports, exports[1:]))
     for record in exports:
         assert checkpoint.load(record["export"]).config.stage == "teacher"
+
+
+def test_decoder_alone_keeps_the_latent_space_and_trains_against_a_discriminator(chain, episodes, tmp_path):
+    """autoencoder.train_encoder=false: the encoder and the latent statistics stay the input's bit for bit
+    (so the input's DiT still fits), the decoder moves, and the adversarial term and the discriminator's
+    loss are logged from adversarial_start on."""
+    source = checkpoint.load(chain["causal_cd"] / "model.safetensors")
+    run("autoencoder", args(episodes, tmp_path / "dec", 3, *FAST, "autoencoder.train_encoder=false",
+                            "autoencoder.adversarial_weight=0.5", "autoencoder.adversarial_start=1",
+                            "autoencoder.discriminator_channels=[8,16]", "run.log_every=1",
+                            f"init.autoencoder={chain['causal_cd']}/model.safetensors"))
+    tuned = checkpoint.load(tmp_path / "dec" / "model.safetensors").autoencoder.state_dict()
+    for name, value in source.autoencoder.state_dict().items():
+        if not name.startswith("decoder."):
+            assert torch.equal(tuned[name], value), name
+    assert any(not torch.equal(tuned[k], v) for k, v in source.autoencoder.state_dict().items() if k.startswith("decoder."))
+    rows = [r for r in read_log(tmp_path / "dec") if "loss" in r]
+    assert "adversarial" not in rows[0] and all("discriminator_loss" in r and r["adversarial_weight"] >= 0 for r in rows[1:])
+    saved = load_file(sorted((tmp_path / "dec" / "checkpoints").glob("*.safetensors"))[-1])
+    assert any(k.startswith("module/discriminator/") for k in saved)
+
+
+def test_decoder_alone_needs_an_autoencoder_to_start_from(episodes, tmp_path, capsys):
+    assert main(["autoencoder", *args(episodes, tmp_path / "x", 1, "autoencoder.train_encoder=false")]) == 2
+    assert "set init.autoencoder" in capsys.readouterr().err

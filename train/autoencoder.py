@@ -6,15 +6,23 @@ is trained (EMA weights, latent statistics set from data so that latents are zer
 unit-variance per channel) and whose DiT is freshly initialised; stage ``teacher`` takes it as
 ``init.autoencoder``.
 Loss: :func:`worldmodel.autoencoder.reconstruction_loss` (L1 + SSIM + a light KL) on
-``autoencoder.frames_per_clip`` random frames of each clip.
+``autoencoder.frames_per_clip`` random frames of each clip, plus from step
+``autoencoder.adversarial_start`` on, when ``autoencoder.adversarial_weight`` > 0, a patch
+discriminator's term (:mod:`train.adversarial`; the discriminator trains under ``discriminator_optim``).
+
+``autoencoder.train_encoder=false`` (needs ``init.autoencoder``) trains the decoder alone: the
+encoder and the latent statistics stay bit for bit those of the input, so the latent space does not
+move, and a DiT trained on the input's latents (a shipped student, an AR teacher) plays with the new
+decoder (``python -m worldmodel.checkpoint join``).
 """
 
 from __future__ import annotations
 
 import torch
-from einops import repeat
+from einops import rearrange, repeat
 from omegaconf import OmegaConf
 
+from train.adversarial import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
 from train.config import STAGES, fresh_model_config
 from train.data import StepBatches, derive_seed
 from train.inputs import StageInputError, bundle
@@ -55,17 +63,41 @@ class AutoencoderStage(Stage):
             except RuntimeError:
                 raise StageInputError("init.autoencoder: its autoencoder does not fit model.autoencoder as "
                                       "overridden on the command line") from None
+        self.train_encoder = bool(ae_cfg.train_encoder)
+        if not self.train_encoder and "autoencoder" not in inputs:
+            raise StageInputError("autoencoder.train_encoder=false trains the decoder of a given autoencoder: set init.autoencoder")
         self.ae = self.model.autoencoder.to(self.device).train()
+        self.ae.encoder.requires_grad_(self.train_encoder)
         self.ae_ema = ema_copy(self.ae)
+        self.adversarial_weight = float(ae_cfg.adversarial_weight)
+        if self.adversarial_weight < 0 or int(ae_cfg.adversarial_start) < 0:
+            raise StageInputError("autoencoder.adversarial_weight and autoencoder.adversarial_start must be >= 0")
+        self.discriminator = None
+        if self.adversarial_weight > 0:
+            try:
+                channels = tuple(int(c) for c in ae_cfg.discriminator_channels)
+                self.discriminator = PatchDiscriminator(self.ae.config.in_channels, channels).to(self.device).train()
+            except (TypeError, ValueError) as e:
+                raise StageInputError(f"autoencoder.discriminator_channels: {e}") from None
+
+    @property
+    def trained(self):
+        """The part of the autoencoder the optimiser moves: all of it, or the decoder alone."""
+        return self.ae if self.train_encoder else self.ae.decoder
 
     def modules(self):
-        return {"autoencoder": self.ae, "autoencoder_ema": self.ae_ema}
+        found = {"autoencoder": self.ae, "autoencoder_ema": self.ae_ema}
+        return {**found, "discriminator": self.discriminator} if self.discriminator is not None else found
 
     def optimized(self):
-        return {"autoencoder": (self.ae, self.cfg.optim)}
+        found = {"autoencoder": (self.trained, self.cfg.optim)}
+        if self.discriminator is not None:
+            found["discriminator"] = (self.discriminator, self.cfg.discriminator_optim)
+        return found
 
     def ema(self):
-        return {"autoencoder": (self.ae_ema, float(self.cfg.optim.ema_decay))}
+        ema = self.ae_ema if self.train_encoder else self.ae_ema.decoder
+        return {"autoencoder": (ema, float(self.cfg.optim.ema_decay))}
 
     def _pick_frames(self, frames_u8: torch.Tensor, rng) -> torch.Tensor:
         """``frames_per_clip`` distinct random frames of each clip: uint8 ``[B, k, H, W, 3]``."""
@@ -81,9 +113,18 @@ class AutoencoderStage(Stage):
     def train_step(self, batch, rng):
         frames = to_model(self._pick_frames(batch["frames"], rng).to(self.device, non_blocking=True))
         ae_cfg = self.cfg.autoencoder
-        loss, stats = reconstruction_loss(self.ae, frames, ssim_mix=float(ae_cfg.ssim_mix), kl_weight=float(ae_cfg.kl_weight),
-                                           edge_weight=float(ae_cfg.edge_weight))
-        return {**stats, **self.trainer.update("autoencoder", loss)}
+        loss, stats, recon = reconstruction_loss(self.ae, frames, ssim_mix=float(ae_cfg.ssim_mix),
+                                                 kl_weight=float(ae_cfg.kl_weight), edge_weight=float(ae_cfg.edge_weight))
+        if self.discriminator is None or self.trainer.step < int(ae_cfg.adversarial_start):
+            return {**stats, **self.trainer.update("autoencoder", loss)}
+        real, fake = (rearrange(v, "b t c h w -> (b t) c h w") for v in (frames, recon))
+        adversarial = generator_loss(self.discriminator(fake))
+        weight = self.adversarial_weight * adaptive_weight(loss, adversarial, self.ae.decoder.output_weight)
+        logged = {**stats, "adversarial": adversarial.detach(), "adversarial_weight": weight,
+                  **self.trainer.update("autoencoder", loss + weight * adversarial)}
+        d_loss = discriminator_loss(self.discriminator(real), self.discriminator(fake.detach()))
+        self.discriminator.zero_grad(set_to_none=True)  # the decoder's backward reached it too
+        return {**logged, "discriminator_loss": d_loss.detach(), **self.trainer.update("discriminator", d_loss)}
 
     def sample(self, batch, generator):
         frames = to_model(batch["frames"][:1].to(self.device))
@@ -91,8 +132,11 @@ class AutoencoderStage(Stage):
 
     @torch.no_grad()
     def export(self):
-        """The EMA autoencoder with latent statistics from ``autoencoder.stats_batches`` batches."""
+        """The EMA autoencoder with latent statistics from ``autoencoder.stats_batches`` batches (the
+        input's, unchanged, when the encoder was not trained)."""
         model = bundle(self.cfg.model, self.name, self.ae_ema, self.model.dit)
+        if not self.train_encoder:
+            return model.cpu()
         ae = model.autoencoder.to(self.device)
         batches = StepBatches(self.cfg.data, int(self.cfg.seed), salt="latent_stats").loader(0, workers=0)
         latents = []

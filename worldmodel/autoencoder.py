@@ -256,6 +256,11 @@ class Decoder(nn.Module):
         layers.append(SubPixelOutput(chans[-1], config.in_channels))
         self.layers = nn.Sequential(*layers)
 
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The weight of the layer nearest the pixels (where an adversarial term's size is balanced)."""
+        return self.layers[-1].conv.weight
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.layers(z)
 
@@ -341,11 +346,13 @@ def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruction_loss(model: FrameAutoencoder, frames: torch.Tensor, *, ssim_mix: float = 0.84, kl_weight: float = 1e-6,
-                        edge_weight: float = 0.0, sample_posterior: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                        edge_weight: float = 0.0, sample_posterior: bool = True
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """Training loss on frames ``[B, T, 3, H, W]`` in [-1, 1] (see the module docstring for the terms).
 
     With ``sample_posterior`` the decoder sees ``mean + std * noise`` (the VAE objective); without it,
-    the mean. Returns the loss and detached 0-d tensors: loss, l1, ssim, kl (per pixel value), edge, psnr (dB).
+    the mean. Returns the loss, detached 0-d tensors (loss, l1, ssim, kl per pixel value, edge, psnr in
+    dB) and the unclamped reconstruction ``[B, T, 3, H, W]`` (in the graph, for an adversarial term).
     """
     mean, logvar = model.encode_moments(frames)
     z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample_posterior else mean
@@ -360,4 +367,4 @@ def reconstruction_loss(model: FrameAutoencoder, frames: torch.Tensor, *, ssim_m
     mse = (recon.detach().clamp(-1.0, 1.0) - frames).pow(2).mean()
     psnr = 10.0 * torch.log10(4.0 / mse.clamp_min(1e-12))  # peak-to-peak range of [-1, 1] is 2
     stats = {"loss": loss, "l1": l1, "ssim": ssim, "kl": kl, "edge": edge, "psnr": psnr}
-    return loss, {k: v.detach() for k, v in stats.items()}
+    return loss, {k: v.detach() for k, v in stats.items()}, recon
