@@ -86,10 +86,37 @@ def test_full_checkpoint_takes_no_other_autoencoder(files):
 
 def test_autoencoder_weights_changed_by_one_element_are_refused(files):
     for source in (files["other"], checkpoint.load(files["other"])):
-        with pytest.raises(CheckpointError, match=r"its autoencoder's weights \(fingerprint \w+\) are not those .*"
-                                                  r"DiT was trained against") as e:
+        with pytest.raises(CheckpointError, match=r"its autoencoder's encoder and latent statistics \(fingerprint \w+\) "
+                                                  r"are not those .*DiT was trained against") as e:
             checkpoint.load(files["dit"], autoencoder_from=source)
         assert "\n" not in str(e.value)
+
+
+def with_changed_decoder(path: Path) -> checkpoint.WorldModel:
+    model = checkpoint.load(path)
+    model.autoencoder.decoder.output_weight.data.add_(0.5)
+    return model
+
+
+def test_a_new_decoder_of_the_same_latent_space_joins(files):
+    """Only the encoder and the latent statistics bind a DiT: the joined model carries the other decoder."""
+    source = with_changed_decoder(files["ae"])
+    joined = checkpoint.load(files["dit"], autoencoder_from=source)
+    assert_equal_states(joined.autoencoder.state_dict(), source.autoencoder.state_dict())
+    assert_equal_states(joined.dit.state_dict(), files["teacher"].dit.state_dict())
+    stats = source.autoencoder.latent_scale
+    stats.add_(1e-3)
+    with pytest.raises(CheckpointError, match=r"encoder and latent statistics .* are not those"):
+        checkpoint.load(files["dit"], autoencoder_from=source)
+
+
+def test_an_older_file_without_a_latent_fingerprint_needs_the_whole_autoencoder(files, tmp_path):
+    meta = checkpoint.file_metadata(files["dit"])
+    del meta["latent_fingerprint"]
+    path = crafted(tmp_path / "old.safetensors", load_file(str(files["dit"])), meta)
+    checkpoint.load(path, autoencoder_from=files["ae"])
+    with pytest.raises(CheckpointError, match=r"its autoencoder's weights \(fingerprint \w+\) are not those"):
+        checkpoint.load(path, autoencoder_from=with_changed_decoder(files["ae"]))
 
 
 def test_autoencoder_of_another_config_is_refused(files):
@@ -111,6 +138,7 @@ def crafted(path: Path, tensors: dict, meta: dict, **changes) -> Path:
     ("integer", r"tensor dit\.\S+ has dtype torch.int64 in the file but the model holds torch.float32"),
     ("interpolation", r"config key world holds an omegaconf interpolation"),
     ("fingerprint", r"is DiT-only but has no valid autoencoder_fingerprint"),
+    ("latent fingerprint", r"has an invalid latent_fingerprint"),
     ("contents", r"has contents 'everything'"),
 ])
 def test_dit_only_file_is_validated_like_a_full_one(files, tmp_path, case, message):
@@ -130,6 +158,8 @@ def test_dit_only_file_is_validated_like_a_full_one(files, tmp_path, case, messa
         meta["config"] = json.dumps({**json.loads(meta["config"]), "world": "${oc.env:HOME}"})
     elif case == "fingerprint":
         meta["autoencoder_fingerprint"] = "not-hex"
+    elif case == "latent fingerprint":
+        meta["latent_fingerprint"] = "0" * 63
     else:
         meta["contents"] = "everything"
     path = crafted(tmp_path / "bad.safetensors", tensors, meta)

@@ -5,9 +5,12 @@ A checkpoint is one file ``NAME.safetensors``, or, when saved with ``max_shard_m
 ``NAME.safetensors`` either way. Writes are atomic (temp file + rename).
 
 A DiT-only checkpoint (``save(..., dit_only=True)``, metadata ``contents=dit``) holds the ``dit.*``
-tensors alone, the full config, and the :func:`weights_fingerprint` of the autoencoder the DiT was
-trained against; it loads only joined with an autoencoder of that config and fingerprint
-(``load(path, autoencoder_from=...)``). From bash::
+tensors alone, the full config, the :func:`weights_fingerprint` of the autoencoder the DiT was
+trained against and the :func:`latent_space_fingerprint` of its encoder and latent statistics; it
+loads only joined with an autoencoder of that config and latent space (``load(path,
+autoencoder_from=...)``), whatever its decoder (a decoder trained on alone, ``autoencoder.train_encoder=false``,
+keeps the latent space). A file without ``latent_fingerprint`` (written before it existed) needs the
+whole autoencoder's fingerprint. From bash::
 
     python -m worldmodel.checkpoint dit-only CHECKPOINT OUT [--dtype bfloat16]
     python -m worldmodel.checkpoint join DIT_FILE AUTOENCODER_CHECKPOINT OUT [--dtype ...]
@@ -91,16 +94,25 @@ def shard_paths(path: str | os.PathLike, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{k:02d}-of-{count:02d}{path.suffix}") for k in range(1, count + 1)]
 
 
-def weights_fingerprint(module: nn.Module) -> str:
-    """sha256 over ``module``'s state_dict in name order: each name, shape and values (floating ones as
-    float32, so that weights keep their fingerprint when a checkpoint loads them as float32)."""
+def weights_fingerprint(module: nn.Module, exclude: str | None = None) -> str:
+    """sha256 over ``module``'s state_dict in name order (without names starting with ``exclude``): each
+    name, shape and values (floating ones as float32, so that weights keep their fingerprint when a
+    checkpoint loads them as float32)."""
     h = hashlib.sha256()
     for name, value in sorted(module.state_dict().items()):
+        if exclude is not None and name.startswith(exclude):
+            continue
         value = value.detach().cpu()
         value = value.float() if value.is_floating_point() else value
         h.update(f"{name} {list(value.shape)} {value.dtype}\n".encode())
         h.update(value.contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def latent_space_fingerprint(autoencoder: nn.Module) -> str:
+    """:func:`weights_fingerprint` of an autoencoder's encoder and latent statistics (not its decoder):
+    what the latents a DiT sees depend on."""
+    return weights_fingerprint(autoencoder, exclude="decoder.")
 
 
 def save(path: str | os.PathLike, model: WorldModel, dtype: torch.dtype | None = None, extra: dict | None = None,
@@ -113,7 +125,8 @@ def save(path: str | os.PathLike, model: WorldModel, dtype: torch.dtype | None =
     config = json.dumps(OmegaConf.to_container(model.config, resolve=True))
     metadata = {"format": FORMAT, "version": VERSION, "config": config, "extra": json.dumps(extra or {})}
     if dit_only:
-        metadata.update(contents=DIT_ONLY, autoencoder_fingerprint=weights_fingerprint(model.autoencoder))
+        metadata.update(contents=DIT_ONLY, autoencoder_fingerprint=weights_fingerprint(model.autoencoder),
+                        latent_fingerprint=latent_space_fingerprint(model.autoencoder))
     limit = None if max_shard_mib is None else max_shard_mib * 2**20
     shards, size = [{}], 0
     for name, tensor in state.items():
@@ -238,6 +251,8 @@ def read_metadata(path: str | os.PathLike) -> dict:
             raise CheckpointError(f"{path} has contents {meta['contents']!r:.40}; this code reads full and {DIT_ONLY!r} checkpoints")
         if not FINGERPRINT.fullmatch(meta.get("autoencoder_fingerprint", "")):
             raise CheckpointError(f"{path} is DiT-only but has no valid autoencoder_fingerprint (64 hex digits)")
+        if not FINGERPRINT.fullmatch(meta.get("latent_fingerprint", "0" * 64)):
+            raise CheckpointError(f"{path} has an invalid latent_fingerprint (not 64 hex digits)")
     return meta
 
 
@@ -290,8 +305,8 @@ def load(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float
 
 
 def check_autoencoder(meta: dict, source: WorldModel, path, source_name) -> None:
-    """Raise CheckpointError unless ``source``'s autoencoder has the config and the fingerprint that the
-    DiT-only checkpoint ``path`` (metadata ``meta``) records."""
+    """Raise CheckpointError unless ``source``'s autoencoder has the config and the latent space (or, for an
+    older file, the weights) that the DiT-only checkpoint ``path`` (metadata ``meta``) records."""
     name = "the given model" if isinstance(source_name, WorldModel) else str(source_name)
     wanted = AutoencoderConfig.from_dict(meta["config"]["autoencoder"]).to_dict()
     found = AutoencoderConfig.from_dict(OmegaConf.to_container(source.config.autoencoder)).to_dict()
@@ -299,10 +314,14 @@ def check_autoencoder(meta: dict, source: WorldModel, path, source_name) -> None
     if differ:
         raise CheckpointError(f"{name}: its autoencoder config differs from the one {path}'s DiT was trained against "
                               f"(keys {differ})")
-    fingerprint = weights_fingerprint(source.autoencoder)
-    if fingerprint != meta["autoencoder_fingerprint"]:
-        raise CheckpointError(f"{name}: its autoencoder's weights (fingerprint {fingerprint[:12]}) are not those {path}'s "
-                              f"DiT was trained against ({meta['autoencoder_fingerprint'][:12]})")
+    if "latent_fingerprint" in meta:
+        what, wanted_fp, fingerprint = "encoder and latent statistics", meta["latent_fingerprint"], \
+            latent_space_fingerprint(source.autoencoder)
+    else:  # an older file: the whole autoencoder
+        what, wanted_fp, fingerprint = "weights", meta["autoencoder_fingerprint"], weights_fingerprint(source.autoencoder)
+    if fingerprint != wanted_fp:
+        raise CheckpointError(f"{name}: its autoencoder's {what} (fingerprint {fingerprint[:12]}) are not those {path}'s "
+                              f"DiT was trained against ({wanted_fp[:12]})")
 
 
 def check_tensor(name: str, expected: torch.Tensor, found: torch.Tensor, path) -> None:

@@ -17,6 +17,11 @@
 #      assets/models/WORLD-ar-teacher.safetensors if there is one, with the shipped autoencoder as it is), or with no
 #      AR_INIT (none carried, or AR_INIT= empty) the autoencoder on from the shipped model's (AE_INIT) for AE_S (0: as
 #      it is), then teacher -> AR teacher from it (the AR teacher is also exported every AR_EXPORT_S seconds of its run);
+#      With DECODER_S (seconds; needs the shipped latent space: a carried AR teacher or AE_S=0), beside it: the shipped
+#      decoder trained on alone (autoencoder.train_encoder=false, at DECODER_LR, default 1e-4) without and with each
+#      DECODER_VARIANTS (default adversarial weights 0.1 and 0.5), each measured on held-out frames; the one whose
+#      sharpness is nearest the truth's, of those within 1 dB of the best PSNR, then joins the new student
+#      (causal_cd_sharp) and the shipped model (shipped_sharp), both evaluated in step 4;
 #   3. causal CD of the full student beside SIDE: the CPU tier's smaller student (pipeline phase cpu_tier, the default),
 #      causal CD on from the shipped student (SIDE=cd_on: run causal_cd_on, same budget CD_S) or nothing (SIDE=none);
 #   4. full evaluations side by side: the shipped model, the AR teacher at AR_EXPORT_S (16 Euler steps, CFG 1) and at
@@ -71,6 +76,17 @@ if [ "$TESTS_S" != 0 ]; then  # the generation benchmark before and after, alone
 fi
 pack_texts
 
+decoder=
+if [ "${DECODER_S:-0}" != 0 ]; then  # the shipped decoder trained on alone, beside base: the latent space stays
+  if [ "${AE_S:-30}" = 0 ]; then
+    note "decoder variants beside base"
+    AE_NAME=decoder AE_INIT=$SHIPPED AE_S=$DECODER_S AE_EXTRA="autoencoder.train_encoder=false optim.lr=${DECODER_LR:-1e-4}" \
+      AE_VARIANTS="${DECODER_VARIANTS:-autoencoder.adversarial_weight=0.1 autoencoder.adversarial_weight=0.5}" \
+      bash $P "$WORLD" ae_variants > "$T/decoder.txt" 2>&1 & decoder=$!
+  else
+    note "DECODER_S needs the shipped latent space (a carried AR teacher, or AE_S=0): no decoder variants"
+  fi
+fi
 note "base"
 AE_INIT=${AE_INIT:-$SHIPPED} AE_S=${AE_S:-30} TEACHER_S=${TEACHER_S:-220} AR_S=${AR_S:-300} \
   AR_EXTRA="run.export_every_s=${AR_EXPORT_S:-150}" bash $P "$WORLD" base > "$T/base.txt" 2>&1 \
@@ -82,6 +98,28 @@ side=
 [ "$SIDE" != none ] && { CD_CPU_S=${CD_CPU_S:-${CD_S:-240}} CD_S=${CD_S:-240} bash $P "$WORLD" "$SIDE" > "$T/$SIDE.txt" 2>&1 & side=$!; }
 CD_S=${CD_S:-240} DMD_S=0 bash $P "$WORLD" distill > "$T/distill.txt" 2>&1 || note "causal CD failed"
 [ -z "$side" ] || wait $side || note "$SIDE failed"
+if [ -n "$decoder" ]; then  # the student and the shipped model, each with the decoder closest to the truth's sharpness
+  wait $decoder || note "decoder variants failed"
+  best=$(python3 - "$E" <<'PY'
+import json, pathlib, sys
+found = {p.parent.name: json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob("decoder*/autoencoder.json")}
+floor = max((r["psnr"] for r in found.values()), default=0.0) - 1.0  # at most 1 dB below the best PSNR
+fit = [name for name, r in found.items() if r["psnr"] >= floor]
+print(min(fit, key=lambda name: abs(found[name]["sharpness_ratio"] - 1.0)) if fit else "")
+PY
+)
+  note "decoder: ${best:-none} of $(ls -d "$E"/decoder* 2>/dev/null | wc -l) measured"
+  with_decoder() {  # with_decoder CHECKPOINT RUN: CHECKPOINT's DiT with the chosen decoder, as $R/RUN/model.safetensors
+    mkdir -p "$R/$2"
+    python3 -m worldmodel.checkpoint dit-only "$1" "$R/$2/dit.safetensors" > /dev/null &&
+      python3 -m worldmodel.checkpoint join "$R/$2/dit.safetensors" "$R/$best/model.safetensors" "$R/$2/model.safetensors" \
+      >> "$T/decoder.txt" 2>&1 || note "joining $1 with $best failed"
+  }
+  if [ -n "$best" ]; then
+    [ -f "$R/causal_cd/model.safetensors" ] && with_decoder "$R/causal_cd/model.safetensors" causal_cd_sharp
+    with_decoder "$SHIPPED" shipped_sharp
+  fi
+fi
 pack_texts
 
 note "evaluate"
@@ -104,6 +142,8 @@ evaluate "ar_teacher_${AR_EXPORT_S:-150}s_g1" "$R/ar_teacher/exports/model_$(pri
 evaluate causal_cd_2step "$R/causal_cd/model.safetensors" "${FULL[@]}"
 evaluate causal_cd_cpu_2step "$R/causal_cd_cpu/model.safetensors" "${FULL[@]}"
 evaluate causal_cd_on_2step "$R/causal_cd_on/model.safetensors" "${FULL[@]}"
+evaluate causal_cd_sharp_2step "$R/causal_cd_sharp/model.safetensors" "${FULL[@]}"
+evaluate shipped_sharp "$R/shipped_sharp/model.safetensors" "${FULL[@]}"
 [ -f "$R/autoencoder/done" ] && evaluate autoencoder "$R/autoencoder/model.safetensors" --autoencoder-only --clips 32
 wait
 note "evaluated: $(tr '\n' ' ' < "$T/eval_times.txt")"
@@ -120,6 +160,7 @@ PY
 export_shards causal_cd causal_cd float16
 export_shards causal_cd_cpu causal_cd_cpu float16
 export_shards causal_cd_on causal_cd_on float16
+export_shards causal_cd_sharp causal_cd_sharp float16
 python3 -m worldmodel.checkpoint dit-only "$R/ar_teacher/model.safetensors" "$S/out/ar_teacher_dit.safetensors" --dtype bfloat16 \
   > "$T/export_ar_teacher.txt" 2>&1 || note "export ar_teacher failed"  # carried to the next session as AR_INIT
 pack_texts

@@ -14,7 +14,10 @@
 #             autoencoder.edge_weight=0.1; run autoencoder_<last part of each key><value>, e.g.
 #             model.autoencoder.latent_channels=16,init.autoencoder=null -> autoencoder_latent_channels16_autoencodernull,
 #             a wider latent from scratch), each measured with train.evaluate --autoencoder-only into
-#             $OUT/eval/<run>/autoencoder.json; AE_RUN=<run> then gives phase base that autoencoder
+#             $OUT/eval/<run>/autoencoder.json; AE_RUN=<run> then gives phase base that autoencoder. AE_EXTRA (space-
+#             separated KEY=VALUE) goes to every run of it and AE_NAME (default autoencoder) names them: e.g. AE_NAME=decoder
+#             AE_EXTRA=autoencoder.train_encoder=false AE_VARIANTS=autoencoder.adversarial_weight=0.5 trains the decoder
+#             of AE_INIT alone, with and without a discriminator, in AE_INIT's latent space
 #   distill   CF++: causal CD -> DMD (frame-wise, 2 steps); exports the student (DMD's, or CD's when DMD_S=0) as
 #             fp16 shards.
 #             With COMPARE=1, in parallel (same budgets, same data):
@@ -197,10 +200,10 @@ chain_sf() {
 ae_variants() {  # the autoencoder stage side by side: run autoencoder and one run per variant, each measured on held-out clips
   local runs=() pids=() v kv key name failed=0 extra
   for v in "" ${AE_VARIANTS:-autoencoder.edge_weight=0.1}; do  # "": the baseline
-    name=autoencoder
+    name=${AE_NAME:-autoencoder}
     IFS=, read -r -a extra <<<"$v"
     for kv in "${extra[@]}"; do key=${kv%%=*}; name+="_${key##*.}${kv#*=}"; done
-    stage "$name" autoencoder "${AE_S:-100}" "${AE[@]}" "${extra[@]}" > "$RUNS/ae_$name.out" 2>&1 &
+    stage "$name" autoencoder "${AE_S:-100}" "${AE[@]}" ${AE_EXTRA:-} "${extra[@]}" > "$RUNS/ae_$name.out" 2>&1 &
     pids+=($!); runs+=("$name")
   done
   for p in "${pids[@]}"; do wait "$p" || failed=1; done
