@@ -483,9 +483,14 @@ def test_trajectories_of_other_settings_are_not_reused(chain, episodes, tmp_path
     assert "generated with other settings" in err
 
 
-def test_models_with_different_autoencoders_are_refused():
+def test_models_with_different_latent_spaces_are_refused_and_other_decoders_accepted():
     a, b = build_model("tiny", seed=0), build_model("tiny", seed=1)
-    with pytest.raises(StageInputError, match="different autoencoder weights"):
+    with pytest.raises(StageInputError, match="different encoder weights or latent statistics"):
+        check_same_autoencoder(a, b, "init.student and init.teacher")
+    b.autoencoder.encoder.load_state_dict(a.autoencoder.encoder.state_dict())
+    check_same_autoencoder(a, b, "init.student and init.teacher")  # the decoders differ
+    b.autoencoder.latent_scale.mul_(1.5)
+    with pytest.raises(StageInputError, match="different encoder weights or latent statistics"):
         check_same_autoencoder(a, b, "init.student and init.teacher")
 
 
