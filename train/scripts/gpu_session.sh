@@ -20,9 +20,8 @@
 #      With DECODER_S (seconds; needs the shipped latent space: a carried AR teacher or AE_S=0), beside it: the shipped
 #      decoder trained on alone (autoencoder.train_encoder=false, at DECODER_LR, default 1e-4) without and with each
 #      DECODER_VARIANTS (default adversarial weights 0.5 and 2 after 200 steps of the discriminator alone), each measured
-#      on held-out frames; the one whose
-#      sharpness is nearest the truth's, of those within 1 dB of the best PSNR, then joins the new student
-#      (causal_cd_sharp) and the shipped model (shipped_sharp), both evaluated in step 4;
+#      on held-out frames; the one whose sharpness is nearest the truth's, of those within 1 dB of the best PSNR, then
+#      joins the new student (causal_cd_sharp) and the shipped model (shipped_sharp), both evaluated in step 4;
 #   3. causal CD of the full student beside SIDE: the CPU tier's smaller student (pipeline phase cpu_tier, the default),
 #      causal CD on from the shipped student (SIDE=cd_on: run causal_cd_on, same budget CD_S) or nothing (SIDE=none);
 #   4. full evaluations side by side: the shipped model, the AR teacher at AR_EXPORT_S (16 Euler steps, CFG 1) and at
