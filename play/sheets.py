@@ -15,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-
 from play.generator import FrameGenerator
 from play.headless import side_by_side
 from play.script import load_script, script_cycle
 from worldmodel.actions import make_action
 from worldmodel.cli_args import ArgumentParser, run_cli
+from worldmodel.frames import tile_grid
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_SCRIPT = REPO / "assets" / "scripts" / "demo.txt"
@@ -44,16 +43,6 @@ def frames_at(generator: FrameGenerator, actions, picks: tuple[int, ...], seed: 
     return shown
 
 
-def grid(rows: list[list[np.ndarray]]) -> Image.Image:
-    """Tiles ``[H, W, 3]`` in rows (rows of equal length), with GAP pixels of white between them."""
-    h, w = rows[0][0].shape[:2]
-    sheet = Image.new("RGB", (len(rows[0]) * (w + GAP) - GAP, len(rows) * (h + GAP) - GAP), "white")
-    for r, row in enumerate(rows):
-        for c, tile in enumerate(row):
-            sheet.paste(Image.fromarray(tile), (c * (w + GAP), r * (h + GAP)))
-    return sheet
-
-
 def make_sheets(generator: FrameGenerator, out: Path, seed: int = 0) -> list[Path]:
     """Write demo.png and actions.png into ``out``; returns their paths."""
     spec = generator.spec
@@ -62,8 +51,8 @@ def make_sheets(generator: FrameGenerator, out: Path, seed: int = 0) -> list[Pat
             for keys, dx in ACTION_ROWS.values()]
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "demo.png", out / "actions.png"]
-    grid([demo]).save(paths[0])
-    grid(rows).save(paths[1])
+    tile_grid([demo], GAP).save(paths[0])
+    tile_grid(rows, GAP).save(paths[1])
     return paths
 
 

@@ -3,6 +3,7 @@ import json
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -496,6 +497,9 @@ def test_cli_evaluates_a_tiny_checkpoint_on_the_procedural_world(tmp_path):
     assert ev.main(common + ["--out", str(tmp_path / "c"), "--autoencoder-only"]) == 0
     assert json.loads((tmp_path / "c" / "autoencoder.json").read_text()) == first["autoencoder"]
     assert not (tmp_path / "c" / "report.json").exists()
+    sheets = [np.asarray(Image.open(tmp_path / d / "autoencoder.png")) for d in "ac"]
+    assert first["autoencoder"]["sheet"] == "autoencoder.png" and "![autoencoder](autoencoder.png)" in text
+    assert sheets[0].shape == (4 * 32 + 3 * 4, 2 * 32 + 4, 3) and np.array_equal(*sheets)  # 2 clips' start frames
     assert ev.main(common + ["--out", str(tmp_path / "d"), "--guidance", "2.5", "--steps", "1.0"]) == 0
     assert json.loads((tmp_path / "d" / "report.json").read_text())["checkpoint"]["sampler"]["guidance"] == 2.5
     assert ev.main(common + ["--out", str(tmp_path / "e"), "--guidance", "nan"]) == 2
@@ -557,3 +561,31 @@ def test_autoencoder_report_scores_reconstructions_against_the_frames():
     shifted = ev.autoencoder_report(Shift(10 / 127.5), frames, chunk=4)  # every pixel 10 levels up: MSE (10/127.5)^2
     assert shifted["psnr"] == pytest.approx(10 * math.log10(4 / (10 / 127.5) ** 2), abs=1e-3)
     assert shifted["sharpness_ratio"] == pytest.approx(1.0)  # a constant shift keeps the edges
+
+
+def test_zoomed_centre_blows_up_the_centre_by_nearest_neighbour():
+    from train.evaluate.plots import zoomed_centre
+
+    frame = np.random.default_rng(0).integers(0, 256, (7, 10, 3), dtype=np.uint8)
+    out = zoomed_centre(frame, 2)
+    assert out.shape == frame.shape
+    for y in range(7):
+        for x in range(10):  # crop of ceil(7/2) x ceil(10/2) = 4 x 5 from row 1, column 2
+            assert (out[y, x] == frame[1 + y // 2, 2 + x // 2]).all()
+    assert np.array_equal(zoomed_centre(frame, 1), frame)
+
+
+def test_reconstruction_sheet_puts_truth_reconstruction_and_their_zooms_in_rows(tmp_path):
+    from train.evaluate.plots import SHEET_GAP, reconstruction_sheet, zoomed_centre
+
+    rng = np.random.default_rng(1)
+    truth, recon = (rng.integers(0, 256, (3, 6, 8, 3), dtype=np.uint8) for _ in range(2))
+    reconstruction_sheet(truth, recon, tmp_path / "autoencoder.png")
+    sheet = np.asarray(Image.open(tmp_path / "autoencoder.png"))
+    assert sheet.shape == (4 * 6 + 3 * SHEET_GAP, 3 * 8 + 2 * SHEET_GAP, 3)
+    rows = [truth, recon, [zoomed_centre(f, 2) for f in truth], [zoomed_centre(f, 2) for f in recon]]
+    for r, row in enumerate(rows):
+        for c, tile in enumerate(row):
+            y, x = r * (6 + SHEET_GAP), c * (8 + SHEET_GAP)
+            assert np.array_equal(sheet[y : y + 6, x : x + 8], tile)
+    assert not list(tmp_path.glob("*.tmp*"))

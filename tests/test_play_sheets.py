@@ -6,9 +6,10 @@ import numpy as np
 import torch
 
 from play.generator import FrameGenerator
-from play.sheets import GAP, frames_at, grid
+from play.sheets import GAP, frames_at
 from worldmodel.actions import make_action
 from worldmodel.envs import make_world
+from worldmodel.frames import tile_grid
 from worldmodel.model import build_model
 from worldmodel.session import Session
 
@@ -29,7 +30,7 @@ def test_frames_at_picks_the_frames_a_side_by_side_run_shows(one_thread):
 
 def test_grid_places_tiles_row_by_row():
     tiles = [[np.full((2, 3, 3), 10 * r + c, np.uint8) for c in range(2)] for r in range(3)]
-    sheet = np.asarray(grid(tiles))
+    sheet = np.asarray(tile_grid(tiles, GAP))
     assert sheet.shape == (3 * 2 + 2 * GAP, 2 * 3 + GAP, 3)
     for r in range(3):
         for c in range(2):

@@ -23,6 +23,19 @@ def to_uint8(frames: torch.Tensor) -> torch.Tensor:
     return rearrange(((frames.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8), "... c h w -> ... h w c")
 
 
+def tile_grid(rows: list[list[np.ndarray]], gap: int):
+    """A PIL image of uint8 tiles ``[H, W, 3]`` in rows (rows of equal length, tiles of one size),
+    with ``gap`` pixels of white between them."""
+    from PIL import Image
+
+    h, w = rows[0][0].shape[:2]
+    sheet = Image.new("RGB", (len(rows[0]) * (w + gap) - gap, len(rows) * (h + gap) - gap), "white")
+    for r, row in enumerate(rows):
+        for c, tile in enumerate(row):
+            sheet.paste(Image.fromarray(tile), (c * (w + gap), r * (h + gap)))
+    return sheet
+
+
 def load_image(path: str | Path, height: int, width: int) -> torch.Tensor:
     """An image file as uint8 ``[height, width, 3]`` (resized with bilinear filtering if needed)."""
     from PIL import Image, UnidentifiedImageError

@@ -10,12 +10,16 @@ import torch
 from omegaconf import OmegaConf
 
 from train.evaluate.evaluation import evaluate, speed_report
-from train.evaluate.measures import autoencoder_report
+from train.evaluate.measures import autoencoder_report, reconstruct
+from train.evaluate.plots import reconstruction_sheet
 from train.evaluate.protocol import HORIZONS, EvalError, EvalSettings, heldout_episodes
 from train.evaluate.report import write_report
 from worldmodel.cli_args import ArgumentParser, run_cli
 from worldmodel.files import write_text_atomic
 from worldmodel.idm import default_idm_path, load_idm
+
+
+SHEET_FRAMES = 8  # held-out start frames in autoencoder.png
 
 
 def parse_args(argv):
@@ -38,7 +42,8 @@ def parse_args(argv):
                    help="model precision (default bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--idm", type=Path, default=None, help="IDM weights (default assets/idm/<world>.safetensors)")
     p.add_argument("--autoencoder-only", action="store_true",
-                   help="measure only the autoencoder on the held-out clips (no rollouts); writes autoencoder.json")
+                   help="measure only the autoencoder on the held-out clips (no rollouts); writes autoencoder.json "
+                   "and autoencoder.png")
     p.add_argument("--steps", default=None,
                    help="comma-separated noise levels of the sampler, e.g. 1.0 for one step (default: the checkpoint's)")
     p.add_argument("--guidance", type=float, default=None,
@@ -51,6 +56,13 @@ def parse_floats(text: str, what: str) -> list[float]:
         return [float(v) for v in text.split(",")]
     except ValueError:
         raise EvalError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def write_sheet(autoencoder, frames: torch.Tensor, out: Path, device) -> str:
+    """autoencoder.png in ``out``: uint8 ``frames [N, H, W, 3]`` beside their reconstructions; returns its name."""
+    out.mkdir(parents=True, exist_ok=True)
+    reconstruction_sheet(frames.numpy(), reconstruct(autoencoder, frames, device).numpy(), out / "autoencoder.png")
+    return "autoencoder.png"
 
 
 def main(argv=None) -> int:
@@ -82,6 +94,7 @@ def evaluate_cli(argv) -> int:
     if args.autoencoder_only:
         clips = heldout_episodes(settings, "clips", settings.clips, settings.horizon + 1)
         autoencoder = autoencoder_report(model.autoencoder, clips["frames"], args.device)
+        autoencoder["sheet"] = write_sheet(model.autoencoder, clips["frames"][:SHEET_FRAMES, 0], args.out, args.device)
         write_text_atomic(args.out / "autoencoder.json", json.dumps(autoencoder, indent=1) + "\n")
         print(f"autoencoder on {autoencoder['frames']} held-out frames: PSNR {autoencoder['psnr']:.2f} dB, "
               f"SSIM {autoencoder['ssim']:.3f}, sharpness {autoencoder['sharpness']:.1f} against "
@@ -103,6 +116,8 @@ def evaluate_cli(argv) -> int:
     sampler = {**OmegaConf.to_container(model.config.sampler), **({"steps": steps} if steps else {})}
     report["checkpoint"] = {"path": str(args.checkpoint), "stage": str(model.config.stage),
                             "parameters": model.num_parameters(), "sampler": sampler}
+    sheet_frames = heldout_episodes(settings, "clips", min(SHEET_FRAMES, settings.clips), 1)["frames"][:, 0]
+    report["autoencoder"]["sheet"] = write_sheet(autoencoder, sheet_frames, args.out, args.device)
     write_report(report, args.out, f"{Path(args.checkpoint).name} on {args.world}")
     print(f"wrote {args.out / 'report.md'}")
     return 0

@@ -112,20 +112,26 @@ def window_stats(frames: torch.Tensor, device="cpu") -> dict:
 
 
 @torch.no_grad()
+def reconstruct(autoencoder, frames: torch.Tensor, device="cpu", chunk: int = 64) -> torch.Tensor:
+    """uint8 ``frames [N, H, W, 3]`` encoded and decoded by ``autoencoder`` in float32 on ``device``,
+    ``chunk`` frames at a time: uint8 ``[N, H, W, 3]`` on the CPU."""
+    autoencoder = autoencoder.to(device).float().eval()
+    parts = []
+    for i in range(0, len(frames), chunk):
+        x = to_model(frames[None, i : i + chunk].to(device))  # [1, n, 3, H, W]: the autoencoder takes clips
+        parts.append(to_uint8(autoencoder.decode(autoencoder.encode(x)))[0].cpu())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
 def autoencoder_report(autoencoder, frames: torch.Tensor, device="cpu", chunk: int = 64) -> dict:
     """The autoencoder gate: held-out uint8 ``frames [B, T, H, W, 3]`` through encode and decode, in
     float32 on ``device``. PSNR of the mean MSE over all frames, mean SSIM, and the reconstructions'
     sharpness against the frames' own (0..255 units; ``sharpness_ratio`` = reconstruction / truth)."""
-    autoencoder = autoencoder.to(device).float().eval()
-    flat = frames.flatten(0, 1)
-    parts = []
-    for i in range(0, len(flat), chunk):
-        x = to_model(flat[None, i : i + chunk].to(device))  # [1, n, 3, H, W]: the autoencoder takes clips
-        parts.append(to_uint8(autoencoder.decode(autoencoder.encode(x)))[0].cpu())
-    recon = torch.cat(parts).view(frames.shape)
+    recon = reconstruct(autoencoder, frames.flatten(0, 1), device, chunk).view(frames.shape)
     scores = per_frame_fidelity(recon, frames, device)
     sharp, truth_sharp = window_stats(recon, device)["sharpness"], window_stats(frames, device)["sharpness"]
-    return {"frames": len(flat), "psnr": float(psnr_of_mean(scores["mse"].flatten())),
+    return {"frames": recon.shape[0] * recon.shape[1], "psnr": float(psnr_of_mean(scores["mse"].flatten())),
             "ssim": float(scores["ssim"].mean()), "sharpness": sharp, "sharpness_truth": truth_sharp,
             "sharpness_ratio": sharp / truth_sharp}
 

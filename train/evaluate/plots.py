@@ -1,13 +1,19 @@
-"""The report's figures (matplotlib, Agg backend): fidelity.png (PSNR / SSIM over frames) and
-stability.png (per-window measures)."""
+"""The report's figures: fidelity.png (PSNR / SSIM over frames) and stability.png (per-window
+measures), by matplotlib's Agg backend; autoencoder.png (held-out frames beside their reconstructions)."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from worldmodel.files import atomic_output
+from worldmodel.frames import tile_grid
+
+SHEET_GAP = 4  # pixels of white between the tiles of autoencoder.png
 
 
 def save_figure(path: Path, panels: list[tuple[str, str, dict]], columns: int = 2, xlabel: str = "frame") -> None:
@@ -48,3 +54,19 @@ def plots(report: dict, out_dir: Path) -> list[str]:
         ("yaw error (IDM)", "degrees", series(lambda w, n: w["controllability"][n]["yaw_error_deg"], runs[:2])),
     ])
     return ["fidelity.png", "stability.png"]
+
+
+def zoomed_centre(frame: np.ndarray, zoom: int) -> np.ndarray:
+    """The centre of uint8 ``frame [H, W, 3]`` blown up ``zoom`` times (nearest neighbour), ``[H, W, 3]``."""
+    height, width = frame.shape[:2]
+    h, w = -(-height // zoom), -(-width // zoom)
+    top, left = (height - h) // 2, (width - w) // 2
+    return frame[top : top + h, left : left + w].repeat(zoom, 0).repeat(zoom, 1)[:height, :width]
+
+
+def reconstruction_sheet(truth: np.ndarray, recon: np.ndarray, path: Path, zoom: int = 2) -> None:
+    """autoencoder.png: one column per frame of uint8 ``truth [N, H, W, 3]`` and its reconstruction
+    ``recon`` (alike); rows: the truth, the reconstruction, then their centres blown up ``zoom`` times."""
+    rows = [list(truth), list(recon), [zoomed_centre(f, zoom) for f in truth], [zoomed_centre(f, zoom) for f in recon]]
+    with atomic_output(path) as tmp:
+        tile_grid(rows, SHEET_GAP).save(tmp, format="PNG")

@@ -90,6 +90,9 @@ def markdown(report: dict, title: str) -> str:
         out += ["## Autoencoder (the held-out clips' frames, encoded and decoded)", ""]
         row = [ae[k] for k in ("frames", "psnr", "ssim", "sharpness", "sharpness_truth", "sharpness_ratio")]
         out += [table(["frames", "PSNR", "SSIM", "sharpness", "sharpness GT", "ratio"], [row]), ""]
+        if "sheet" in ae:
+            out += ["Held-out start frames (top), their reconstructions, then both centres at 2x:", "",
+                    f"![autoencoder]({ae['sheet']})", ""]
     if "speed" in report:
         sp = report["speed"]
         out += [f"## Speed (batch 1, {sp['dtype']}, worldmodel.bench)", ""]
