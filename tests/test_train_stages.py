@@ -538,6 +538,27 @@ def test_decoder_alone_keeps_the_latent_space_and_trains_against_a_discriminator
     assert any(k.startswith("module/discriminator/") for k in saved)
 
 
+def test_a_copied_run_resumes_in_its_new_folder_with_another_adversarial_weight(chain, episodes, tmp_path, capsys):
+    """A fork: run a copied to b resumes there with the adversarial term 4x stronger; a itself goes on at
+    its own weight. At the first step after the fork both share the state, so b logs 4x a's weight."""
+    extra = lambda w: [*FAST, "autoencoder.train_encoder=false", f"autoencoder.adversarial_weight={w}",  # noqa: E731
+                       "autoencoder.adversarial_start=1", "autoencoder.discriminator_channels=[8,16]", "run.log_every=1",
+                       "run.checkpoint_every=2", f"init.autoencoder={chain['causal_cd']}/model.safetensors"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    run("autoencoder", args(episodes, a, 2, *extra(0.5)))
+    shutil.copytree(a, b)
+    run("autoencoder", args(episodes, a, 4, *extra(0.5), "run.resume=true"))
+    run("autoencoder", args(episodes, b, 4, *extra(2.0), "run.resume=true"))
+    assert OmegaConf.load(b / "config.yaml").autoencoder.adversarial_weight == 2.0
+    rows = {d: {r["step"]: r for r in read_log(d) if "loss" in r} for d in (a, b)}
+    assert rows[a][2] == rows[b][2] and sorted(rows[b]) == [1, 2, 3, 4]
+    assert rows[b][3]["adversarial_weight"] == pytest.approx(4 * rows[a][3]["adversarial_weight"], rel=1e-6)
+    capsys.readouterr()  # the runs' progress bars
+    err = cli_error(capsys, ["autoencoder", *args(episodes, b, 6, *extra(2.0), "run.resume=true",
+                                                 "autoencoder.adversarial_start=2")])
+    assert "config differs from the saved run in ['autoencoder.adversarial_start']" in err
+
+
 def test_decoder_alone_needs_an_autoencoder_to_start_from(episodes, tmp_path, capsys):
     assert main(["autoencoder", *args(episodes, tmp_path / "x", 1, "autoencoder.train_encoder=false")]) == 2
     assert "set init.autoencoder" in capsys.readouterr().err

@@ -56,11 +56,15 @@ from worldmodel.transformer import WorldDiT
 CHECKPOINT_FORMAT = "worldmodel-train"
 CHECKPOINT_VERSION = "1"
 CHECKPOINT_PATTERN = re.compile(r"step_(\d{9})\.safetensors")
-RESUMABLE_CHANGES = ("run.steps", "run.checkpoint_every", "run.keep_checkpoints", "run.log_every", "run.sample_every",
-                     "run.tensorboard", "run.profile",
-                     "run.time_limit_s", "run.export_every_s", "run.compile", "data.workers", "data.latents", "data.latent_cache")
+RESUMABLE_CHANGES = ("run.dir", "run.steps", "run.checkpoint_every", "run.keep_checkpoints", "run.log_every",
+                     "run.sample_every", "run.tensorboard", "run.profile",
+                     "run.time_limit_s", "run.export_every_s", "run.compile", "data.workers", "data.latents", "data.latent_cache",
+                     "autoencoder.adversarial_weight")
 """Keys a resumed run may change; any other difference to the run's saved config is an error
-(``init.*`` paths may move: the inputs' content is checked by fingerprint)."""
+(``init.*`` paths may move: the inputs' content is checked by fingerprint). ``run.dir``: a run copied to
+another folder resumes there (a fork). ``autoencoder.adversarial_weight``: a schedule set by hand, e.g. a
+fork of a run whose discriminator has learned, with a stronger term (the rewritten ``config.yaml`` holds
+the new weight; the log, the step it changed at)."""
 
 
 class TrainError(ValueError):
