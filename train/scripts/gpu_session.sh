@@ -162,6 +162,7 @@ export_shards causal_cd causal_cd float16
 export_shards causal_cd_cpu causal_cd_cpu float16
 export_shards causal_cd_on causal_cd_on float16
 export_shards causal_cd_sharp causal_cd_sharp float16
+export_shards shipped_sharp shipped_sharp float16
 python3 -m worldmodel.checkpoint dit-only "$R/ar_teacher/model.safetensors" "$S/out/ar_teacher_dit.safetensors" --dtype bfloat16 \
   > "$T/export_ar_teacher.txt" 2>&1 || note "export ar_teacher failed"  # carried to the next session as AR_INIT
 pack_texts
