@@ -19,8 +19,9 @@
 #      it is), then teacher -> AR teacher from it (the AR teacher is also exported every AR_EXPORT_S seconds of its run);
 #      With DECODER_S (seconds; needs the shipped latent space: a carried AR teacher or AE_S=0), beside it: the shipped
 #      decoder trained on alone (autoencoder.train_encoder=false, at DECODER_LR, default 1e-4) without and with each
-#      DECODER_VARIANTS (default adversarial weights 0.1 and 0.2 after 500 steps of the discriminator alone; on the CPU
-#      weights 1 and 3 beside a fresh discriminator, and 0.6 beside a trained one, lost 4-20 dB in 30 steps), each measured
+#      DECODER_VARIANTS (default adversarial weights 0.2 and 0.3 after 100 steps of the discriminator alone: on the H100
+#      500 such steps blurred the decoder first, and at 0.5 the discriminator stayed at chance; on the CPU weights 1 and 3
+#      beside a fresh discriminator, and 0.6 beside a trained one, lost 4-20 dB in 30 steps), each measured
 #      on held-out frames; the one whose sharpness is nearest the truth's, of those within 1 dB of the best PSNR, then
 #      joins the new student (causal_cd_sharp) and the shipped model (shipped_sharp), both evaluated in step 4;
 #   3. causal CD of the full student beside SIDE: the CPU tier's smaller student (pipeline phase cpu_tier, the default),
@@ -82,7 +83,7 @@ if [ "${DECODER_S:-0}" != 0 ]; then  # the shipped decoder trained on alone, bes
   if [ "${AE_S:-30}" = 0 ]; then
     note "decoder variants beside base"
     AE_NAME=decoder AE_INIT=$SHIPPED AE_S=$DECODER_S AE_EXTRA="autoencoder.train_encoder=false optim.lr=${DECODER_LR:-1e-4}" \
-      AE_VARIANTS="${DECODER_VARIANTS:-autoencoder.adversarial_weight=0.1,autoencoder.adversarial_start=500 autoencoder.adversarial_weight=0.2,autoencoder.adversarial_start=500}" \
+      AE_VARIANTS="${DECODER_VARIANTS:-autoencoder.adversarial_weight=0.2,autoencoder.adversarial_start=100 autoencoder.adversarial_weight=0.3,autoencoder.adversarial_start=100}" \
       bash $P "$WORLD" ae_variants > "$T/decoder.txt" 2>&1 & decoder=$!
   else
     note "DECODER_S needs the shipped latent space (a carried AR teacher, or AE_S=0): no decoder variants"
