@@ -181,6 +181,8 @@ def test_swap_test_fails_for_a_model_that_ignores_actions_and_passes_for_an_orac
     assert report["copy"]["pass_fraction"] == 0.0
     assert report["oracle"]["pass_fraction"] == 1.0
     assert report["oracle"]["mse_own"] == 0.0
+    assert report["oracle"]["pass_interval_95"] == pytest.approx(metrics.wilson_interval(4, 4))
+    assert report["blind"]["pass_interval_95"] == pytest.approx(metrics.wilson_interval(0, 4))
 
 
 def test_swap_test_by_horizon_scores_each_prefix_of_the_clip():
@@ -344,6 +346,7 @@ def test_full_evaluation_of_a_copying_model_equals_the_baseline(toy_ground_truth
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["fidelity"]["rows"]["ground truth"]["psnr"]["1"] == "inf"
     assert "| model (autoregressive) |" in (tmp_path / "report.md").read_text()
+    assert "| 95% interval |" in (tmp_path / "report.md").read_text()
     assert saved["plots"] == ["fidelity.png", "stability.png"]
     for name, size in (("fidelity.png", (1120, 360)), ("stability.png", (1120, 1080))):  # matplotlib at 100 dpi
         with Image.open(tmp_path / name) as image:

@@ -196,3 +196,35 @@ def test_key_accuracy_and_swap_fraction():
     assert metrics.swap_pass_fraction(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 2.0, 1.0])) == pytest.approx(1 / 3)
     same = torch.rand(5)
     assert metrics.swap_pass_fraction(same, same.clone()) == 0.0
+
+
+def _score_test_bound(passes: int, trials: int, z: float, upper: bool) -> float:
+    """The Wilson bound by bisection on the score test |p_hat - p| <= z sqrt(p (1 - p) / n) (float64)."""
+    p_hat = passes / trials
+    inside = lambda p: abs(p_hat - p) <= z * math.sqrt(p * (1 - p) / trials)  # noqa: E731
+    lo, hi = (p_hat, 1.0) if upper else (0.0, p_hat)
+    if inside(hi if upper else lo):
+        return hi if upper else lo
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if inside(mid) == upper:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def test_wilson_interval_matches_the_score_test_and_published_values():
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    for _ in range(50):
+        trials = int(torch.randint(1, 200, (), generator=gen))
+        passes = int(torch.randint(0, trials + 1, (), generator=gen))
+        z = float(torch.empty(()).uniform_(1.0, 3.0, generator=gen))
+        low, high = metrics.wilson_interval(passes, trials, z)
+        assert low == pytest.approx(_score_test_bound(passes, trials, z, upper=False), abs=1e-9)
+        assert high == pytest.approx(_score_test_bound(passes, trials, z, upper=True), abs=1e-9)
+    assert metrics.wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert metrics.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    for passes, trials in [(3, 2), (-1, 4), (0, 0)]:
+        with pytest.raises(metrics.MetricError):
+            metrics.wilson_interval(passes, trials)

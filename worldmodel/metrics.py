@@ -256,3 +256,14 @@ def swap_pass_fraction(distance_own: torch.Tensor, distance_swapped: torch.Tenso
     if distance_own.numel() == 0:
         raise MetricError("swap_pass_fraction: no clips")
     return float((distance_own < distance_swapped).double().mean())
+
+
+def wilson_interval(passes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval ``(low, high)`` of a pass fraction ``passes / trials`` (z = 1.96: 95%): how far a
+    gate's figure over a few clips can move from one evaluation to the next by the draw of the clips alone."""
+    if trials <= 0 or not 0 <= passes <= trials:
+        raise MetricError(f"wilson_interval: {passes} passes of {trials} trials")
+    p, n = passes / trials, trials
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)

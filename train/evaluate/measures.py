@@ -73,8 +73,10 @@ def swap_report(truth: torch.Tensor, rows: dict[str, tuple], horizons=(), device
     report = {}
     for name, (under_own, under_swapped) in rows.items():
         d_own, d_swapped = frame_distances(under_own, truth, device), frame_distances(under_swapped, truth, device)
+        passed = metrics.swap_pass_fraction(d_own.mean(1), d_swapped.mean(1))
         report[name] = {
-            "pass_fraction": metrics.swap_pass_fraction(d_own.mean(1), d_swapped.mean(1)),
+            "pass_fraction": passed,
+            "pass_interval_95": metrics.wilson_interval(round(passed * len(d_own)), len(d_own)),
             "mse_own": float(d_own.mean()),
             "mse_swapped": float(d_swapped.mean()),
             "by_horizon": {str(h): metrics.swap_pass_fraction(d_own[:, :h].mean(1), d_swapped[:, :h].mean(1))
