@@ -71,8 +71,8 @@ def markdown(report: dict, title: str) -> str:
     swap = report["swap_test"]
     within = list(next(iter(swap.values()))["by_horizon"])
     out += [table(["run", "pass fraction", "95% interval", *(f"over frames 1-{h}" for h in within), "MSE own", "MSE swapped"],
-                  [[n, r["pass_fraction"], "{:.2f}-{:.2f}".format(*r["pass_interval_95"]), *(r["by_horizon"][h] for h in within), r["mse_own"], r["mse_swapped"]]
-                   for n, r in swap.items()]), ""]
+                  [[n, r["pass_fraction"], "{:.2f}-{:.2f}".format(*r["pass_interval_95"]),
+                    *(r["by_horizon"][h] for h in within), r["mse_own"], r["mse_swapped"]] for n, r in swap.items()]), ""]
     st = report["stability"]
     out += [f"## Stability (windows of {st['window']} frames; sharpness and colour in 0..255 units)", ""]
     rows = []
