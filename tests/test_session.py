@@ -326,6 +326,37 @@ def test_unknown_solver_is_refused():
         Session(model)
 
 
+def test_context_noise_noises_the_history_and_tells_the_network():
+    """With ``sampler.context_noise`` s, each committed block is (1 - s) x + s eps, eps drawn after the
+    block's sampling noise from the session's generator, and is written at level s."""
+    model = lively(build_model("tiny", seed=4))
+    level = 0.25
+    model.config.sampler = {**model.config.sampler, "steps": [1.0, 0.6], "context_noise": level}
+    session = Session(model, seed=7, dtype=torch.float64)
+    start = torch.randint(0, 256, (1, *model.frame_size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    session.reset(start)
+    clean = session._pending[0].clone()
+    seen, forward = [], model.dit.forward_cached
+    model.dit.forward_cached = lambda *a, **k: seen.append((k.get("commit"), k.get("commit_sigma"))) or forward(*a, **k)
+    session.step(walk(model))
+    model.dit.forward_cached = forward
+    cfg = model.dit.cfg
+    gen = torch.Generator().manual_seed(7)
+    torch.randn((2, 1, 1, cfg.latent_channels, cfg.latent_height, cfg.latent_width), generator=gen, dtype=torch.float64)
+    eps = torch.randn((1, *clean.shape), generator=gen, dtype=torch.float64)[0]
+    commit, commit_sigma = seen[0]
+    assert commit_sigma == level and all(c is None for c, _ in seen[1:])
+    torch.testing.assert_close(commit[0], (1 - level) * clean + level * eps, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("level", [float("nan"), -0.1, 1.0])
+def test_bad_context_noise_is_refused(level):
+    model = build_model("tiny", seed=0)
+    model.config.sampler.context_noise = level
+    with pytest.raises(SessionError, match="sampler.context_noise"):
+        Session(model)
+
+
 @pytest.mark.parametrize("guidance", [float("nan"), float("inf"), -0.5])
 def test_bad_guidance_is_refused(guidance):
     model = build_model("tiny", seed=0)

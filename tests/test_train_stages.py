@@ -506,6 +506,41 @@ def test_context_noise_trains_on_a_noised_history_and_zero_is_the_clean_one(chai
     assert all(math.isfinite(v) for v in got["0.3"]) and got["0.3"] != clean  # the tiny net barely reads its history yet
 
 
+def test_noised_history_per_block_levels_and_noise():
+    """Level 0: the clean history itself. Otherwise each block of each clip gets one level uniform in
+    [0, level], and the history is (1 - s) x0 + s eps with eps the step's "context_noise" draw (float64)."""
+    from train.stages import noised_history
+    from train.trainer import StepRandom
+    from worldmodel.transformer import block_ids
+
+    x0 = torch.randn(64, 7, 2, 3, 3, dtype=torch.float64)
+    blocks = block_ids(7, 2)  # the first frame, then blocks of 2
+    rng = StepRandom(int(torch.randint(0, 1000, ())), 3, 0, 1, torch.device("cpu"))
+    same, none = noised_history(x0, 0.0, blocks, rng)
+    assert same is x0 and none is None
+    history, sigma = noised_history(x0, 0.2, blocks, rng)
+    assert sigma.shape == (64, 7) and 0 <= sigma.min() and sigma.max() <= 0.2 and sigma.std() > 0.03
+    for b in range(int(blocks.max()) + 1):
+        frames = (blocks == b).nonzero().flatten()
+        assert torch.equal(sigma[:, frames], sigma[:, frames[:1]].expand(-1, len(frames)))
+    eps = torch.randn(x0.shape, generator=rng.generator("context_noise")).double()
+    s = sigma.double()[..., None, None, None]
+    torch.testing.assert_close(history, (1 - s) * x0 + s * eps, rtol=1e-6, atol=1e-6)
+
+
+def test_causal_cd_with_context_noise_trains_and_exports_its_play_level(chain, episodes, tmp_path):
+    """cd.context_noise changes what the student learns from (its loss differs from the clean history's), and
+    model.sampler.context_noise is the level the exported student plays with."""
+    init = f"init.teacher={chain['ar_teacher']}/model.safetensors"
+    losses = {}
+    for level in ("0.0", "0.3"):
+        run("causal_cd", args(episodes, tmp_path / level, 2, init, f"cd.context_noise={level}",
+                              f"model.sampler.context_noise={float(level) / 3}"))
+        losses[level] = [r["loss"] for r in read_log(tmp_path / level) if "loss" in r]
+        assert checkpoint.load(tmp_path / level / "model.safetensors").config.sampler.context_noise == float(level) / 3
+    assert all(math.isfinite(v) for v in losses["0.3"]) and losses["0.3"] != losses["0.0"]
+
+
 def test_exports_on_the_run_clock_load_as_models(chain, episodes, tmp_path):
     run_dir = tmp_path / "timed"
     run("teacher", args(episodes, run_dir, 3, f"init.autoencoder={chain['autoencoder']}/model.safetensors",

@@ -107,10 +107,12 @@ def test_rigid_transform_of_all_poses_leaves_output_unchanged():
     assert not torch.allclose(model(x, sigma, actions, still), model(x, sigma, actions, poses), atol=1e-6)
 
 
-@pytest.mark.parametrize("sinks, held, commit, block", [(1, 7, 2, 2), (2, 8, 2, 1), (0, 6, 2, 2), (1, 5, 1, 2), (1, 3, 2, 2)])
-def test_folded_commit_equals_a_write_then_a_forward(sinks, held, commit, block):
-    """One forward over [clean block | noisy block] writes what a separate sigma = 0 write forward writes and
-    predicts what a forward after it predicts, also when the write overflows the window (by 1 or 2 frames)."""
+@pytest.mark.parametrize("sinks, held, commit, block, level", [(1, 7, 2, 2, 0.0), (2, 8, 2, 1, 0.0), (0, 6, 2, 2, 0.0),
+                                                               (1, 5, 1, 2, 0.0), (1, 3, 2, 2, 0.0), (1, 7, 2, 2, 0.3)])
+def test_folded_commit_equals_a_write_then_a_forward(sinks, held, commit, block, level):
+    """One forward over [committed block | noisy block] writes what a separate write forward at the committed
+    block's level (0: clean) writes and predicts what a forward after it predicts, also when the write
+    overflows the window (by 1 or 2 frames)."""
     seed = int(torch.randint(0, 10_000, ()))
     model = tiny_dit(seed, block_size=2, window_frames=8 - sinks, sink_frames=sinks)
     x, sigma, actions, poses = random_inputs(1, held + commit + block, seed, model.cfg)
@@ -123,9 +125,10 @@ def test_folded_commit_equals_a_write_then_a_forward(sinks, held, commit, block)
         folded.frames, folded.written = separate.frames, separate.written
         c, b = list(range(held, held + commit)), list(range(held + commit, held + commit + block))
         clean = (x[:, c], actions[:, c], context_poses(poses, c))
-        model.forward_cached(clean[0], sigma[:, c] * 0, clean[1], clean[2], separate, write=True)
+        model.forward_cached(clean[0], sigma[:, c] * 0 + level, clean[1], clean[2], separate, write=True)
         want = model.forward_cached(x[:, b], sigma[:, b], actions[:, b], context_poses(poses, b), separate)
-        got = model.forward_cached(x[:, b], sigma[:, b], actions[:, b], context_poses(poses, b), folded, commit=clean)
+        got = model.forward_cached(x[:, b], sigma[:, b], actions[:, b], context_poses(poses, b), folded, commit=clean,
+                                   commit_sigma=level)
     assert (got - want).norm() / want.norm() < 1e-8  # rotary angles are float32
     assert (folded.frames, folded.written) == (separate.frames, separate.written)
     end = folded.frames * model.cfg.tokens_per_frame

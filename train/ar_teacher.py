@@ -12,13 +12,11 @@ sets the blocks; ``data.clip_len`` must be the start frame plus whole blocks.
 
 from __future__ import annotations
 
-from train import algorithms as alg
 from train.clips import clip_latents, first_clip
 from train.inputs import check_block_fit, rebuilt, teacher_sampler, with_sampler
 from train.networks import velocity_fn
 from train.samples import ar_sample_video, euler_block_sampler
-from train.stages import FlowMatchingStage
-from worldmodel import flow
+from train.stages import FlowMatchingStage, noised_history
 from worldmodel.transformer import block_ids
 
 
@@ -43,13 +41,7 @@ class ARTeacherStage(FlowMatchingStage):
     def velocity(self, clip, x0, keep, rng):
         """Teacher-forced on the real history, noised per block to a level uniform in
         ``[0, flow.context_noise]`` (given to the network; 0 = the clean history)."""
-        level = float(self.cfg.flow.context_noise)
-        if level == 0:
-            return velocity_fn(self.dit, clip, "causal", clean=x0, cond_keep=keep)
-        b, t = x0.shape[:2]
-        context_sigma = rng.local(alg.sample_sigmas(rng.global_batch(b), self.noise_blocks(t), rng.generator("context_sigma"),
-                                                    distribution="uniform", low=0.0, high=level))
-        context = flow.add_noise(x0, rng.randn("context_noise", tuple(x0.shape)), context_sigma)
+        context, context_sigma = noised_history(x0, float(self.cfg.flow.context_noise), self.noise_blocks(x0.shape[1]), rng)
         return velocity_fn(self.dit, clip, "causal", clean=context, cond_keep=keep, clean_sigma=context_sigma)
 
     def sample(self, batch, generator):

@@ -9,7 +9,8 @@ Per step, all online, nothing stored: real clips are encoded; per block a pair o
 merged in) is drawn; x_s is built from the real latents; the teacher takes one guided Euler step
 to s'; the student's x0 at (x_s, s) regresses onto the EMA target's x0 at (x_s', s')
 (:func:`train.algorithms.causal_cd_loss`). Teacher, target and student are all teacher-forced on
-the same real history. The target network is the trainer's EMA of the student (``optim.ema_decay``).
+the same real history, noised per block to a level uniform in ``[0, cd.context_noise]`` (given to the
+networks; 0: clean), as the AR teacher was trained. The target network is the trainer's EMA of the student (``optim.ema_decay``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 from train import algorithms as alg
 from train.clips import clip_latents, to_clip
 from train.networks import guided_velocity_fn, velocity_fn, x0_fn
-from train.stages import ARTeacherStudentStage
+from train.stages import ARTeacherStudentStage, noised_history
 from worldmodel.transformer import block_ids
 
 
@@ -37,9 +38,11 @@ class CausalCDStage(ARTeacherStudentStage):
         sigma, sigma_next = alg.sample_grid_pairs(self.grid, rng.global_batch(b), blocks, rng.generator("grid"))
         sigma, sigma_next = rng.local(sigma), rng.local(sigma_next)
         eps = rng.randn("noise", tuple(x0.shape))
-        teacher_v = guided_velocity_fn(self.teacher, clip, "causal", float(self.cfg.cd.guidance), clean=x0)
-        target_x0 = x0_fn(velocity_fn(self.student_ema, clip, "causal", clean=x0))
-        student_x0 = x0_fn(velocity_fn(self.student, clip, "causal", clean=x0))
+        history, level = noised_history(x0, float(self.cfg.cd.context_noise), blocks, rng)
+        teacher_v = guided_velocity_fn(self.teacher, clip, "causal", float(self.cfg.cd.guidance), clean=history,
+                                       clean_sigma=level)
+        target_x0 = x0_fn(velocity_fn(self.student_ema, clip, "causal", clean=history, clean_sigma=level))
+        student_x0 = x0_fn(velocity_fn(self.student, clip, "causal", clean=history, clean_sigma=level))
         loss = alg.causal_cd_loss(student_x0, teacher_v, target_x0, x0, eps, sigma, sigma_next)
         return {"loss": loss.detach(), **self.trainer.update("student", loss)}
 

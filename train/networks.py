@@ -40,19 +40,21 @@ def velocity_fn(dit: WorldDiT, clip: Clip, mode: str, clean: Tensor | None = Non
 
 
 
-def guided_velocity_fn(dit: WorldDiT, clip: Clip, mode: str, guidance: float, clean: Tensor | None = None) -> Callable:
+def guided_velocity_fn(dit: WorldDiT, clip: Clip, mode: str, guidance: float, clean: Tensor | None = None,
+                       clean_sigma: Tensor | None = None) -> Callable:
     """``(x, sigma [B, T]) -> v`` with classifier-free guidance on actions and camera
     (:func:`worldmodel.flow.apply_cfg`), the conditional and unconditional halves in one forward of
     twice the batch (one launch instead of two for the small networks)."""
     if guidance == 1.0:
-        return velocity_fn(dit, clip, mode, clean)
+        return velocity_fn(dit, clip, mode, clean, clean_sigma=clean_sigma)
     b = clip.actions.shape[0]
     twice = lambda t: None if t is None else torch.cat([t, t])  # noqa: E731
     keep = torch.arange(2 * b, device=clip.actions.device) < b
-    actions, poses, clean2 = twice(clip.actions), twice(clip.poses), twice(clean)
+    actions, poses, clean2, clean_sigma2 = twice(clip.actions), twice(clip.poses), twice(clean), twice(clean_sigma)
 
     def guided(x, sigma):
-        v = dit(twice(x), twice(sigma), actions, poses, mode=mode, clean=clean2, cond_keep=keep).float()
+        v = dit(twice(x), twice(sigma), actions, poses, mode=mode, clean=clean2, cond_keep=keep,
+                clean_sigma=clean_sigma2).float()
         return flow.apply_cfg(*v.chunk(2), guidance)
 
     return guided

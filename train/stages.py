@@ -18,6 +18,16 @@ from worldmodel.model import WorldModel
 from worldmodel.transformer import block_ids
 
 
+def noised_history(x0: torch.Tensor, level: float, blocks: torch.Tensor, rng) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The teacher-forced history: ``x0 [B, T, C, h, w]`` noised per block to a level uniform in ``[0, level]``,
+    and those levels ``[B, T]`` (given to the network); ``(x0, None)``, the clean history, at level 0."""
+    if level == 0:
+        return x0, None
+    sigma = rng.local(alg.sample_sigmas(rng.global_batch(x0.shape[0]), blocks, rng.generator("context_sigma"),
+                                        distribution="uniform", low=0.0, high=level))
+    return flow.add_noise(x0, rng.randn("context_noise", tuple(x0.shape)), sigma), sigma
+
+
 class FlowMatchingStage(Stage):
     """A DiT trained by flow matching on encoded clips with condition dropout; EMA exported."""
 

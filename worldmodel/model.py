@@ -8,7 +8,7 @@ Its configuration is one omegaconf tree (stored in every checkpoint)::
     controller: {walk_speed, sprint_factor, max_pitch, eye_height}
     autoencoder: {... AutoencoderConfig}
     dit: {... DiTConfig without DERIVED_DIT_FIELDS}
-    sampler: {solver, steps, first_frame_steps, guidance}
+    sampler: {solver, steps, first_frame_steps, guidance, context_noise}
 
 The DiT's latent shape and action width follow from the autoencoder and the actions: they are
 derived on load (:func:`dit_config`), not saved. Presets (``tiny`` for tests, ``default``, the
@@ -32,7 +32,7 @@ WORLD_FRAME_SIZE = {"procedural": (128, 128), "doom": (120, 160)}
 """(height, width) of each built-in world's frames."""
 
 DEFAULT_SAMPLER = {"solver": "renoise", "steps": [1.0, 0.5], "first_frame_steps": [1.0, 0.95, 0.9, 0.83, 0.7, 0.5, 0.3, 0.1],
-                   "guidance": 1.0}
+                   "guidance": 1.0, "context_noise": 0.0}
 """The students' sampler (worldmodel.session.SOLVERS); the AR teacher stage exports a guided Euler one."""
 
 PRESETS = {

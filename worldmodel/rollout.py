@@ -36,10 +36,14 @@ def block_poses(poses: torch.Tensor, before: torch.Tensor | None = None) -> torc
 
 
 class Rollout:
-    """The KV cache of ``dit`` for ``batch`` rows (twice that with guidance ``guidance`` != 1)."""
+    """The KV cache of ``dit`` for ``batch`` rows (twice that with guidance ``guidance`` != 1).
+    ``context_noise``: the noise level the committed blocks carry, given to the network with them (0: clean;
+    the caller noises them, :func:`worldmodel.flow.add_noise`)."""
 
-    def __init__(self, dit: WorldDiT, batch: int, device=None, dtype=torch.float32, guidance: float = 1.0):
+    def __init__(self, dit: WorldDiT, batch: int, device=None, dtype=torch.float32, guidance: float = 1.0,
+                 context_noise: float = 0.0):
         self.dit, self.guidance, self.device = dit, float(guidance), torch.device(device or "cpu")
+        self.context_noise = float(context_noise)
         self.copies = 1 if self.guidance == 1.0 else 2  # rows per play in the cache and the network batch
         self.cache = dit.new_cache(self.copies * batch, self.device, dtype)
         self.keep = self._condition_mask(batch)  # kept: CUDA graphs read it
@@ -66,7 +70,8 @@ class Rollout:
             folded, commit = None if commit is None else tuple(self._twice(t) for t in commit), None
             sigma = flow.frame_sigmas(sigma, x)
             v = self.dit.forward_cached(self._twice(x), self._twice(sigma), self._twice(actions), self._twice(poses),
-                                        self.cache, cond_keep=self.keep, commit=folded).to(x.dtype)
+                                        self.cache, cond_keep=self.keep, commit=folded,
+                                        commit_sigma=self.context_noise).to(x.dtype)
             return v if self.copies == 1 else flow.apply_cfg(*v.chunk(2), self.guidance)
 
         return velocity
@@ -79,9 +84,9 @@ class Rollout:
 
     @torch.no_grad()
     def write(self, latents: torch.Tensor, actions: torch.Tensor, poses: torch.Tensor) -> None:
-        """The commit: the clean block ``latents`` into the cache with one t = 0 forward."""
-        zeros = latents.new_zeros(latents.shape[:2])
-        self.dit.forward_cached(self._twice(latents), self._twice(zeros), self._twice(actions), self._twice(poses),
+        """The commit: the block ``latents`` (at noise level ``context_noise``) into the cache with one forward."""
+        sigma = latents.new_full(latents.shape[:2], self.context_noise)
+        self.dit.forward_cached(self._twice(latents), self._twice(sigma), self._twice(actions), self._twice(poses),
                                 self.cache, write=True)
 
     def narrow(self, batch: int) -> None:

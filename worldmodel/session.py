@@ -5,7 +5,8 @@ Each step integrates the actions into camera poses (the same controller as train
 camera of a world that integrated them), samples the next latent block with the checkpoint's
 sampler against the KV cache (:class:`worldmodel.rollout.Rollout`), decodes it, and keeps the clean
 latents pending: the next step's first forward writes them into the cache (a folded commit, one
-forward fewer a frame than a t = 0 forward of their own). The cache is a fixed-size
+forward fewer a frame than a t = 0 forward of their own), noised to ``sampler.context_noise`` first when
+that is above 0 (the network is told the level; stages that train with context noise play best with it). The cache is a fixed-size
 rolling window with sink frames, so memory stays flat however long the session runs. A chunk-wise
 model takes a whole block of actions a step, or one action a step: then the actions are buffered
 into blocks (:class:`worldmodel.rollout.FrameBuffer`) and each frame shows ``block_size - 1`` steps late.
@@ -27,7 +28,7 @@ from worldmodel.actions import normalize_actions, validate_actions
 from worldmodel.camera import CameraState, rigid_inverse, state_to_pose, step_state
 from worldmodel.cuda_graphs import GraphedFunction
 from worldmodel.envs.base import WorldStep
-from worldmodel.flow import SAMPLERS
+from worldmodel.flow import SAMPLERS, add_noise
 from worldmodel.frames import as_start_frames, to_model, to_uint8
 from worldmodel.model import WorldModel
 from worldmodel.rollout import FrameBuffer, Rollout, block_poses
@@ -76,6 +77,9 @@ class Session:
         self.guidance = float(sampler.get("guidance", 1.0))
         if not math.isfinite(self.guidance) or self.guidance < 0:
             raise SessionError(f"sampler.guidance must be a finite number >= 0, got {self.guidance}")
+        self.context_noise = float(sampler.get("context_noise", 0.0))
+        if not 0.0 <= self.context_noise < 1.0:
+            raise SessionError(f"sampler.context_noise must be in [0, 1), got {self.context_noise}")
         if self.solver not in SOLVERS:
             raise SessionError(f"sampler.solver must be one of {list(SOLVERS)}, got {self.solver!r}")
         if cuda_graphs is None:
@@ -90,7 +94,7 @@ class Session:
         """Run in ``dtype`` from the next ``reset`` (weights, cache and noise); the current play ends."""
         self.dtype = dtype
         self.model.to(dtype)
-        self.rollout = Rollout(self.model.dit, self.batch, self.device, dtype, self.guidance)
+        self.rollout = Rollout(self.model.dit, self.batch, self.device, dtype, self.guidance, self.context_noise)
         self._graphs = GraphedFunction() if self._cuda_graphs else None
         self.state, self._pending, self.frame_index = None, None, -1
 
@@ -159,6 +163,10 @@ class Session:
         noise = self._draw_noise(draws, (actions.shape[1], cfg.latent_channels, cfg.latent_height, cfg.latent_width))
         sigmas = (*sigmas, 0.0)
         pending, self._pending = self._pending or (), None
+        if pending and self.context_noise > 0:  # the history the network sees carries sampler.context_noise
+            latents = pending[0]
+            eps = self._draw_noise(1, tuple(latents.shape[1:]))[0]
+            pending = (add_noise(latents, eps, self.context_noise), *pending[1:])
 
         def sample(noise, actions, poses, *commit):
             latents = self.rollout.sample(noise[0], sigmas, actions, poses, self.solver, noise=noise[1:], commit=commit or None)

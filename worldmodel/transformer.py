@@ -555,7 +555,7 @@ class WorldDiT(nn.Module):
         return KVCache(self.cfg, batch, device, dtype)
 
     def forward_cached(self, x, sigma, actions, poses, cache: KVCache, write: bool = False, cond_keep=None,
-                       commit: tuple | None = None):
+                       commit: tuple | None = None, commit_sigma: float = 0.0):
         """Velocity for one block ``x [B, Tb, C, h, w]`` given the frames in ``cache``.
 
         ``poses [B, Tb + 1, 4, 4]``: the pose of the frame before the block first (for a session's
@@ -564,7 +564,8 @@ class WorldDiT(nn.Module):
         clean block at sigma = 0 after sampling). ``commit``: a clean block ``(latents [B, Tc, C, h, w],
         actions [B, Tc, A], poses [B, Tc + 1, 4, 4])`` written into the cache in the same forward (a
         folded commit, without ``cond_keep``): exactly what a separate ``write=True`` forward at
-        sigma = 0 would write, and ``x`` is predicted against the cache after that write.
+        ``commit_sigma`` (the committed block's noise level: 0 for a clean block) would write, and ``x`` is
+        predicted against the cache after that write.
         """
         cfg, tb = self.cfg, x.shape[1]
         if write and commit is not None:
@@ -574,8 +575,8 @@ class WorldDiT(nn.Module):
         if commit is not None:
             latents, commit_actions, commit_poses = commit
             tc = latents.shape[1]
-            clean_tokens, clean_cond = self._block_tokens(latents, latents.new_zeros(latents.shape[:2]), commit_actions,
-                                                          commit_poses, None)
+            clean_tokens, clean_cond = self._block_tokens(latents, latents.new_full(latents.shape[:2], commit_sigma),
+                                                          commit_actions, commit_poses, None)
             tokens, cond = torch.cat([clean_tokens, tokens], 1), torch.cat([clean_cond, cond], 1)
             mask = FoldedCommit(tc * cfg.tokens_per_frame, cache.overflow(tc))
         rotation = self._cached_rotation(cache.frames, tc + tb, x.device)

@@ -48,6 +48,8 @@ def parse_args(argv):
                    help="comma-separated noise levels of the sampler, e.g. 1.0 for one step (default: the checkpoint's)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance of the sampler, 1 for none (default: the checkpoint's)")
+    p.add_argument("--context-noise", type=float, default=None,
+                   help="noise level of the history the model sees, 0 for clean (default: the checkpoint's)")
     return p.parse_args(argv)
 
 
@@ -83,6 +85,8 @@ def evaluate_cli(argv) -> int:
     model = load(args.checkpoint, device=args.device)
     if args.guidance is not None:
         model.config.sampler.guidance = args.guidance  # checked by the Session below
+    if args.context_noise is not None:
+        model.config.sampler.context_noise = args.context_noise
     height, width = model.frame_size
     settings = EvalSettings(
         world=args.world, clips=args.clips, horizon=args.horizon, horizons=horizons, long_frames=args.long_frames,

@@ -26,12 +26,17 @@
 #      joins the new student (causal_cd_sharp) and the shipped model (shipped_sharp), both evaluated in step 4;
 #   3. causal CD of the full student beside SIDE: the CPU tier's smaller student (pipeline phase cpu_tier, the default),
 #      causal CD on from the shipped student (SIDE=cd_on: run causal_cd_on, same budget CD_S) or nothing (SIDE=none);
-#   4. full evaluations side by side: the shipped model, the AR teacher at AR_EXPORT_S (16 Euler steps, CFG 1) and at
-#      its end (at each guidance of AR_GUIDANCES, default 1), the student and the side run's (CD_CPU_S=0 skips the
-#      CPU tier), and the autoencoder alone on held-out frames when this lease trained it;
+#      and beside them each of CD_ON_VARIANTS ("NAME:KEY=VALUE,KEY=VALUE ..."): causal CD on from the shipped student
+#      with those overrides for CD_ON_S, as run NAME (CD_S=0 skips the student from the AR teacher; AR_S=0 keeps the
+#      carried AR teacher as it is);
+#   4. full evaluations side by side, on EVAL_CLIPS held-out clips (default 32): the shipped model, the AR teacher at
+#      AR_EXPORT_S (16 Euler steps, CFG 1) and at its end (at each guidance of AR_GUIDANCES, default 1; empty: none),
+#      the student and the side run's (CD_CPU_S=0 skips the CPU tier), each CD_ON_VARIANTS run, the shipped model and
+#      those runs again at each play-time history noise level of CONTEXT_NOISES (--context-noise), and the
+#      autoencoder alone on held-out frames when this lease trained it;
 #   5. exports (the students fp16 in shards of <= 15 MiB, the AR teacher's DiT bf16), then the training benchmark's batch
 #      matrix on what is left of the lease (until DEADLINE_S after the start).
-# Budgets (seconds) come from the environment: AE_S (0: the shipped autoencoder as it is) TEACHER_S AR_S AR_EXPORT_S CD_S
+# Budgets (seconds) come from the environment: AE_S (0: the shipped autoencoder as it is) TEACHER_S AR_S AR_EXPORT_S CD_S CD_ON_S
 # CD_CPU_S TESTS_S EVAL_TIMEOUT_S DEADLINE_S; the benchmark's rows from BENCH_STAGES and BENCH_BATCHES.
 # Wheels missing on the GPU image (omegaconf) come from .whl/.
 set -uo pipefail
@@ -98,8 +103,15 @@ SIDE=${SIDE:-cpu_tier}
 note "causal CD (unguided teacher) beside $SIDE"
 side=
 [ "$SIDE" != none ] && { CD_CPU_S=${CD_CPU_S:-${CD_S:-240}} CD_S=${CD_S:-240} bash $P "$WORLD" "$SIDE" > "$T/$SIDE.txt" 2>&1 & side=$!; }
-CD_S=${CD_S:-240} DMD_S=0 bash $P "$WORLD" distill > "$T/distill.txt" 2>&1 || note "causal CD failed"
+variants=()
+for v in ${CD_ON_VARIANTS:-}; do  # NAME:KEY=VALUE,KEY=VALUE - causal CD on from the shipped student, side by side
+  name=${v%%:*} over=${v#*:}
+  CD_ON_RUN=$name CD_EXTRA="${over//,/ }" CD_S=${CD_ON_S:-${CD_S:-240}} bash $P "$WORLD" cd_on > "$T/$name.txt" 2>&1 &
+  variants+=("$!:$name")
+done
+[ "${CD_S:-240}" = 0 ] || CD_S=${CD_S:-240} DMD_S=0 bash $P "$WORLD" distill > "$T/distill.txt" 2>&1 || note "causal CD failed"
 [ -z "$side" ] || wait $side || note "$SIDE failed"
+for v in "${variants[@]}"; do wait "${v%%:*}" || note "${v#*:} failed"; done
 if [ -n "$decoder" ]; then  # the student and the shipped model, each with the decoder closest to the truth's sharpness
   wait $decoder || note "decoder variants failed"
   best=$(python3 - "$E" <<'PY'
@@ -135,9 +147,14 @@ evaluate() {  # evaluate NAME CHECKPOINT [ARGS...]: in the background, timed, un
       > "$R/eval-$name.log" 2>&1
     echo "$name rc=$? $(( $(date +%s) - s ))s" >> "$T/eval_times.txt" ) &
 }
-FULL=(--clips 32 --long-frames 400 --long-clips 2 --window 100)
+FULL=(--clips "${EVAL_CLIPS:-32}" --long-frames 400 --long-clips 2 --window 100)
 evaluate shipped "$SHIPPED" "${FULL[@]}"
-for g in ${AR_GUIDANCES:-1}; do  # the AR teacher's own sampler (16 Euler steps) at each guidance
+for level in ${CONTEXT_NOISES:-}; do  # the shipped student and each CD_ON_VARIANTS run playing on a noised history
+  evaluate "shipped_ctx$level" "$SHIPPED" "${FULL[@]}" --context-noise "$level"
+  for v in "${variants[@]}"; do evaluate "${v#*:}_ctx$level" "$R/${v#*:}/model.safetensors" "${FULL[@]}" --context-noise "$level"; done
+done
+for v in "${variants[@]}"; do evaluate "${v#*:}" "$R/${v#*:}/model.safetensors" "${FULL[@]}"; done
+for g in ${AR_GUIDANCES-1}; do  # the AR teacher's own sampler (16 Euler steps) at each guidance (AR_GUIDANCES= : none)
   evaluate "ar_teacher_g$g" "$R/ar_teacher/model.safetensors" "${FULL[@]}" --guidance "$g"
 done
 evaluate "ar_teacher_${AR_EXPORT_S:-150}s_g1" "$R/ar_teacher/exports/model_$(printf %06d "${AR_EXPORT_S:-150}")s.safetensors" "${FULL[@]}" --guidance 1
@@ -164,8 +181,9 @@ export_shards causal_cd_cpu causal_cd_cpu float16
 export_shards causal_cd_on causal_cd_on float16
 export_shards causal_cd_sharp causal_cd_sharp float16
 export_shards shipped_sharp shipped_sharp float16
-python3 -m worldmodel.checkpoint dit-only "$R/ar_teacher/model.safetensors" "$S/out/ar_teacher_dit.safetensors" --dtype bfloat16 \
-  > "$T/export_ar_teacher.txt" 2>&1 || note "export ar_teacher failed"  # carried to the next session as AR_INIT
+for v in "${variants[@]}"; do export_shards "${v#*:}" "${v#*:}" float16; done
+[ "${AR_S:-300}" = 0 ] || python3 -m worldmodel.checkpoint dit-only "$R/ar_teacher/model.safetensors" "$S/out/ar_teacher_dit.safetensors" \
+  --dtype bfloat16 > "$T/export_ar_teacher.txt" 2>&1 || note "export ar_teacher failed"  # carried to the next session as AR_INIT
 pack_texts
 
 bench() {  # bench SECONDS_NEEDED NAME ARGS...: the training benchmark, if the lease has that long left

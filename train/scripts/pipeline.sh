@@ -29,7 +29,7 @@
 #             its target) for CD_CPU_S seconds: run causal_cd_cpu
 #   cd_on     causal CD towards the AR teacher on from an earlier student of its latent space (CD_INIT, default the
 #             shipped assets/models/WORLD.safetensors; init.student) instead of from the AR teacher, for CD_S: run
-#             causal_cd_on
+#             CD_ON_RUN (default causal_cd_on)
 #   scm       Causal-rCM: sCM from the frame-wise AR teacher (stage 3c) -> DMD, on CD's budgets (SCM_S, DMD_SCM_S)
 #   guidance  causal CD towards the AR teacher at CFG 3 (the old default; cd.guidance is 1 now) and sCM towards the
 #             unguided one, on the same budgets, side by side: runs causal_cd_g3, causal_scm_g1
@@ -46,7 +46,8 @@
 # Environment: RUNS (run folders, default /tmp/runs), OUT (results, default out), PRESET (default),
 # AE_INIT (a checkpoint of any stage whose autoencoder the autoencoder stage goes on training), AR_INIT (a DiT-only AR
 # teacher, from python -m worldmodel.checkpoint dit-only: phase base joins it with AE_INIT's autoencoder, which needs
-# AE_S=0, into $RUNS/ar_teacher_init and trains the AR teacher on from it, with no bidirectional teacher stage), CD_INIT
+# AE_S=0, into $RUNS/ar_teacher_init and trains the AR teacher on from it, with no bidirectional teacher stage; with
+# AR_S=0 it is the AR teacher as it is), CD_INIT
 # (the earlier student phase cd_on goes on from, default the shipped model),
 # DEVICE (cuda), budgets in seconds AE_S TEACHER_S AR_S AR3_S CD_S CD_CPU_S SCM_S ODE_S DMD_S DMD_SCM_S (0 skips the stage), EPISODES, FRAMES,
 # COLLECTORS, WORKERS (data workers per stage), ODE_BATCHES, ODE_GRID, EXTRA (more KEY=VALUE for every stage), EVAL (more
@@ -144,6 +145,9 @@ base() {
     stage teacher teacher "${TEACHER_S:-180}" optim.lr="$LR" optim.warmup_steps=200 "init.autoencoder=$ae" ${TEACHER_EXTRA:-}
   fi
   stage ar_teacher ar_teacher "${AR_S:-100}" sample.steps=16 optim.lr="$(rate 5e-5)" "init.teacher=$init" ${AR_EXTRA:-}
+  if [ "${AR_S:-100}" = 0 ] && [ -n "${AR_INIT:-}" ] && [ ! -f "$(model ar_teacher)" ]; then  # the carried one as it is
+    mkdir -p "$RUNS/ar_teacher" && cp "$init" "$(model ar_teacher)"
+  fi
   if [ "${COMPARE:-0}" = 1 ]; then
     stage ar_teacher_chunk ar_teacher "${AR3_S:-50}" sample.steps=16 model.dit.block_size=3 "init.teacher=$(model ar_teacher)"
   fi
@@ -170,7 +174,7 @@ cpu_tier() {
     "${CPU_TIER[@]}"
 }
 cd_on() {  # causal CD on from an earlier student (CD_INIT, default the shipped model) towards the AR teacher
-  stage causal_cd_on causal_cd "${CD_S:-120}" optim.lr="$(rate 2e-5)" "init.teacher=$(model ar_teacher)" \
+  stage "${CD_ON_RUN:-causal_cd_on}" causal_cd "${CD_S:-120}" optim.lr="$(rate 2e-5)" "init.teacher=$(model ar_teacher)" \
     "init.student=${CD_INIT:-assets/models/$WORLD.safetensors}" ${CD_EXTRA:-}
 }
 chain_scm() {
