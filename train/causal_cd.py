@@ -10,7 +10,8 @@ merged in) is drawn; x_s is built from the real latents; the teacher takes one g
 to s'; the student's x0 at (x_s, s) regresses onto the EMA target's x0 at (x_s', s')
 (:func:`train.algorithms.causal_cd_loss`). Teacher, target and student are all teacher-forced on
 the same real history, noised per block to a level uniform in ``[0, cd.context_noise]`` (given to the
-networks; 0: clean), as the AR teacher was trained. The target network is the trainer's EMA of the student (``optim.ema_decay``).
+networks; 0: clean), as the AR teacher was trained. The target network is the trainer's EMA of the
+student (``optim.ema_decay``).
 """
 
 from __future__ import annotations
