@@ -6,8 +6,8 @@ camera of a world that integrated them), samples the next latent block with the 
 sampler against the KV cache (:class:`worldmodel.rollout.Rollout`), decodes it, and keeps the clean
 latents pending: the next step's first forward writes them into the cache (a folded commit, one
 forward fewer a frame than a t = 0 forward of their own), noised to ``sampler.context_noise`` first when
-that is above 0 (the network is told the level). The cache is a fixed-size rolling window with sink frames, so memory stays flat however long the session runs. A chunk-wise
-model takes a whole block of actions a step, or one action a step: then the actions are buffered
+that is above 0 (the network is told the level). The cache is a fixed-size rolling window with sink
+frames, so memory stays flat however long the session runs. A chunk-wise model takes a whole block of actions a step, or one action a step: then the actions are buffered
 into blocks (:class:`worldmodel.rollout.FrameBuffer`) and each frame shows ``block_size - 1`` steps late.
 
 Batches. The rows of a session are independent plays; their noise comes from one generator per
