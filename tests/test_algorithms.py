@@ -334,7 +334,7 @@ class ToyDiT:
     def new_cache(self, batch, device, dtype):
         return []
 
-    def forward_cached(self, x, sigma, actions, poses, cache, write=False, cond_keep=None, commit=None):
+    def forward_cached(self, x, sigma, actions, poses, cache, write=False, cond_keep=None, commit=None, commit_sigma=0.0):
         assert commit is None  # training rollouts commit with forwards of their own
         if write:
             assert not torch.is_grad_enabled() and not x.requires_grad  # later blocks see a detached history

@@ -290,11 +290,12 @@ def test_session_gives_the_block_of_frame_t_the_action_and_motion_of_frame_t(blo
     calls = []
     forward = model.dit.forward_cached
 
-    def spy(x, sigma, actions, poses, cache, write=False, cond_keep=None, commit=None):
+    def spy(x, sigma, actions, poses, cache, write=False, cond_keep=None, commit=None, commit_sigma=0.0):
         if commit is not None:  # the previous block, written by this forward
             calls.append((commit[1].clone(), relative_motion(commit[2].double())[:, 1:], True))
         calls.append((actions.clone(), relative_motion(poses.double())[:, 1:], write))
-        return forward(x, sigma, actions, poses, cache, write=write, cond_keep=cond_keep, commit=commit)
+        return forward(x, sigma, actions, poses, cache, write=write, cond_keep=cond_keep, commit=commit,
+                       commit_sigma=commit_sigma)
 
     monkeypatch.setattr(model.dit, "forward_cached", spy)
     session = Session(model, seed=0)
