@@ -160,7 +160,7 @@ done
 evaluate "ar_teacher_${AR_EXPORT_S:-150}s_g1" "$R/ar_teacher/exports/model_$(printf %06d "${AR_EXPORT_S:-150}")s.safetensors" "${FULL[@]}" --guidance 1
 evaluate causal_cd_2step "$R/causal_cd/model.safetensors" "${FULL[@]}"
 evaluate causal_cd_cpu_2step "$R/causal_cd_cpu/model.safetensors" "${FULL[@]}"
-evaluate causal_cd_on_2step "$R/causal_cd_on/model.safetensors" "${FULL[@]}"
+[ "$SIDE" = cd_on ] && evaluate causal_cd_on_2step "$R/causal_cd_on/model.safetensors" "${FULL[@]}"  # CD_ON_VARIANTS runs: above, by name
 evaluate causal_cd_sharp_2step "$R/causal_cd_sharp/model.safetensors" "${FULL[@]}"
 evaluate shipped_sharp "$R/shipped_sharp/model.safetensors" "${FULL[@]}"
 [ -f "$R/autoencoder/done" ] && evaluate autoencoder "$R/autoencoder/model.safetensors" --autoencoder-only --clips 32
