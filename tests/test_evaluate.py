@@ -506,6 +506,13 @@ def test_cli_evaluates_a_tiny_checkpoint_on_the_procedural_world(tmp_path):
     assert ev.main(common + ["--out", str(tmp_path / "d"), "--guidance", "2.5", "--steps", "1.0"]) == 0
     assert json.loads((tmp_path / "d" / "report.json").read_text())["checkpoint"]["sampler"]["guidance"] == 2.5
     assert ev.main(common + ["--out", str(tmp_path / "e"), "--guidance", "nan"]) == 2
+    assert ev.main(common + ["--out", str(tmp_path / "f"), "--kv-cache", "0,7"]) == 0  # the same 7 frames kept
+    unsunk = json.loads((tmp_path / "f" / "report.json").read_text())
+    assert unsunk["checkpoint"]["kv_cache"] == {"sink_frames": 0, "window_frames": 7}
+    assert first["checkpoint"]["kv_cache"] == {"sink_frames": 1, "window_frames": 6}
+    assert unsunk["fidelity"] == first["fidelity"] and unsunk["swap_test"] == first["swap_test"]
+    for bad in ("1", "0,0", "a,b", "-1,6"):
+        assert ev.main(common + ["--out", str(tmp_path / "g"), "--kv-cache", bad]) == 2
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):

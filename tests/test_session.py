@@ -11,7 +11,7 @@ from worldmodel import checkpoint
 from worldmodel.actions import make_action
 from worldmodel.camera import state_to_pose
 from worldmodel.checkpoint import CheckpointError, atomic_save_file, read_metadata
-from worldmodel.model import build_model, model_config
+from worldmodel.model import build_model, model_config, with_kv_cache
 from worldmodel.session import Session, SessionError
 
 
@@ -212,6 +212,26 @@ def test_folded_commit_plays_like_separate_writes(block_size, guidance, sinks):
         torch.testing.assert_close(getattr(folded.cache, part)[..., :held, :], getattr(separate.cache, part)[..., :held, :],
                                    rtol=1e-9, atol=1e-9)
     assert sum(calls) >= folded.cache.capacity  # the folded session's steps folded their commits
+
+
+def test_a_kv_cache_without_sinks_keeps_the_same_frames_until_the_window_rolls():
+    """Sinks 1 + window 6 and sinks 0 + window 7 hold the same 7 frames in the same slots until the cache is
+    full, so they play alike; past it the first drops the oldest window frame, the second the first frame."""
+    model = build_model("tiny", seed=7)
+    with torch.no_grad():  # its zero-initialised gates and output would make every frame ignore the cache
+        for weight in model.dit.parameters():
+            weight.add_(0.05 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(weight.numel())))
+    unsunk = with_kv_cache(model, 0, 7)
+    assert unsunk.dit.cfg.sink_frames == 0 and unsunk.dit.cfg.window_frames == 7 and model.dit.cfg.sink_frames == 1
+    h, w = model.frame_size
+    start = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    plays = []
+    for played in (model, unsunk):
+        s = Session(played, seed=4)
+        s.reset(start)
+        plays.append(torch.stack([s.step(walk(played)).frames for _ in range(10)]))
+    assert torch.equal(plays[0][:7], plays[1][:7])
+    assert not torch.equal(plays[0][7:], plays[1][7:])
 
 
 def test_bad_session_calls(tiny):

@@ -121,6 +121,16 @@ class WorldModel(nn.Module):
         return {"autoencoder": count(self.autoencoder), "dit": count(self.dit)}
 
 
+def with_kv_cache(model: WorldModel, sink_frames: int, window_frames: int) -> WorldModel:
+    """``model``'s weights playing with another KV cache: its ``sink_frames`` first frames kept, then a rolling
+    window of the last ``window_frames`` (the weights do not depend on either). A new model on the same device."""
+    config = model.config.copy()
+    config.dit.sink_frames, config.dit.window_frames = sink_frames, window_frames
+    other = WorldModel(config)
+    other.load_state_dict(model.state_dict())
+    return other.to(next(model.parameters()).device)
+
+
 def build_model(preset: str = "default", world: str = "procedural", seed: int = 0, **kw) -> WorldModel:
     """A freshly initialised model of a preset (weights from ``seed``)."""
     torch.manual_seed(seed)

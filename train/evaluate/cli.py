@@ -50,6 +50,9 @@ def parse_args(argv):
                    help="classifier-free guidance of the sampler, 1 for none (default: the checkpoint's)")
     p.add_argument("--context-noise", type=float, default=None,
                    help="noise level of the history the model sees, 0 for clean (default: the checkpoint's)")
+    p.add_argument("--kv-cache", default=None, metavar="SINKS,WINDOW",
+                   help="the KV cache the model plays with: first frames kept, then a rolling window of the last "
+                   "WINDOW frames, e.g. 0,12 (default: the checkpoint's)")
     return p.parse_args(argv)
 
 
@@ -58,6 +61,17 @@ def parse_floats(text: str, what: str) -> list[float]:
         return [float(v) for v in text.split(",")]
     except ValueError:
         raise EvalError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def parse_kv_cache(text: str) -> tuple[int, int]:
+    """``--kv-cache`` "SINKS,WINDOW" -> (sink frames, window frames)."""
+    try:
+        sinks, window = (int(v) for v in text.split(","))
+    except ValueError:
+        raise EvalError(f"--kv-cache must be two comma-separated integers SINKS,WINDOW, got {text!r}") from None
+    if sinks < 0 or window < 1:
+        raise EvalError(f"--kv-cache needs SINKS >= 0 and WINDOW >= 1, got {text!r}")
+    return sinks, window
 
 
 def write_sheet(autoencoder, frames: torch.Tensor, out: Path, device) -> str:
@@ -75,6 +89,7 @@ def evaluate_cli(argv) -> int:
     """The CLI body: parse, evaluate, write the report (errors propagate to :func:`run_cli`)."""
     args = parse_args(argv)
     from worldmodel.checkpoint import load
+    from worldmodel.model import with_kv_cache
     from worldmodel.session import Session
 
     try:
@@ -87,6 +102,8 @@ def evaluate_cli(argv) -> int:
         model.config.sampler.guidance = args.guidance  # checked by the Session below
     if args.context_noise is not None:
         model.config.sampler.context_noise = args.context_noise
+    if args.kv_cache is not None:
+        model = with_kv_cache(model, *parse_kv_cache(args.kv_cache))
     height, width = model.frame_size
     settings = EvalSettings(
         world=args.world, clips=args.clips, horizon=args.horizon, horizons=horizons, long_frames=args.long_frames,
@@ -119,7 +136,9 @@ def evaluate_cli(argv) -> int:
     report["speed"] = speed_report(model, settings, dtype, steps)
     sampler = {**OmegaConf.to_container(model.config.sampler), **({"steps": steps} if steps else {})}
     report["checkpoint"] = {"path": str(args.checkpoint), "stage": str(model.config.stage),
-                            "parameters": model.num_parameters(), "sampler": sampler}
+                            "parameters": model.num_parameters(), "sampler": sampler,
+                            "kv_cache": {"sink_frames": int(model.config.dit.sink_frames),
+                                         "window_frames": int(model.config.dit.window_frames)}}
     sheet_frames = heldout_episodes(settings, "clips", min(SHEET_FRAMES, settings.clips), 1)["frames"][:, 0]
     report["autoencoder"]["sheet"] = write_sheet(autoencoder, sheet_frames, args.out, args.device)
     write_report(report, args.out, f"{Path(args.checkpoint).name} on {args.world}")

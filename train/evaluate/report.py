@@ -54,7 +54,10 @@ def markdown(report: dict, title: str) -> str:
         ck, sampler = report["checkpoint"], report["checkpoint"]["sampler"]
         out += [f"Checkpoint of stage `{ck['stage']}`, sampled with {sampler.get('solver', 'renoise')} over "
                 f"{len(sampler['steps'])} noise levels, guidance {sampler.get('guidance', 1.0)}, context noise "
-                f"{sampler.get('context_noise', 0.0)}.", ""]
+                f"{sampler.get('context_noise', 0.0)}."]
+        if "kv_cache" in ck:
+            out[-1] += f" KV cache: {ck['kv_cache']['sink_frames']} sink frames and a window of {ck['kv_cache']['window_frames']}."
+        out += [""]
     out += ["## Fidelity at frame h (PSNR in dB of the mean MSE over clips; mean SSIM)", ""]
     header = ["run"] + [f"PSNR@{h}" for h in horizons] + [f"SSIM@{h}" for h in horizons]
     rows = [[name] + [r["psnr"][str(h)] for h in horizons] + [r["ssim"][str(h)] for h in horizons]
