@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One lease of A/B measurements on the shipped weights, started in the background like gpu_session.sh:
 #   setsid nohup bash train/scripts/gpu_ab.sh > /tmp/ab.log 2>&1 < /dev/null &
-# (carry .whl, from train/scripts/wheels.sh, and .bench_before.tgz: `git archive BASE worldmodel kernels train | gzip >
-# .bench_before.tgz`) then poll /tmp/ab/status for "] done" and copy /tmp/ab/out/* to $OUT. It runs:
+# (carry .whl, from train/scripts/wheels.sh, and .bench_before.tgz: the files that differ, as in BASE, laid over a copy of
+# this tree: `git archive BASE worldmodel/transformer.py train/bench.py | gzip > .bench_before.tgz`) then poll /tmp/ab/status for "] done" and copy /tmp/ab/out/* to $OUT. It runs:
 #   1. the training benchmark (train.bench, variant "after": the fast path) of BENCH_STAGES at BENCH_BATCHES, for the
 #      code in .bench_before.tgz and then for this tree, one after the other, alone on the GPU (BENCH_STAGES= skips it);
 #   2. evaluations side by side of the shipped student and of its AR teacher (the carried DiT joined with the shipped
@@ -28,7 +28,7 @@ bench() {  # bench NAME: the training benchmark of the tree in the current folde
 }
 if [ -n "$BENCH_STAGES" ]; then
   if [ -f .bench_before.tgz ]; then
-    mkdir -p /tmp/before && tar xzf .bench_before.tgz -C /tmp/before
+    mkdir -p /tmp/before && cp -r worldmodel kernels train /tmp/before && tar xzf .bench_before.tgz -C /tmp/before
     (cd /tmp/before && PYTHONPATH=/tmp/site:/tmp/before bench before)
   fi
   bench after
