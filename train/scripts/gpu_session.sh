@@ -13,7 +13,8 @@
 #   1. the GPU tests of the kernels (TRITON_INTERPRET=0) beside the data collection, then the generation benchmark
 #      (worldmodel.bench) of the code in .bench_before.tgz and of this tree, one after the other, alone (TESTS_S=0 skips
 #      both);
-#   2. the AR teacher trained on from AR_INIT (a DiT-only AR teacher; by default the carried
+#   2. the AR teacher (with AR_OVERRIDES, config overrides such as "model.dit.window_frames=24 data.clip_len=25")
+#      trained on from AR_INIT (a DiT-only AR teacher; by default the carried
 #      assets/models/WORLD-ar-teacher.safetensors if there is one, with the shipped autoencoder as it is), or with no
 #      AR_INIT (none carried, or AR_INIT= empty) the autoencoder on from the shipped model's (AE_INIT) for AE_S (0: as
 #      it is), then teacher -> AR teacher from it (the AR teacher is also exported every AR_EXPORT_S seconds of its run);
@@ -29,7 +30,8 @@
 #      and beside them each of CD_ON_VARIANTS ("NAME:KEY=VALUE,KEY=VALUE ..."): causal CD on from the shipped student
 #      with those overrides for CD_ON_S, as run NAME (CD_S=0 skips the student from the AR teacher; AR_S=0 keeps the
 #      carried AR teacher as it is);
-#   4. full evaluations side by side, on EVAL_CLIPS held-out clips (default 32): the shipped model, the AR teacher at
+#   4. full evaluations side by side, on EVAL_CLIPS held-out clips (default 32) drawn with EVAL_SEED (default 0): the
+#      shipped model (EVAL_SHIPPED=0: not), the carried AR teacher as it came (EVAL_CARRIED=1), the AR teacher at
 #      AR_EXPORT_S (16 Euler steps, CFG 1) and at its end (at each guidance of AR_GUIDANCES, default 1; empty: none),
 #      the student and the side run's (CD_CPU_S=0 skips the CPU tier), each CD_ON_VARIANTS run, the shipped model and
 #      those runs again at each play-time history noise level of CONTEXT_NOISES (--context-noise), and the
@@ -96,7 +98,7 @@ if [ "${DECODER_S:-0}" != 0 ]; then  # the shipped decoder trained on alone, bes
 fi
 note "base"
 AE_INIT=${AE_INIT:-$SHIPPED} AE_S=${AE_S:-30} TEACHER_S=${TEACHER_S:-220} AR_S=${AR_S:-300} \
-  AR_EXTRA="run.export_every_s=${AR_EXPORT_S:-150}" bash $P "$WORLD" base > "$T/base.txt" 2>&1 \
+  AR_EXTRA="run.export_every_s=${AR_EXPORT_S:-150} ${AR_OVERRIDES:-}" bash $P "$WORLD" base > "$T/base.txt" 2>&1 \
   || { note "base failed: nothing after it can run"; pack_texts; note "done"; exit 1; }
 pack_texts
 SIDE=${SIDE:-cpu_tier}
@@ -147,8 +149,9 @@ evaluate() {  # evaluate NAME CHECKPOINT [ARGS...]: in the background, timed, un
       > "$R/eval-$name.log" 2>&1
     echo "$name rc=$? $(( $(date +%s) - s ))s" >> "$T/eval_times.txt" ) &
 }
-FULL=(--clips "${EVAL_CLIPS:-32}" --long-frames 400 --long-clips 2 --window 100)
-evaluate shipped "$SHIPPED" "${FULL[@]}"
+FULL=(--clips "${EVAL_CLIPS:-32}" --seed "${EVAL_SEED:-0}" --long-frames 400 --long-clips 2 --window 100)
+[ "${EVAL_SHIPPED:-1}" = 0 ] || evaluate shipped "$SHIPPED" "${FULL[@]}"
+[ "${EVAL_CARRIED:-0}" = 0 ] || evaluate ar_teacher_carried_g1 "$R/ar_teacher_init/model.safetensors" "${FULL[@]}" --guidance 1
 for level in ${CONTEXT_NOISES:-}; do  # the shipped student and each CD_ON_VARIANTS run playing on a noised history
   evaluate "shipped_ctx$level" "$SHIPPED" "${FULL[@]}" --context-noise "$level"
   for v in "${variants[@]}"; do evaluate "${v#*:}_ctx$level" "$R/${v#*:}/model.safetensors" "${FULL[@]}" --context-noise "$level"; done
