@@ -599,3 +599,17 @@ def test_reconstruction_sheet_puts_truth_reconstruction_and_their_zooms_in_rows(
             y, x = r * (6 + SHEET_GAP), c * (8 + SHEET_GAP)
             assert np.array_equal(sheet[y : y + 6, x : x + 8], tile)
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_the_motion_alone_reference_replays_the_actions_in_other_worlds():
+    """The swap test's "ground truth in another world" row: the clips' own and swapped actions replayed in the same
+    worlds, none of them a clip's (so its start frames are not the clips')."""
+    settings = ev.EvalSettings(world="procedural", clips=2, horizon=3, horizons=(1,), long_frames=4, long_clips=1,
+                               window=2, world_options={"height": 32, "width": 32})
+    clips = evaluation.heldout_episodes(settings, "clips", 2, 4)
+    swapped = torch.roll(clips["actions"], 1, 0)
+    own, under_swapped = evaluation.other_world_swap(settings, clips["actions"], swapped)
+    assert own.shape == under_swapped.shape == clips["frames"].shape
+    assert torch.equal(own[:, 0], under_swapped[:, 0]) and not torch.equal(own, under_swapped)
+    assert not any(torch.equal(own[i, 0], clips["frames"][j, 0]) for i in range(2) for j in range(2))
+    assert torch.equal(evaluation.replay(settings, clips["seeds"], clips["actions"]), clips["frames"])  # replay is exact

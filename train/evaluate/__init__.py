@@ -19,7 +19,8 @@ Measures (each also for the baselines "repeat the last frame" and, where it has 
   (ground-truth history written into the cache, one step predicted);
 - controllability: the inverse-dynamics model (assets/idm/<world>.safetensors) on ground truth
   (its ceiling), on rollouts and on the baseline; and the swap test (a rollout under its own actions
-  must be closer to ground truth than one under another clip's actions);
+  must be closer to ground truth than one under another clip's actions), with the reference of motion alone:
+  the true world's dynamics replayed in other worlds than the clips';
 - stability: a ``--long-frames`` rollout scored per window (Fréchet distance of IDM features,
   sharpness, colour statistics, controllability);
 - speed: first-frame latency, per-frame latency and FPS at batch 1 (worldmodel.bench.measure).

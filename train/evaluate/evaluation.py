@@ -9,7 +9,8 @@ import torch
 from train.evaluate.measures import (autoencoder_report, control_report, fidelity_report, stability_report,
                                      swap_report)
 from train.evaluate.protocol import (EvalSettings, Run, SessionFactory, heldout_episodes, heldout_options, repeat_first,
-                                     repeat_previous, replay, rollouts)
+                                     repeat_previous, replay, rollouts, seed_block)
+from worldmodel.data.splits import heldout_seeds
 from worldmodel.idm import InverseDynamics
 
 
@@ -51,6 +52,7 @@ def evaluate(make_session: SessionFactory, idm: InverseDynamics, settings: EvalS
     swap = swap_report(truth, {
         "model": (autoregressive, generated["swapped"]),
         "ground truth": (truth, replay(settings, clips["seeds"], swapped_actions)),
+        "ground truth in another world": other_world_swap(settings, actions, swapped_actions),
         "repeat last frame": (repeat_first(truth), repeat_first(truth)),
     }, horizons, settings.device)
 
@@ -75,6 +77,14 @@ def evaluate(make_session: SessionFactory, idm: InverseDynamics, settings: EvalS
         **({"autoencoder": autoencoder_report(autoencoder, truth, settings.device)} if autoencoder is not None else {}),
         "notes": notes,
     }
+
+
+def other_world_swap(settings: EvalSettings, actions: torch.Tensor, swapped_actions: torch.Tensor):
+    """The swap test's reference of motion alone: the world replayed under the clips' ``actions [B, T, A]`` and
+    under ``swapped_actions``, but in other held-out worlds (the reference set's seeds) than the clips': exact
+    dynamics that know nothing of the clips' scenes. Returns (video under own, video under swapped actions)."""
+    seeds = heldout_seeds(actions.shape[0], start=seed_block(settings, "reference"))
+    return replay(settings, seeds, actions), replay(settings, seeds, swapped_actions)
 
 
 def speed_report(model, settings: EvalSettings, dtype: torch.dtype, steps: list[float] | None = None) -> dict:

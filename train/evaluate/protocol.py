@@ -68,6 +68,11 @@ SEED_BLOCKS = {"clips": 0, "long": 1, "reference": 2}
 """Each set of held-out episodes draws from its own block of seeds (per ``--seed``)."""
 
 
+def seed_block(settings: EvalSettings, which: str) -> int:
+    """The first world (and policy) seed of the held-out set ``which`` of :data:`SEED_BLOCKS` under ``--seed``."""
+    return (settings.seed * len(SEED_BLOCKS) + SEED_BLOCKS[which]) * 10_000
+
+
 def heldout_episodes(settings: EvalSettings, which: str, count: int, length: int) -> dict:
     """``count`` held-out ground-truth episodes of ``length`` frames: frames uint8 ``[B, T, H, W, 3]``,
     actions ``[B, T, A]``, poses ``[B, T, 4, 4]`` (what the frames show), and the world seeds."""
@@ -75,7 +80,7 @@ def heldout_episodes(settings: EvalSettings, which: str, count: int, length: int
     from worldmodel.data.splits import heldout_seeds
     from worldmodel.envs.policies import make_policy
 
-    block = (settings.seed * len(SEED_BLOCKS) + SEED_BLOCKS[which]) * 10_000
+    block = seed_block(settings, which)
     seeds = heldout_seeds(count, start=block)
     with heldout_world(settings, count) as world:
         clip = play_clip(world, make_policy("mix", world.action_spec, batch=count, seed=block), seeds, 0, length)
