@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from worldmodel.actions import make_action
 from worldmodel.model import build_model
@@ -23,3 +24,27 @@ def test_cuda_graph_session_equals_eager(block_size):
             frames.append(s.step(a).frames.reshape(1, -1))
         runs.append(torch.cat([f.reshape(1, -1) for f in frames], 1).float())
     assert (runs[0] - runs[1]).abs().max() <= 1.0  # uint8 frames: at most one level of rounding apart
+
+
+def test_flex_forward_options_compute_the_dense_masked_attention():
+    """FlexAttention with FLEX_FORWARD_OPTIONS (compiled, bf16), forward and input gradients, against SDPA with the
+    dense teacher-forcing mask in float64, on fresh random inputs."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from worldmodel.transformer import FLEX_FORWARD_OPTIONS, flex_block_mask, frame_mask, token_mask
+
+    frames, tokens = frame_mask("teacher_forcing", 5, 1, "cuda"), 64
+    q, k, v = (torch.randn(2, 4, 10 * tokens, 64, device="cuda", dtype=torch.float64) for _ in range(3))
+    grad = torch.randn_like(q)
+    attend = torch.compile(lambda q, k, v: flex_attention(q, k, v, block_mask=flex_block_mask(frames, tokens),
+                                                          kernel_options=FLEX_FORWARD_OPTIONS))
+    results = []
+    for fn, dtype in ((attend, torch.bfloat16),
+                      (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=token_mask(frames, tokens)),
+                       torch.float64)):
+        inputs = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
+        out = fn(*inputs)
+        out.backward(grad.to(dtype))
+        results.append([out.double(), *(t.grad.double() for t in inputs)])
+    for got, want in zip(*results):
+        assert (got - want).abs().max() < 0.05 * want.abs().max()

@@ -7,7 +7,7 @@
 #      code in .bench_before.tgz and then for this tree, one after the other, alone on the GPU (BENCH_STAGES= skips it);
 #   2. evaluations side by side of the shipped student and of its AR teacher (the carried DiT joined with the shipped
 #      autoencoder; 16 Euler steps, CFG 1) with each KV cache of KV_CACHES ("default" is the checkpoint's; else
-#      SINKS,WINDOW for train.evaluate --kv-cache), on EVAL_CLIPS held-out clips of 128 frames drawn with EVAL_SEED.
+#      SINKS,WINDOW for train.evaluate --kv-cache; KV_CACHES= : none), on EVAL_CLIPS held-out clips of 128 frames drawn with EVAL_SEED.
 # Results: out/bench_{before,after}.txt and .json, out/reports.tgz (each evaluation's report.md/json), out/texts.tgz.
 set -uo pipefail
 START=$(date +%s)
@@ -34,11 +34,12 @@ if [ -n "$BENCH_STAGES" ]; then
   bench after
 fi
 
+[ -z "${KV_CACHES-default 0,12}" ] && { note "done"; exit 0; }  # KV_CACHES= : the benchmark alone
 note "evaluate"
 TEACHER=$S/ar_teacher.safetensors
 python3 -m worldmodel.checkpoint join assets/models/procedural-ar-teacher.safetensors assets/models/procedural.safetensors \
   "$TEACHER" > "$S/text/join.txt" 2>&1 || note "joining the AR teacher failed"
-for cache in ${KV_CACHES:-default 0,12}; do
+for cache in ${KV_CACHES-default 0,12}; do
   flag=(); [ "$cache" != default ] && flag=(--kv-cache "$cache")
   for row in student:assets/models/procedural.safetensors ar_teacher:$TEACHER; do
     name=${row%%:*}_${cache/,/_} ckpt=${row#*:}
