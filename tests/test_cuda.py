@@ -36,8 +36,8 @@ def test_flex_forward_options_compute_the_dense_masked_attention():
     frames, tokens = frame_mask("teacher_forcing", 5, 1, "cuda"), 64
     q, k, v = (torch.randn(2, 4, 10 * tokens, 64, device="cuda", dtype=torch.float64) for _ in range(3))
     grad = torch.randn_like(q)
-    attend = torch.compile(lambda q, k, v: flex_attention(q, k, v, block_mask=flex_block_mask(frames, tokens),
-                                                          kernel_options=FLEX_FORWARD_OPTIONS))
+    mask = flex_block_mask(frames, tokens)
+    attend = torch.compile(lambda q, k, v: flex_attention(q, k, v, block_mask=mask, kernel_options=FLEX_FORWARD_OPTIONS))
     results = []
     for fn, dtype in ((attend, torch.bfloat16),
                       (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=token_mask(frames, tokens)),
