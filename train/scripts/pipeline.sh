@@ -8,7 +8,8 @@
 #   data      collect training episodes (COLLECTORS processes in parallel)
 #   base      autoencoder -> bidirectional teacher -> frame-wise AR teacher (+ chunk-wise AR teacher if COMPARE=1); the
 #             teacher starts from the autoencoder of run AE_RUN (default autoencoder), or with AE_S=0 from AE_INIT's
-#             autoencoder unchanged (so the students keep the shipped model's latent space)
+#             autoencoder unchanged (so the students keep the shipped model's latent space). AE_EXTRA goes to its
+#             autoencoder stage, e.g. "model.autoencoder.latent_channels=16 init.autoencoder=null": a wider latent from scratch
 #   ae_variants  the autoencoder stage side by side: run autoencoder as configured, and one run per variant of
 #             AE_VARIANTS (space-separated; a variant is comma-separated KEY=VALUE overrides, default
 #             autoencoder.edge_weight=0.1; run autoencoder_<last part of each key><value>, e.g.
@@ -141,7 +142,7 @@ base() {
       python3 -m worldmodel.checkpoint join "$AR_INIT" "$AE_INIT" "$init" | sed 's/^/  /'
     fi
   else
-    stage autoencoder autoencoder "${AE_S:-100}" "${AE[@]}"
+    stage autoencoder autoencoder "${AE_S:-100}" "${AE[@]}" ${AE_EXTRA:-}
     stage teacher teacher "${TEACHER_S:-180}" optim.lr="$LR" optim.warmup_steps=200 "init.autoencoder=$ae" ${TEACHER_EXTRA:-}
   fi
   stage ar_teacher ar_teacher "${AR_S:-100}" sample.steps=16 optim.lr="$(rate 5e-5)" "init.teacher=$init" ${AR_EXTRA:-}
