@@ -14,6 +14,7 @@ from worldmodel.autoencoder import (
     gaussian_kl,
     pad_frames,
     reconstruction_loss,
+    widen_latent,
 )
 from worldmodel.metrics import gaussian_window, ssim_map
 
@@ -263,3 +264,29 @@ def test_loss_decreases_when_overfitting_one_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.35 * losses[0], f"seed {seed}: loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+
+
+def test_widened_latent_codes_and_decodes_as_the_source():
+    fresh_seed()
+    source = FrameAutoencoder(AutoencoderConfig(frame_height=12, frame_width=16, **TINY)).double()
+    with torch.no_grad():
+        source.latent_shift.normal_()
+        source.latent_scale.uniform_(0.5, 2.0)
+    wide = widen_latent(source, 7).double()
+    frames = random_frames(2, 3, 12, 16).double()
+    mean, logvar = source.encode_moments(frames)
+    wide_mean, wide_logvar = wide.encode_moments(frames)
+    torch.testing.assert_close(wide_mean[:, :, :4], mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(wide_logvar[:, :, :4], logvar, rtol=0, atol=1e-12)
+    assert wide_mean[:, :, 4:].abs().amax() > 0  # the new channels carry a (fresh) code
+    latents = wide.encode(frames)
+    torch.testing.assert_close(latents[:, :, :4], source.encode(frames), rtol=0, atol=1e-12)
+    anything = latents.clone()
+    anything[:, :, 4:] = torch.randn_like(anything[:, :, 4:])  # the decoder ignores the new channels until trained
+    torch.testing.assert_close(wide.decode(anything), source.decode(latents[:, :, :4]), rtol=0, atol=1e-12)
+    assert wide.latent_shift[4:].eq(0).all() and wide.latent_scale[4:].eq(1).all()
+    loss, _, _ = reconstruction_loss(wide, frames, sample_posterior=False)
+    loss.backward()
+    assert wide.decoder.layers[0].weight.grad[:, 4:].abs().amax() > 0  # and they start to learn
+    with pytest.raises(AutoencoderError, match="more latent channels"):
+        widen_latent(source, 4)

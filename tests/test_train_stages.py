@@ -123,6 +123,27 @@ def test_autoencoder_goes_on_from_any_stage_checkpoint(chain, episodes, tmp_path
     assert any(not torch.equal(moved[k], v) for k, v in source.autoencoder.state_dict().items())
 
 
+def test_autoencoder_widens_a_narrower_input(chain, episodes, tmp_path, capsys):
+    """More latent channels than the input's: the exported autoencoder codes the input's channels as the
+    input did (one step at a negligible rate), its new ones are trained in, and a teacher runs on it."""
+    source = checkpoint.load(chain["autoencoder"] / "model.safetensors").autoencoder
+    wider = source.config.latent_channels + 2
+    init = f"init.autoencoder={chain['autoencoder']}/model.safetensors"
+    run("autoencoder", args(episodes, tmp_path / "wide", 1, "optim.lr=1e-12", init,
+                            f"model.autoencoder.latent_channels={wider}"))
+    wide = checkpoint.load(tmp_path / "wide" / "model.safetensors")
+    assert wide.config.autoencoder.latent_channels == wider
+    frames = torch.rand(1, 2, 3, source.config.frame_height, source.config.frame_width) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(wide.autoencoder.encode_moments(frames)[0][:, :, :wider - 2],
+                                   source.encode_moments(frames)[0], rtol=0, atol=1e-5)
+    run("teacher", args(episodes, tmp_path / "t", 1, f"init.autoencoder={tmp_path}/wide/model.safetensors"))
+    capsys.readouterr()  # the runs' progress bars
+    err = cli_error(capsys, ["autoencoder", *args(episodes, tmp_path / "x", 1, init, "autoencoder.train_encoder=false",
+                                                 f"model.autoencoder.latent_channels={wider}")])
+    assert "needs its encoder trained" in err
+
+
 def test_teacher_starts_from_any_stage_autoencoder_unchanged(chain, episodes, tmp_path):
     """A teacher started from a student keeps the student's autoencoder bit for bit (so a later student
     shares the shipped latent space) and the DiT and sampler a teacher from an autoencoder run gets."""

@@ -14,6 +14,9 @@ The adaptive balance makes the weight the ratio of the adversarial term's gradie
 the decoder's last layer, whatever the discriminator's strength: on the shipped procedural decoder 0.1-0.3 trained,
 0.6 and more lost several dB of PSNR within 30 steps.
 
+With ``model.autoencoder.latent_channels`` above the input's (and every other size the same), the input's
+autoencoder is widened: it starts coding exactly as the input does, and trains its new channels in.
+
 ``autoencoder.train_encoder=false`` (needs ``init.autoencoder``) trains the decoder alone: the
 encoder and the latent statistics stay bit for bit those of the input, so the latent space does not
 move, and a DiT trained on the input's latents (a shipped student, an AR teacher) plays with the new
@@ -21,6 +24,8 @@ decoder (``python -m worldmodel.checkpoint join``).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from einops import rearrange, repeat
@@ -33,7 +38,7 @@ from train.inputs import StageInputError, bundle
 from train.networks import ema_copy
 from train.samples import side_by_side
 from train.trainer import Stage
-from worldmodel.autoencoder import reconstruction_loss
+from worldmodel.autoencoder import reconstruction_loss, widen_latent
 from worldmodel.frames import to_model
 from worldmodel.model import WorldModel
 
@@ -61,13 +66,9 @@ class AutoencoderStage(Stage):
             raise StageInputError(f"autoencoder.frames_per_clip must be in 1..data.clip_len, got {ae_cfg.frames_per_clip}")
         torch.manual_seed(derive_seed(self.cfg.seed, "init"))
         self.model = WorldModel(self.cfg.model)  # the DiT stays as initialised: stage 1 trains it
-        if "autoencoder" in inputs:
-            try:
-                self.model.autoencoder.load_state_dict(inputs["autoencoder"].autoencoder.state_dict())
-            except RuntimeError:
-                raise StageInputError("init.autoencoder: its autoencoder does not fit model.autoencoder as "
-                                      "overridden on the command line") from None
         self.train_encoder = bool(ae_cfg.train_encoder)
+        if "autoencoder" in inputs:
+            self._start_from(inputs["autoencoder"].autoencoder)
         if not self.train_encoder and "autoencoder" not in inputs:
             raise StageInputError("autoencoder.train_encoder=false trains the decoder of a given autoencoder: set init.autoencoder")
         self.ae = self.model.autoencoder.to(self.device).train()
@@ -83,6 +84,23 @@ class AutoencoderStage(Stage):
                 self.discriminator = PatchDiscriminator(self.ae.config.in_channels, channels).to(self.device).train()
             except (TypeError, ValueError) as e:
                 raise StageInputError(f"autoencoder.discriminator_channels: {e}") from None
+
+    def _start_from(self, source) -> None:
+        """Load the input's autoencoder; one with fewer latent channels than ``model.autoencoder`` and
+        otherwise the same is widened (:func:`worldmodel.autoencoder.widen_latent`)."""
+        target = self.model.autoencoder.config
+        if target.latent_channels > source.config.latent_channels and \
+                replace(source.config, latent_channels=target.latent_channels) == target:
+            if not self.train_encoder:
+                raise StageInputError("a wider latent than init.autoencoder's needs its encoder trained "
+                                      "(autoencoder.train_encoder=true)")
+            self.model.autoencoder = widen_latent(source, target.latent_channels)
+            return
+        try:
+            self.model.autoencoder.load_state_dict(source.state_dict())
+        except RuntimeError:
+            raise StageInputError("init.autoencoder: its autoencoder does not fit model.autoencoder as "
+                                  "overridden on the command line") from None
 
     @property
     def trained(self):

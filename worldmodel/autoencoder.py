@@ -29,7 +29,7 @@ a light pull that keeps latents bounded without costing reconstruction.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -338,6 +338,34 @@ class FrameAutoencoder(nn.Module):
         if not isinstance(latents, torch.Tensor) or latents.ndim != 5 or tuple(latents.shape[2:]) != expected:
             got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise AutoencoderError(f"latents must be [B, T, {', '.join(map(str, expected))}], got {got}")
+
+
+@torch.no_grad()
+def widen_latent(source: FrameAutoencoder, latent_channels: int) -> FrameAutoencoder:
+    """A copy of ``source`` with ``latent_channels`` (more than its C) latent channels that codes and decodes
+    exactly as ``source`` does: the first C channels' mean and log-variance are the source's, the new
+    channels come from a fresh encoder head (the caller seeds it), and the decoder's weights on them start
+    at zero, so they can only add information once trained. New channels get latent statistics 0 / 1."""
+    old = source.config.latent_channels
+    if latent_channels <= old:
+        raise AutoencoderError(f"widening needs more latent channels than the autoencoder's {old}, got {latent_channels}")
+    like = source.latent_shift
+    wide = FrameAutoencoder(replace(source.config, latent_channels=latent_channels)).to(like.device, like.dtype)
+    head_prefix = f"encoder.layers.{len(wide.encoder.layers) - 1}."
+    wide.load_state_dict({k: v for k, v in source.state_dict().items()
+                          if not k.startswith(("latent_", head_prefix, "decoder.layers.0."))}, strict=False)
+    head, src_head = wide.encoder.layers[-1], source.encoder.layers[-1]  # [2C, c, 3, 3]: means, then log-variances
+    for half in (0, 1):  # the source's rows; the fresh rows after them stay as initialised
+        rows, src_rows = slice(half * latent_channels, half * latent_channels + old), slice(half * old, (half + 1) * old)
+        head.weight[rows] = src_head.weight[src_rows]
+        head.bias[rows] = src_head.bias[src_rows]
+    first, src_first = wide.decoder.layers[0], source.decoder.layers[0]  # [c, C, 3, 3]
+    first.weight.zero_()
+    first.weight[:, :old] = src_first.weight
+    first.bias.copy_(src_first.bias)
+    wide.latent_shift[:old] = source.latent_shift
+    wide.latent_scale[:old] = source.latent_scale
+    return wide
 
 
 def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
