@@ -26,18 +26,18 @@ def test_cuda_graph_session_equals_eager(block_size):
     assert (runs[0] - runs[1]).abs().max() <= 1.0  # uint8 frames: at most one level of rounding apart
 
 
-def test_flex_forward_options_compute_the_dense_masked_attention():
-    """FlexAttention with FLEX_FORWARD_OPTIONS (compiled, bf16), forward and input gradients, against SDPA with the
+def test_flex_kernel_options_compute_the_dense_masked_attention():
+    """FlexAttention with FLEX_KERNEL_OPTIONS (compiled, bf16), forward and input gradients, against SDPA with the
     dense teacher-forcing mask in float64, on fresh random inputs."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from worldmodel.transformer import FLEX_FORWARD_OPTIONS, flex_block_mask, frame_mask, token_mask
+    from worldmodel.transformer import FLEX_KERNEL_OPTIONS, flex_block_mask, frame_mask, token_mask
 
     frames, tokens = frame_mask("teacher_forcing", 5, 1, "cuda"), 64
     q, k, v = (torch.randn(2, 4, 10 * tokens, 64, device="cuda", dtype=torch.float64) for _ in range(3))
     grad = torch.randn_like(q)
     mask = flex_block_mask(frames, tokens)
-    attend = torch.compile(lambda q, k, v: flex_attention(q, k, v, block_mask=mask, kernel_options=FLEX_FORWARD_OPTIONS))
+    attend = torch.compile(lambda q, k, v: flex_attention(q, k, v, block_mask=mask, kernel_options=FLEX_KERNEL_OPTIONS))
     results = []
     for fn, dtype in ((attend, torch.bfloat16),
                       (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=token_mask(frames, tokens)),

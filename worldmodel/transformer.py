@@ -222,10 +222,12 @@ def token_mask(frames: torch.Tensor | None, tokens_per_frame: int) -> torch.Tens
     return repeat(frames, "q k -> (q n) (k m)", n=tokens_per_frame, m=tokens_per_frame)
 
 
-FLEX_FORWARD_OPTIONS = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3}
-"""FlexAttention's forward tiles on CUDA (the backward keeps Inductor's): on an H100 at head dim 64, B 256, the
-teacher-forcing mask over 13 frames of 64 tokens, the forward took 1.42 ms with them against 3.64 ms with the
-default 128x128 tiles on 4 warps (``train/scripts/flex_bench.py``)."""
+FLEX_KERNEL_OPTIONS = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
+                       "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
+                       "bwd_num_warps": 4, "bwd_num_stages": 3}
+"""FlexAttention's tiles on CUDA. On an H100 at head dim 64, B 256, the teacher-forcing mask over 13 frames of 64
+tokens (``train/scripts/flex_bench.py``): the forward took 1.42 ms with them against 3.64 ms with Inductor's default
+128x128 tiles on 4 warps, and the backward 3.58 ms against 4.50 with its default tiles."""
 
 
 def flex_block_mask(frames: torch.Tensor | None, tokens_per_frame: int) -> BlockMask | None:
@@ -317,7 +319,7 @@ class Attention(nn.Module):
             out = mask.attend(q, k, v)
         elif isinstance(mask, BlockMask):
             out = flex_attention(q.to(v.dtype), k.to(v.dtype), v, block_mask=mask,
-                                 kernel_options=FLEX_FORWARD_OPTIONS if v.is_cuda else None)
+                                 kernel_options=FLEX_KERNEL_OPTIONS if v.is_cuda else None)
         elif mask is None:
             out = attention(q, k, v)
         else:

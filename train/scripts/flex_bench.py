@@ -16,7 +16,7 @@ import torch
 from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from worldmodel.transformer import FLEX_FORWARD_OPTIONS, flex_block_mask, frame_mask  # noqa: E402
+from worldmodel.transformer import FLEX_KERNEL_OPTIONS, flex_block_mask, frame_mask  # noqa: E402
 
 OPTIONS = {  # name -> (kernel options, contiguous inputs): forward tiles (M x N), warps and stages
     "default": (None, False),
@@ -27,7 +27,7 @@ OPTIONS = {  # name -> (kernel options, contiguous inputs): forward tiles (M x N
     "fwd 64x64, 4 warps": ({"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3}, False),
     "fwd 128x128, 8 warps, 2 stages": ({"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 2}, False),
 }
-BACKWARD = {  # the shipped forward (FLEX_FORWARD_OPTIONS) with backward tiles (M1, N1, M2, N2), warps, stages
+BACKWARD = {  # the shipped tiles (FLEX_KERNEL_OPTIONS) with these backward tiles (M1, N1, M2, N2), warps, stages
     "bwd 64/64/64/64, 4 warps": (64, 64, 64, 64, 4, 3),
     "bwd 64/128/128/64, 4 warps": (64, 128, 128, 64, 4, 3),
     "bwd 32/64/64/32, 4 warps": (32, 64, 64, 32, 4, 3),
@@ -35,7 +35,7 @@ BACKWARD = {  # the shipped forward (FLEX_FORWARD_OPTIONS) with backward tiles (
     "bwd 64/128/128/64, 8 warps, 2 stages": (64, 128, 128, 64, 8, 2),
 }
 for name, (m1, n1, m2, n2, warps, stages) in BACKWARD.items():
-    OPTIONS[name] = ({**FLEX_FORWARD_OPTIONS, "bwd_BLOCK_M1": m1, "bwd_BLOCK_N1": n1, "bwd_BLOCK_M2": m2,
+    OPTIONS[name] = ({**FLEX_KERNEL_OPTIONS, "bwd_BLOCK_M1": m1, "bwd_BLOCK_N1": n1, "bwd_BLOCK_M2": m2,
                       "bwd_BLOCK_N2": n2, "bwd_num_warps": warps, "bwd_num_stages": stages}, False)
 
 
