@@ -17,7 +17,8 @@
 #      trained on from AR_INIT (a DiT-only AR teacher; by default the carried
 #      assets/models/WORLD-ar-teacher.safetensors if there is one, with the shipped autoencoder as it is), or with no
 #      AR_INIT (none carried, or AR_INIT= empty) the autoencoder on from the shipped model's (AE_INIT) for AE_S (0: as
-#      it is), then teacher -> AR teacher from it (the AR teacher is also exported every AR_EXPORT_S seconds of its run);
+#      it is; AE_EXTRA: more overrides of its stage, e.g. model.autoencoder.latent_channels=16 widens it), then teacher -> AR teacher
+#      from it (the AR teacher is also exported every AR_EXPORT_S seconds of its run);
 #      With DECODER_S (seconds; needs the shipped latent space: a carried AR teacher or AE_S=0), beside it: the shipped
 #      decoder trained on alone (autoencoder.train_encoder=false, at DECODER_LR, default 1e-4) without and with each
 #      DECODER_VARIANTS (default adversarial weights 0.2 and 0.3 after 100 steps of the discriminator alone: on the H100
