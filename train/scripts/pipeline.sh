@@ -9,7 +9,8 @@
 #   base      autoencoder -> bidirectional teacher -> frame-wise AR teacher (+ chunk-wise AR teacher if COMPARE=1); the
 #             teacher starts from the autoencoder of run AE_RUN (default autoencoder), or with AE_S=0 from AE_INIT's
 #             autoencoder unchanged (so the students keep the shipped model's latent space). AE_EXTRA goes to its
-#             autoencoder stage, e.g. "model.autoencoder.latent_channels=16 init.autoencoder=null": a wider latent from scratch
+#             autoencoder stage: e.g. model.autoencoder.latent_channels=16 widens AE_INIT's latent (and with
+#             init.autoencoder=null trains a 16-channel autoencoder from scratch)
 #   ae_variants  the autoencoder stage side by side: run autoencoder as configured, and one run per variant of
 #             AE_VARIANTS (space-separated; a variant is comma-separated KEY=VALUE overrides, default
 #             autoencoder.edge_weight=0.1; run autoencoder_<last part of each key><value>, e.g.
