@@ -17,14 +17,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from train.evaluate.measures import frame_distances  # noqa: E402
 from train.evaluate.protocol import EvalSettings, Run, heldout_episodes, rollouts  # noqa: E402
 from worldmodel.checkpoint import load  # noqa: E402
-from worldmodel.metrics import yaw_pitch_from_pose  # noqa: E402
+from worldmodel.metrics import wrap_angle, yaw_pitch_from_pose  # noqa: E402
 from worldmodel.session import Session  # noqa: E402
 
 
 def camera_motion(poses: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per clip of poses ``[B, T, 4, 4]``: degrees of yaw travelled, net yaw (degrees) and walked distance."""
     yaw, _ = yaw_pitch_from_pose(poses.double())
-    step = torch.remainder(yaw.diff(dim=1) + torch.pi, 2 * torch.pi) - torch.pi
+    step = wrap_angle(yaw.diff(dim=1))
     walked = poses[:, 1:, :3, 3].double().sub(poses[:, :-1, :3, 3].double()).norm(dim=-1).sum(1)
     return {"turned": step.abs().sum(1).rad2deg(), "net_turn": step.sum(1).rad2deg().abs(), "walked": walked}
 
