@@ -16,7 +16,8 @@
 #   2. the AR teacher (with AR_OVERRIDES, config overrides such as "model.dit.window_frames=24 data.clip_len=25")
 #      trained on from AR_INIT (a DiT-only AR teacher; by default the carried
 #      assets/models/WORLD-ar-teacher.safetensors if there is one, with the shipped autoencoder as it is), or with no
-#      AR_INIT (none carried, or AR_INIT= empty) the autoencoder on from the shipped model's (AE_INIT) for AE_S (0: as
+#      AR_INIT (none carried, or AR_INIT= empty) the autoencoder on from the shipped model's (AE_INIT; AE_INIT= empty:
+#      a fresh one, e.g. with AE_EXTRA of another shape and TEACHER_EXTRA=model.dit.patch_size=4) for AE_S (0: as
 #      it is; AE_EXTRA: more overrides of its stage, e.g. model.autoencoder.latent_channels=16 widens it), then teacher -> AR teacher
 #      from it (the AR teacher is also exported every AR_EXPORT_S seconds of its run);
 #      With DECODER_S (seconds; needs the shipped latent space: a carried AR teacher or AE_S=0), beside it: the shipped
@@ -98,7 +99,7 @@ if [ "${DECODER_S:-0}" != 0 ]; then  # the shipped decoder trained on alone, bes
   fi
 fi
 note "base"
-AE_INIT=${AE_INIT:-$SHIPPED} AE_S=${AE_S:-30} TEACHER_S=${TEACHER_S:-220} AR_S=${AR_S:-300} \
+AE_INIT=${AE_INIT-$SHIPPED} AE_S=${AE_S:-30} TEACHER_S=${TEACHER_S:-220} AR_S=${AR_S:-300} \
   AR_EXTRA="run.export_every_s=${AR_EXPORT_S:-150} ${AR_OVERRIDES:-}" bash $P "$WORLD" base > "$T/base.txt" 2>&1 \
   || { note "base failed: nothing after it can run"; pack_texts; note "done"; exit 1; }
 pack_texts

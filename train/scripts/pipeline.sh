@@ -15,7 +15,8 @@
 #             AE_VARIANTS (space-separated; a variant is comma-separated KEY=VALUE overrides, default
 #             autoencoder.edge_weight=0.1; run autoencoder_<last part of each key><value>, e.g.
 #             model.autoencoder.latent_channels=16,init.autoencoder=null -> autoencoder_latent_channels16_autoencodernull,
-#             a wider latent from scratch), each measured with train.evaluate --autoencoder-only into
+#             a wider latent from scratch; a list value keeps its commas: model.autoencoder.decoder_channels=[96,48] ->
+#             _decoder_channels96-48), each measured with train.evaluate --autoencoder-only into
 #             $OUT/eval/<run>/autoencoder.json; AE_RUN=<run> then gives phase base that autoencoder. AE_EXTRA (space-
 #             separated KEY=VALUE) goes to every run of it and AE_NAME (default autoencoder) names them: e.g. AE_NAME=decoder
 #             AE_EXTRA=autoencoder.train_encoder=false AE_VARIANTS=autoencoder.adversarial_weight=0.5 trains the decoder
@@ -207,8 +208,8 @@ ae_variants() {  # the autoencoder stage side by side: run autoencoder and one r
   local runs=() pids=() v kv key name failed=0 extra
   for v in "" ${AE_VARIANTS:-autoencoder.edge_weight=0.1}; do  # "": the baseline
     name=${AE_NAME:-autoencoder}
-    IFS=, read -r -a extra <<<"$v"
-    for kv in "${extra[@]}"; do key=${kv%%=*}; name+="_${key##*.}${kv#*=}"; done
+    mapfile -t extra < <(sed -E ':a; s/(\[[^],]*),/\1;/; ta; s/,/\n/g; s/;/,/g' <<<"$v" | grep .)  # commas in [..] stay
+    for kv in "${extra[@]}"; do key=${kv%%=*} value=${kv#*=}; name+="_${key##*.}$(tr -d '[] ' <<<"${value//,/-}")"; done
     stage "$name" autoencoder "${AE_S:-100}" "${AE[@]}" ${AE_EXTRA:-} "${extra[@]}" > "$RUNS/ae_$name.out" 2>&1 &
     pids+=($!); runs+=("$name")
   done
