@@ -1,6 +1,7 @@
-"""DiT-only checkpoints: the DiT alone (no autoencoder tensors) with the fingerprint of its autoencoder,
+"""Partial checkpoints. DiT-only: the DiT alone (no autoencoder tensors) with the fingerprint of its autoencoder,
 loaded only joined with that autoencoder, validated like a full checkpoint; the command line that
-splits and joins them, and the AR teacher stage starting from a joined file."""
+splits and joins them, and the AR teacher stage starting from a joined file. Autoencoder-only: a latent space
+carried alone, loaded only where the autoencoder alone is used."""
 
 import json
 import subprocess
@@ -33,7 +34,7 @@ def files(tmp_path_factory):
     teacher.autoencoder.load_state_dict(checkpoint.load(d / "ae.safetensors").autoencoder.state_dict())
     teacher.config.stage = "ar_teacher"
     checkpoint.save(d / "teacher.safetensors", teacher)
-    checkpoint.save(d / "dit.safetensors", teacher, dit_only=True)
+    checkpoint.save(d / "dit.safetensors", teacher, part="dit")
     other = checkpoint.load(d / "ae.safetensors")
     weight = next(iter(other.autoencoder.parameters())).data
     weight[(0,) * weight.dim()] += 1.0
@@ -54,7 +55,7 @@ def test_round_trip_in_float32_is_exact(files):
 
 
 def test_bfloat16_dit_only_file_joins_to_the_bfloat16_cast(files, tmp_path):
-    checkpoint.save(tmp_path / "bf16.safetensors", files["teacher"], dtype=torch.bfloat16, dit_only=True)
+    checkpoint.save(tmp_path / "bf16.safetensors", files["teacher"], dtype=torch.bfloat16, part="dit")
     assert {v.dtype for v in load_file(str(tmp_path / "bf16.safetensors")).values()} == {torch.bfloat16}
     joined = checkpoint.load(tmp_path / "bf16.safetensors", autoencoder_from=files["ae"])
     expected = {k: v.bfloat16().float() if k.startswith("dit.") else v for k, v in files["teacher"].state_dict().items()}
@@ -225,3 +226,61 @@ def test_ar_teacher_stage_starts_from_a_joined_file(files, tmp_path):
     trained = checkpoint.load(tmp_path / "run" / "model.safetensors")
     assert trained.config.stage == "ar_teacher"
     assert_equal_states(trained.autoencoder.state_dict(), files["teacher"].autoencoder.state_dict())
+
+
+# ---------------------------------------------------------------- autoencoder-only files
+
+
+def test_autoencoder_only_file_holds_the_autoencoder_alone(files, tmp_path):
+    """A latent space carried before any DiT is trained on it: only where the autoencoder alone is used."""
+    path = tmp_path / "ae_only.safetensors"
+    source = checkpoint.load(files["ae"])
+    checkpoint.save(path, source, part="autoencoder")
+    with safe_open(str(path), framework="pt") as f:
+        assert set(f.keys()) == {f"autoencoder.{k}" for k in source.autoencoder.state_dict()}
+        assert f.metadata()["contents"] == "autoencoder"
+    loaded = checkpoint.load(path, untrained_dit=True)
+    assert_equal_states(loaded.autoencoder.state_dict(), source.autoencoder.state_dict())
+    assert loaded.config == source.config
+    with pytest.raises(CheckpointError, match=r"holds only an autoencoder, no trained DiT: give it as") as e:
+        checkpoint.load(path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(StageInputError, match=r"^init.teacher: .* holds only an autoencoder"):
+        load_input(path, "init.teacher", ("untrained", "teacher", "ar_teacher"), "ar_teacher")
+    assert_equal_states(load_input(path, "init.autoencoder", ("untrained",), "teacher").autoencoder.state_dict(),
+                        source.autoencoder.state_dict())
+    with pytest.raises(CheckpointError, match=r"is an autoencoder-only checkpoint with its own autoencoder"):
+        checkpoint.load(path, autoencoder_from=files["ae"])
+    joined = checkpoint.load(files["dit"], autoencoder_from=path)  # a DiT joins it as it joins the full file
+    assert_equal_states(joined.state_dict(), files["teacher"].state_dict())
+
+
+def test_autoencoder_only_file_is_validated(files, tmp_path):
+    path = tmp_path / "ae_only.safetensors"
+    checkpoint.save(path, checkpoint.load(files["ae"]), part="autoencoder")
+    tensors, meta = load_file(str(path)), checkpoint.file_metadata(path)
+    tensors["dit.extra"] = torch.zeros(2)
+    with pytest.raises(CheckpointError, match=r"missing \[\], unexpected \['dit\.extra'\]"):
+        checkpoint.load(crafted(tmp_path / "bad.safetensors", tensors, meta), untrained_dit=True)
+    del tensors["dit.extra"]
+    tensors[sorted(tensors)[0]] = tensors[sorted(tensors)[0]].clone().fill_(float("inf"))
+    with pytest.raises(CheckpointError, match=r"holds NaN or infinite values"):
+        checkpoint.load(crafted(tmp_path / "bad.safetensors", tensors, meta), untrained_dit=True)
+    with pytest.raises(ValueError, match=r"part must be one of \['autoencoder', 'dit'\]"):
+        checkpoint.save(tmp_path / "x.safetensors", files["teacher"], part="decoder")
+
+
+def test_cli_writes_an_autoencoder_only_file_that_the_teacher_and_autoencoder_stages_start_from(files, tmp_path):
+    out = tmp_path / "ae_only.safetensors"
+    r = cli("autoencoder-only", files["dir"] / "teacher.safetensors", out, "--dtype", "bfloat16")
+    assert r.returncode == 0 and "wrote" in r.stdout, r.stderr
+    assert out.stat().st_size < (files["dir"] / "teacher.safetensors").stat().st_size / 2
+    episodes = write_synthetic(tmp_path / "episodes", 2, 12, (32, 32))
+    run_stage("teacher", ["preset=tiny", "data.source=recordings", f"data.recordings={episodes}",
+                          f"run.dir={tmp_path / 'run'}", "run.steps=1", f"init.autoencoder={out}"])
+    trained = checkpoint.load(tmp_path / "run" / "model.safetensors")
+    expected = {k: v.bfloat16().float() for k, v in files["teacher"].autoencoder.state_dict().items()}
+    assert_equal_states(trained.autoencoder.state_dict(), expected)
+    run_stage("autoencoder", ["preset=tiny", "data.source=recordings", f"data.recordings={episodes}",
+                              f"run.dir={tmp_path / 'ae_run'}", "run.steps=1", f"init.autoencoder={out}"])
+    assert checkpoint.load(tmp_path / "ae_run" / "model.safetensors").config.stage == "autoencoder"

@@ -476,7 +476,7 @@ def test_idm_training_learns_a_visible_action():
 
 
 def test_cli_evaluates_a_tiny_checkpoint_on_the_procedural_world(tmp_path):
-    from worldmodel.checkpoint import save
+    from worldmodel.checkpoint import load, save
     from worldmodel.model import build_model
 
     ckpt, idm_path = tmp_path / "tiny.safetensors", tmp_path / "idm.safetensors"
@@ -500,6 +500,10 @@ def test_cli_evaluates_a_tiny_checkpoint_on_the_procedural_world(tmp_path):
     assert ev.main(common + ["--out", str(tmp_path / "c"), "--autoencoder-only"]) == 0
     assert json.loads((tmp_path / "c" / "autoencoder.json").read_text()) == first["autoencoder"]
     assert not (tmp_path / "c" / "report.json").exists()
+    save(tmp_path / "ae.safetensors", load(ckpt), part="autoencoder")  # the autoencoder alone measures the same
+    assert ev.main([str(tmp_path / "ae.safetensors"), *common[1:], "--out", str(tmp_path / "c2"), "--autoencoder-only"]) == 0
+    assert json.loads((tmp_path / "c2" / "autoencoder.json").read_text()) == first["autoencoder"]
+    assert ev.main([str(tmp_path / "ae.safetensors"), *common[1:], "--out", str(tmp_path / "c3")]) == 2  # no DiT to roll out
     sheets = [np.asarray(Image.open(tmp_path / d / "autoencoder.png")) for d in "ac"]
     assert first["autoencoder"]["sheet"] == "autoencoder.png" and "![autoencoder](autoencoder.png)" in text
     assert sheets[0].shape == (4 * 32 + 3 * 4, 2 * 32 + 4, 3) and np.array_equal(*sheets)  # 2 clips' start frames

@@ -124,7 +124,7 @@ def scripts(d: Path) -> None:
 def checkpoints(d: Path) -> None:
     good = d / "good.safetensors"
     checkpoint.save(good, build_model("tiny", seed=0))
-    checkpoint.save(d / "dit.safetensors", build_model("tiny", seed=1), dit_only=True)
+    checkpoint.save(d / "dit.safetensors", build_model("tiny", seed=1), part="dit")
     tensors = load_file(str(good))
     config = checkpoint.read_metadata(good)["config"]
 

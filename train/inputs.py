@@ -37,7 +37,7 @@ def load_input(path, key: str, accepted: Sequence[str], stage: str) -> WorldMode
             f"{' or '.join(repr(a) for a in accepted)}"
         )
     try:
-        return checkpoint.load(path)
+        return checkpoint.load(path, untrained_dit=key == "init.autoencoder")  # a stage takes its autoencoder alone
     except checkpoint.CheckpointError as e:
         raise StageInputError(f"{key}: {e}") from None
 

@@ -6,20 +6,24 @@ For frame-wise and chunk-wise models and 1, 2 and 4 denoising steps it prints, d
 - FPS: frames per second of a loop of steps;
 - first frame: from ``reset`` with a start image to the first generated frame;
 - the autoencoder alone: decode (once per displayed frame) and encode (the start image) of one frame.
-Weights are random: speed does not depend on them.
+Weights are random: speed does not depend on them. ``--set SECTION.KEY=JSON`` (repeatable) changes the
+preset's autoencoder or DiT, e.g. ``--set 'autoencoder.encoder_channels=[32,64,128]' --set dit.patch_size=4``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import sys
 import time
 
 import torch
+from omegaconf import DictConfig
 
 from worldmodel.actions import make_action
 from worldmodel.flow import step_list
-from worldmodel.model import build_model
+from worldmodel.model import WorldModel, model_config
 from worldmodel.session import Session
 
 STEP_COUNTS = (1, 2, 4)  # each a flow.step_list of the model's own sampler
@@ -75,10 +79,33 @@ def autoencoder_ms(model, batch: int, repeats: int = 20, warmup: int = 5) -> dic
     return out
 
 
-def run(preset: str, world: str, device: str, batch: int, frames: int, chunk: int, dtype: torch.dtype, cuda_graphs):
+SETTABLE = ("autoencoder", "dit")
+"""The model config sections that ``--set`` may change."""
+
+
+def with_settings(config: DictConfig, settings: list[str]) -> DictConfig:
+    """A copy of ``config`` with each ``SECTION.KEY=VALUE`` of ``settings`` set: SECTION one of :data:`SETTABLE`,
+    KEY one it already has, VALUE JSON (a number, a list...). Anything else raises ValueError in one line."""
+    config = config.copy()
+    for setting in settings:
+        name, sep, text = setting.partition("=")
+        section, _, key = name.partition(".")
+        if not sep or section not in SETTABLE or key not in config[section]:
+            raise ValueError(f"--set {setting!r}: expected SECTION.KEY=VALUE with SECTION one of {list(SETTABLE)} and "
+                             f"a key it has ({', '.join(config[section]) if section in SETTABLE else '...'})")
+        try:
+            config[section][key] = json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError(f"--set {setting!r}: the value is not JSON (e.g. 4, 2.5, [32,64,128])") from None
+    return config
+
+
+def run(preset: str, world: str, device: str, batch: int, frames: int, chunk: int, dtype: torch.dtype, cuda_graphs,
+        settings: list[str] = ()):
     rows = []
     for block_size in (1, chunk):
-        model = build_model(preset, world, block_size=block_size)
+        torch.manual_seed(0)
+        model = WorldModel(with_settings(model_config(preset, world, block_size=block_size), list(settings)))
         for n_steps in STEP_COUNTS:
             sigmas = step_list(n_steps, model.config.sampler.steps)
             session = Session(model, batch=batch, device=device, steps=sigmas, dtype=dtype, cuda_graphs=cuda_graphs)
@@ -98,13 +125,18 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default bf16 on CUDA")
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=JSON",
+                   help="change the preset's autoencoder or dit config (repeatable)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     graphs = False if (args.no_cuda_graphs or device.type != "cuda") else True
-    model, rows = run(args.preset, args.world, args.device, args.batch, args.frames, args.chunk, dtype, graphs)
+    try:
+        model, rows = run(args.preset, args.world, args.device, args.batch, args.frames, args.chunk, dtype, graphs, args.set)
+    except ValueError as e:  # a bad --set, or a model it makes impossible
+        sys.exit(print(f"error: {e}", file=sys.stderr) or 2)
     params = model.num_parameters()
     cfg = model.dit.cfg
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"

@@ -4,15 +4,22 @@ A checkpoint is one file ``NAME.safetensors``, or, when saved with ``max_shard_m
 ``NAME-01-of-03.safetensors``... beside each other (each with the full metadata); ``load`` takes
 ``NAME.safetensors`` either way. Writes are atomic (temp file + rename).
 
-A DiT-only checkpoint (``save(..., dit_only=True)``, metadata ``contents=dit``) holds the ``dit.*``
+A DiT-only checkpoint (``save(..., part="dit")``, metadata ``contents=dit``) holds the ``dit.*``
 tensors alone, the full config, the :func:`weights_fingerprint` of the autoencoder the DiT was
 trained against and the :func:`latent_space_fingerprint` of its encoder and latent statistics; it
 loads only joined with an autoencoder of that config and latent space (``load(path,
 autoencoder_from=...)``), whatever its decoder (a decoder trained on alone, ``autoencoder.train_encoder=false``,
 keeps the latent space). A file without ``latent_fingerprint`` (written before it existed) needs the
-whole autoencoder's fingerprint. From bash::
+whole autoencoder's fingerprint.
+
+An autoencoder-only checkpoint (``part="autoencoder"``, metadata ``contents=autoencoder``) holds the
+``autoencoder.*`` tensors alone with the full config: what a new latent space is carried as before any
+DiT is trained on it. It loads only where the autoencoder alone is used (``load(path, untrained_dit=True)``:
+a stage's ``init.autoencoder``, join's AUTOENCODER_CHECKPOINT, ``train.evaluate --autoencoder-only``),
+with the DiT as its constructor initialises it. From bash::
 
     python -m worldmodel.checkpoint dit-only CHECKPOINT OUT [--dtype bfloat16]
+    python -m worldmodel.checkpoint autoencoder-only CHECKPOINT OUT [--dtype ...]
     python -m worldmodel.checkpoint join DIT_FILE AUTOENCODER_CHECKPOINT OUT [--dtype ...]
 
 Every checkpoint is untrusted input. Loading checks the files, the format, that all shards carry
@@ -50,9 +57,9 @@ from worldmodel.transformer import DiTConfig
 
 FORMAT = "worldmodel"
 VERSION = "1"
-DIT_ONLY = "dit"
-"""The ``contents`` metadata of a DiT-only checkpoint (a full one has no ``contents`` key)."""
-DIT_PREFIX = "dit."
+PARTS = {"dit": "dit.", "autoencoder": "autoencoder."}
+"""The ``contents`` metadata of a partial checkpoint (a full one has no ``contents`` key), with the
+prefix of the tensors it holds."""
 FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -116,16 +123,20 @@ def latent_space_fingerprint(autoencoder: nn.Module) -> str:
 
 
 def save(path: str | os.PathLike, model: WorldModel, dtype: torch.dtype | None = None, extra: dict | None = None,
-         max_shard_mib: float | None = None, dit_only: bool = False) -> list[Path]:
+         max_shard_mib: float | None = None, part: str | None = None) -> list[Path]:
     """Write ``model`` (weights cast to ``dtype`` if given, e.g. torch.float16 for shipping), as
-    shards of at most ``max_shard_mib`` if given and needed; with ``dit_only``, only its DiT (see the
-    module docstring). Returns the files written."""
+    shards of at most ``max_shard_mib`` if given and needed; with ``part`` (a key of :data:`PARTS`), only
+    that part (see the module docstring). Returns the files written."""
+    if part is not None and part not in PARTS:
+        raise ValueError(f"part must be one of {sorted(PARTS)}, got {part!r}")
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in model.state_dict().items()
-             if not dit_only or k.startswith(DIT_PREFIX)}
+             if part is None or k.startswith(PARTS[part])}
     config = json.dumps(OmegaConf.to_container(model.config, resolve=True))
     metadata = {"format": FORMAT, "version": VERSION, "config": config, "extra": json.dumps(extra or {})}
-    if dit_only:
-        metadata.update(contents=DIT_ONLY, autoencoder_fingerprint=weights_fingerprint(model.autoencoder),
+    if part is not None:
+        metadata.update(contents=part)
+    if part == "dit":
+        metadata.update(autoencoder_fingerprint=weights_fingerprint(model.autoencoder),
                         latent_fingerprint=latent_space_fingerprint(model.autoencoder))
     limit = None if max_shard_mib is None else max_shard_mib * 2**20
     shards, size = [{}], 0
@@ -233,8 +244,8 @@ def check_config(config, path) -> None:
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The checkpoint's metadata (format, version, config dict, extra dict; a DiT-only one's contents
-    and autoencoder_fingerprint), validated."""
+    """The checkpoint's metadata (format, version, config dict, extra dict; a partial one's contents, and
+    a DiT-only one's autoencoder_fingerprint), validated."""
     files = checkpoint_files(path)
     meta, path = check_shards_agree(files), files[0]
     if meta.get("format") != FORMAT:
@@ -246,9 +257,10 @@ def read_metadata(path: str | os.PathLike) -> dict:
     except (KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} has unreadable config metadata: {e}") from None
     check_config(meta["config"], path)
-    if "contents" in meta:
-        if meta["contents"] != DIT_ONLY:
-            raise CheckpointError(f"{path} has contents {meta['contents']!r:.40}; this code reads full and {DIT_ONLY!r} checkpoints")
+    if "contents" in meta and meta["contents"] not in PARTS:
+        raise CheckpointError(f"{path} has contents {meta['contents']!r:.40}; this code reads full checkpoints and "
+                              f"the parts {sorted(PARTS)}")
+    if meta.get("contents") == "dit":
         if not FINGERPRINT.fullmatch(meta.get("autoencoder_fingerprint", "")):
             raise CheckpointError(f"{path} is DiT-only but has no valid autoencoder_fingerprint (64 hex digits)")
         if not FINGERPRINT.fullmatch(meta.get("latent_fingerprint", "0" * 64)):
@@ -281,26 +293,33 @@ def read_state(files: list[Path]) -> dict:
 
 
 def load(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32,
-         autoencoder_from: str | os.PathLike | WorldModel | None = None) -> WorldModel:
+         autoencoder_from: str | os.PathLike | WorldModel | None = None, untrained_dit: bool = False) -> WorldModel:
     """Build the model its config describes and load the weights, checking every tensor first. A DiT-only
     checkpoint needs ``autoencoder_from`` (a checkpoint path or a WorldModel), whose autoencoder must have
-    the config and the fingerprint the file records; a full checkpoint takes none."""
+    the config and the fingerprint the file records; a full checkpoint takes none. An autoencoder-only
+    checkpoint loads only with ``untrained_dit`` (for callers that use the autoencoder alone): its DiT is
+    as the constructor initialises it."""
     meta = read_metadata(path)
-    dit_only = "contents" in meta
-    if dit_only and autoencoder_from is None:
+    part = meta.get("contents")
+    if part == "dit" and autoencoder_from is None:
         raise CheckpointError(f"{path} holds only the DiT and needs an autoencoder: join it with an autoencoder "
                               f"checkpoint (python -m worldmodel.checkpoint join)")
-    if not dit_only and autoencoder_from is not None:
-        raise CheckpointError(f"{path} is a full checkpoint with its own autoencoder; only a DiT-only one takes another")
+    if part != "dit" and autoencoder_from is not None:
+        raise CheckpointError(f"{path} is {'a full' if part is None else 'an autoencoder-only'} checkpoint with its own "
+                              f"autoencoder; only a DiT-only one takes another")
+    if part == "autoencoder" and not untrained_dit:
+        raise CheckpointError(f"{path} holds only an autoencoder, no trained DiT: give it as a stage's init.autoencoder, "
+                              f"as join's AUTOENCODER_CHECKPOINT or to train.evaluate --autoencoder-only")
     state = read_state(checkpoint_files(path))
     expected = build(meta["config"], path, "meta").state_dict()
-    check_state({k: v for k, v in expected.items() if not dit_only or k.startswith(DIT_PREFIX)}, state, path)
-    if dit_only:
-        source = autoencoder_from if isinstance(autoencoder_from, WorldModel) else load(autoencoder_from)
+    check_state({k: v for k, v in expected.items() if k.startswith(PARTS.get(part, ""))}, state, path)
+    if part == "dit":
+        source = autoencoder_from if isinstance(autoencoder_from, WorldModel) else load(autoencoder_from, untrained_dit=True)
         check_autoencoder(meta, source, path, autoencoder_from)
         state.update({f"autoencoder.{k}": v for k, v in source.autoencoder.state_dict().items()})
     model = build(meta["config"], path)
-    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
+                          strict=part != "autoencoder")
     return model.to(device).eval()
 
 
@@ -353,9 +372,14 @@ def check_state(expected: dict, found: dict, path) -> None:
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m worldmodel.checkpoint",
-                            description="Split a checkpoint's DiT off, or join a DiT-only file with an autoencoder.")
+                            description="Split a checkpoint's DiT or autoencoder off, or join a DiT-only file with an "
+                                        "autoencoder.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("dit-only", help="write CHECKPOINT's DiT alone, with its autoencoder's fingerprint")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="of the weights written (default float32)")
+    p = sub.add_parser("autoencoder-only", help="write CHECKPOINT's autoencoder alone (a latent space no DiT is trained on yet)")
     p.add_argument("checkpoint")
     p.add_argument("out")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="of the weights written (default float32)")
@@ -372,8 +396,10 @@ def run_command(argv: list[str] | None) -> int:
     if Path(args.out).suffix != ".safetensors":
         raise CheckpointError(f"OUT {args.out} must be a .safetensors file")
     source = args.dit_file if args.command == "join" else args.checkpoint
-    model = load(source, autoencoder_from=args.autoencoder_checkpoint if args.command == "join" else None)
-    for file in save(args.out, model, DTYPES[args.dtype], read_metadata(source)["extra"], dit_only=args.command == "dit-only"):
+    model = load(source, autoencoder_from=args.autoencoder_checkpoint if args.command == "join" else None,
+                 untrained_dit=args.command == "autoencoder-only")
+    part = {"dit-only": "dit", "autoencoder-only": "autoencoder"}.get(args.command)
+    for file in save(args.out, model, DTYPES[args.dtype], read_metadata(source)["extra"], part=part):
         print(f"wrote {file} ({file.stat().st_size / 2**20:.1f} MiB)")
     return 0
 

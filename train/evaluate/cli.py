@@ -97,7 +97,7 @@ def evaluate_cli(argv) -> int:
     except ValueError:
         raise EvalError(f"--horizons must be comma-separated integers, got {args.horizons!r}") from None
     steps = None if args.steps is None else parse_floats(args.steps, "--steps")
-    model = load(args.checkpoint, device=args.device)
+    model = load(args.checkpoint, device=args.device, untrained_dit=args.autoencoder_only)
     if args.guidance is not None:
         model.config.sampler.guidance = args.guidance  # checked by the Session below
     if args.context_noise is not None:
