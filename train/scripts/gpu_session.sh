@@ -7,7 +7,9 @@
 #   while ! grep -q "\] done" /tmp/session/status; do sleep 10; [ $SECONDS -gt 560 ] && break; done; cp /tmp/session/out/* $OUT/
 # (at most 8 files: session.tgz holds the texts, results.tgz the evaluation reports, then the students' fp16 shards
 # and the AR teacher's DiT alone in bf16, ar_teacher_dit.safetensors, 12.7 MiB: it fits the shipped autoencoder, and
-# committed as assets/models/WORLD-ar-teacher.safetensors the next lease trains it on). Never `pkill -f` or
+# committed as assets/models/WORLD-ar-teacher.safetensors the next lease trains it on; when the lease trained the
+# autoencoder, also autoencoder.safetensors, its autoencoder alone in bf16, which that DiT joins as AE_INIT with AE_S=0
+# and AR_INIT the DiT). Never `pkill -f` or
 # `pgrep -f` a word that the poll command itself contains: it matches that command.
 # WORLD (procedural, the default, or doom) picks the world. It runs, in order:
 #   1. the GPU tests of the kernels (TRITON_INTERPRET=0) beside the data collection, then the generation benchmark
@@ -189,6 +191,8 @@ export_shards shipped_sharp shipped_sharp float16
 for v in "${variants[@]}"; do export_shards "${v#*:}" "${v#*:}" float16; done
 [ "${AR_S:-300}" = 0 ] || python3 -m worldmodel.checkpoint dit-only "$R/ar_teacher/model.safetensors" "$S/out/ar_teacher_dit.safetensors" \
   --dtype bfloat16 > "$T/export_ar_teacher.txt" 2>&1 || note "export ar_teacher failed"  # carried to the next session as AR_INIT
+[ -f "$R/autoencoder/done" ] && { python3 -m worldmodel.checkpoint autoencoder-only "$R/autoencoder/model.safetensors" \
+  "$S/out/autoencoder.safetensors" --dtype bfloat16 > "$T/export_autoencoder.txt" 2>&1 || note "export autoencoder failed"; }  # its AE_INIT
 pack_texts
 
 bench() {  # bench SECONDS_NEEDED NAME ARGS...: the training benchmark, if the lease has that long left
