@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from worldmodel.actions import make_action
+from worldmodel.cli_args import run_cli
 from worldmodel.flow import step_list
 from worldmodel.model import WorldModel, model_config
 from worldmodel.session import Session
@@ -114,7 +115,7 @@ def run(preset: str, world: str, device: str, batch: int, frames: int, chunk: in
     return model, rows
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="default")
     p.add_argument("--world", default="procedural", choices=["procedural", "doom"])
@@ -128,15 +129,17 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=JSON",
                    help="change the preset's autoencoder or dit config (repeatable)")
     args = p.parse_args(argv)
+    return run_cli(lambda: report(args))  # a bad --set, or a model it makes impossible: one line, status 2
+
+
+def report(args: argparse.Namespace) -> int:
+    """Time the rows ``args`` asks for and print them."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     graphs = False if (args.no_cuda_graphs or device.type != "cuda") else True
-    try:
-        model, rows = run(args.preset, args.world, args.device, args.batch, args.frames, args.chunk, dtype, graphs, args.set)
-    except ValueError as e:  # a bad --set, or a model it makes impossible
-        sys.exit(print(f"error: {e}", file=sys.stderr) or 2)
+    model, rows = run(args.preset, args.world, args.device, args.batch, args.frames, args.chunk, dtype, graphs, args.set)
     params = model.num_parameters()
     cfg = model.dit.cfg
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -148,7 +151,8 @@ def main(argv=None):
     print(f"{'granularity':>11} {'steps':>5} {'latency ms':>11} {'FPS':>8} {'first frame ms':>15}")
     for r in rows:
         print(f"{r['granularity']:>11} {r['steps']:>5} {r['latency_ms']:>11.2f} {r['fps']:>8.1f} {r['first_frame_ms']:>15.2f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -375,14 +375,12 @@ def build_parser() -> ArgumentParser:
                             description="Split a checkpoint's DiT or autoencoder off, or join a DiT-only file with an "
                                         "autoencoder.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("dit-only", help="write CHECKPOINT's DiT alone, with its autoencoder's fingerprint")
-    p.add_argument("checkpoint")
-    p.add_argument("out")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="of the weights written (default float32)")
-    p = sub.add_parser("autoencoder-only", help="write CHECKPOINT's autoencoder alone (a latent space no DiT is trained on yet)")
-    p.add_argument("checkpoint")
-    p.add_argument("out")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="of the weights written (default float32)")
+    for command, what in (("dit-only", "DiT alone, with its autoencoder's fingerprint"),
+                          ("autoencoder-only", "autoencoder alone (a latent space no DiT is trained on yet)")):
+        p = sub.add_parser(command, help=f"write CHECKPOINT's {what}")
+        p.add_argument("checkpoint")
+        p.add_argument("out")
+        p.add_argument("--dtype", choices=DTYPES, default="float32", help="of the weights written (default float32)")
     p = sub.add_parser("join", help="write a full checkpoint: DIT_FILE's DiT with AUTOENCODER_CHECKPOINT's autoencoder")
     p.add_argument("dit_file")
     p.add_argument("autoencoder_checkpoint")
