@@ -1,0 +1,75 @@
+"""How a model's latents drift in a long rollout, beside the world's own frames encoded by its autoencoder:
+
+    python3 train/scripts/rollout_latents.py CHECKPOINT [--world doom] [--frames 300] [--steps 1.0,0.5]
+        [--std-cap 1.25] [--sheet DIR]
+
+plays the demo script (``assets/scripts/demo.txt``) from the world's start frame as ``play.sheets`` does and prints, at
+some frames, the generated latent's standard deviation and largest magnitude next to those of the real frame's
+latent. ``--steps`` samples with these noise levels; ``--std-cap`` scales every generated block about its mean so that
+its standard deviation is at most that (a probe, not a feature); ``--sheet`` also writes ``play.sheets``' contact
+sheets under these settings.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from play.generator import FrameGenerator  # noqa: E402
+from play.script import load_script, script_cycle  # noqa: E402
+from play.sheets import DEMO_SCRIPT, make_sheets  # noqa: E402
+from worldmodel.checkpoint import load  # noqa: E402
+from worldmodel.envs import make_world  # noqa: E402
+from worldmodel.frames import to_model  # noqa: E402
+from worldmodel.session import Session  # noqa: E402
+
+SHOWN = (1, 5, 10, 20, 50, 100, 150, 200, 250, 300, 500, 1000)
+
+
+def capped(sample, cap: float):
+    """``sample`` whose latents ``[B, T, C, h, w]`` are scaled about each frame's mean to a std of at most ``cap``."""
+    def run(*args, **kwargs):
+        x = sample(*args, **kwargs)
+        flat = x.to(torch.promote_types(x.dtype, torch.float32)).flatten(2)
+        mean, std = flat.mean(2, keepdim=True), flat.std(2, keepdim=True)
+        return ((flat - mean) * (cap / std).clamp(max=1.0) + mean).view_as(x).to(x.dtype)
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--world", default="doom")
+    parser.add_argument("--frames", type=int, default=300)
+    parser.add_argument("--steps", help="noise levels, comma-separated (default: the checkpoint's)")
+    parser.add_argument("--std-cap", type=float, default=0.0, help="0: none")
+    parser.add_argument("--sheet", type=Path)
+    args = parser.parse_args()
+    model = load(args.checkpoint)
+    height, width = model.frame_size
+    session = Session(model, batch=1)
+    generator = FrameGenerator(session, make_world(args.world, batch=1, height=height, width=width))
+    if args.steps:
+        generator.use_steps([float(s) for s in args.steps.split(",")])
+    if args.std_cap > 0:  # after FrameGenerator, whose cast builds the session's rollout anew
+        session.rollout.sample = capped(session.rollout.sample, args.std_cap)
+    dtype = next(model.autoencoder.parameters()).dtype
+    actions = script_cycle(load_script(DEMO_SCRIPT, generator.spec), generator.spec)
+    with torch.inference_mode():
+        generator.reset(0)
+        for t in range(1, args.frames + 1):
+            shown = generator.step(next(actions))
+            if t in SHOWN or t == args.frames:
+                z = session._pending[0].float()
+                real = model.autoencoder.encode(to_model(torch.as_tensor(shown.panels[0])[None, None], dtype)).float()
+                print(f"frame {t:5d}  model latent std {z.std():.3f} max |z| {z.abs().max():.2f}  "
+                      f"real std {real.std():.3f} max |z| {real.abs().max():.2f}")
+        if args.sheet:
+            for path in make_sheets(generator, args.sheet):
+                print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
