@@ -1,12 +1,13 @@
 """How a model's latents drift in a long rollout, beside the world's own frames encoded by its autoencoder:
 
     python3 train/scripts/rollout_latents.py CHECKPOINT [--world doom] [--frames 300] [--steps 1.0,0.5]
-        [--std-cap 1.25] [--sheet DIR]
+        [--std-cap 1.25] [--kv-cache SINKS,WINDOW] [--sheet DIR]
 
 plays the demo script (``assets/scripts/demo.txt``) from the world's start frame as ``play.sheets`` does and prints, at
 some frames, the generated latent's standard deviation and largest magnitude next to those of the real frame's
 latent. ``--steps`` samples with these noise levels; ``--std-cap`` scales every generated block about its mean so that
-its standard deviation is at most that (a probe, not a feature); ``--sheet`` also writes ``play.sheets``' contact
+its standard deviation is at most that (a probe, not a feature); ``--kv-cache`` plays with another KV cache, as in
+``train.evaluate``; ``--sheet`` also writes ``play.sheets``' contact
 sheets under these settings.
 """
 
@@ -22,7 +23,9 @@ from play.script import load_script, script_cycle  # noqa: E402
 from play.sheets import DEMO_SCRIPT, make_sheets  # noqa: E402
 from worldmodel.checkpoint import load  # noqa: E402
 from worldmodel.envs import make_world  # noqa: E402
+from train.evaluate.cli import parse_kv_cache  # noqa: E402
 from worldmodel.frames import to_model  # noqa: E402
+from worldmodel.model import with_kv_cache  # noqa: E402
 from worldmodel.session import Session  # noqa: E402
 
 SHOWN = (1, 5, 10, 20, 50, 100, 150, 200, 250, 300, 500, 1000)
@@ -45,9 +48,12 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=300)
     parser.add_argument("--steps", help="noise levels, comma-separated (default: the checkpoint's)")
     parser.add_argument("--std-cap", type=float, default=0.0, help="0: none")
+    parser.add_argument("--kv-cache", metavar="SINKS,WINDOW", help="default: the checkpoint's")
     parser.add_argument("--sheet", type=Path)
     args = parser.parse_args()
     model = load(args.checkpoint)
+    if args.kv_cache:
+        model = with_kv_cache(model, *parse_kv_cache(args.kv_cache))
     height, width = model.frame_size
     session = Session(model, batch=1)
     generator = FrameGenerator(session, make_world(args.world, batch=1, height=height, width=width))
