@@ -33,7 +33,8 @@
 #      causal CD on from the shipped student (SIDE=cd_on: run causal_cd_on, same budget CD_S) or nothing (SIDE=none);
 #      and beside them each of CD_ON_VARIANTS ("NAME:KEY=VALUE,KEY=VALUE ..."): causal CD on from the shipped student
 #      with those overrides for CD_ON_S, as run NAME (CD_S=0 skips the student from the AR teacher; AR_S=0 keeps the
-#      carried AR teacher as it is);
+#      carried AR teacher as it is); with DMD_S (seconds; needs this lease's bidirectional teacher, so no AR_INIT), DMD
+#      from that student after it (run dmd: evaluated as dmd_2step and exported as dmd shards);
 #   4. full evaluations side by side, on EVAL_CLIPS held-out clips (default 32) drawn with EVAL_SEED (default 0): the
 #      shipped model (EVAL_SHIPPED=0: not), the carried AR teacher as it came (EVAL_CARRIED=1), the AR teacher at
 #      AR_EXPORT_S (16 Euler steps, CFG 1) and at its end (at each guidance of AR_GUIDANCES, default 1; empty: none),
@@ -42,7 +43,7 @@
 #      autoencoder alone on held-out frames when this lease trained it;
 #   5. exports (the students fp16 in shards of <= 15 MiB, the AR teacher's DiT bf16), then the training benchmark's batch
 #      matrix on what is left of the lease (until DEADLINE_S after the start).
-# Budgets (seconds) come from the environment: AE_S (0: the shipped autoencoder as it is) TEACHER_S AR_S AR_EXPORT_S CD_S CD_ON_S
+# Budgets (seconds) come from the environment: AE_S (0: the shipped autoencoder as it is) TEACHER_S AR_S AR_EXPORT_S CD_S DMD_S CD_ON_S
 # CD_CPU_S TESTS_S EVAL_TIMEOUT_S DEADLINE_S; the benchmark's rows from BENCH_STAGES and BENCH_BATCHES.
 # Wheels missing on the GPU image (omegaconf) come from .whl/.
 set -uo pipefail
@@ -115,7 +116,8 @@ for v in ${CD_ON_VARIANTS:-}; do  # NAME:KEY=VALUE,KEY=VALUE - causal CD on from
   CD_ON_RUN=$name CD_EXTRA="${over//,/ }" CD_S=${CD_ON_S:-${CD_S:-240}} bash $P "$WORLD" cd_on > "$T/$name.txt" 2>&1 &
   variants+=("$!:$name")
 done
-[ "${CD_S:-240}" = 0 ] || CD_S=${CD_S:-240} DMD_S=0 bash $P "$WORLD" distill > "$T/distill.txt" 2>&1 || note "causal CD failed"
+[ "${CD_S:-240}" = 0 ] || CD_S=${CD_S:-240} DMD_S=${DMD_S:-0} bash $P "$WORLD" distill > "$T/distill.txt" 2>&1 \
+  || note "causal CD / DMD failed"
 [ -z "$side" ] || wait $side || note "$SIDE failed"
 for v in "${variants[@]}"; do wait "${v%%:*}" || note "${v#*:} failed"; done
 if [ -n "$decoder" ]; then  # the student and the shipped model, each with the decoder closest to the truth's sharpness
@@ -166,6 +168,7 @@ for g in ${AR_GUIDANCES-1}; do  # the AR teacher's own sampler (16 Euler steps) 
 done
 evaluate "ar_teacher_${AR_EXPORT_S:-150}s_g1" "$R/ar_teacher/exports/model_$(printf %06d "${AR_EXPORT_S:-150}")s.safetensors" "${FULL[@]}" --guidance 1
 evaluate causal_cd_2step "$R/causal_cd/model.safetensors" "${FULL[@]}"
+evaluate dmd_2step "$R/dmd/model.safetensors" "${FULL[@]}"
 evaluate causal_cd_cpu_2step "$R/causal_cd_cpu/model.safetensors" "${FULL[@]}"
 [ "$SIDE" = cd_on ] && evaluate causal_cd_on_2step "$R/causal_cd_on/model.safetensors" "${FULL[@]}"  # CD_ON_VARIANTS runs: above, by name
 evaluate causal_cd_sharp_2step "$R/causal_cd_sharp/model.safetensors" "${FULL[@]}"
@@ -184,6 +187,7 @@ checkpoint.save(sys.argv[2], checkpoint.load(sys.argv[1]), dtype=getattr(torch, 
 PY
 }
 export_shards causal_cd causal_cd float16
+export_shards dmd dmd float16
 export_shards causal_cd_cpu causal_cd_cpu float16
 export_shards causal_cd_on causal_cd_on float16
 export_shards causal_cd_sharp causal_cd_sharp float16
