@@ -30,3 +30,13 @@ def test_cap_scales_only_the_frames_above_it():
                 torch.testing.assert_close(got.mean(), frame.mean(), rtol=0, atol=1e-12)
                 torch.testing.assert_close(got.std(), torch.tensor(1.5, dtype=torch.float64), rtol=0, atol=1e-12)
                 torch.testing.assert_close((got - got.mean()) * frame.std() / 1.5, frame - frame.mean(), rtol=0, atol=1e-12)
+
+
+def test_bad_input_is_one_line_and_status_2(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    main = load_script().main
+    assert main([str(bad)]) == 2
+    assert main([str(bad), "--frames", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err), err

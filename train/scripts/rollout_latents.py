@@ -11,7 +11,6 @@ its standard deviation is at most that (a probe, not a feature); ``--kv-cache`` 
 sheets under these settings.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,7 +21,8 @@ from play.generator import FrameGenerator  # noqa: E402
 from play.script import load_script, script_cycle  # noqa: E402
 from play.sheets import DEMO_SCRIPT, make_sheets  # noqa: E402
 from worldmodel.checkpoint import load  # noqa: E402
-from worldmodel.envs import make_world  # noqa: E402
+from worldmodel.cli_args import ArgumentParser, run_cli  # noqa: E402
+from worldmodel.envs import WORLDS, make_world  # noqa: E402
 from train.evaluate.cli import parse_kv_cache  # noqa: E402
 from worldmodel.frames import to_model  # noqa: E402
 from worldmodel.model import with_kv_cache  # noqa: E402
@@ -41,24 +41,32 @@ def capped(sample, cap: float):
     return run
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint")
-    parser.add_argument("--world", default="doom")
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="train/scripts/rollout_latents.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--world", default="doom", choices=sorted(WORLDS))
     parser.add_argument("--frames", type=int, default=300)
     parser.add_argument("--steps", help="noise levels, comma-separated (default: the checkpoint's)")
     parser.add_argument("--std-cap", type=float, default=0.0, help="0: none")
     parser.add_argument("--kv-cache", metavar="SINKS,WINDOW", help="default: the checkpoint's")
     parser.add_argument("--sheet", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    return run_cli(lambda: probe(args))
+
+
+def probe(args) -> int:
+    """Play, print the latent figures (and write the sheets); bad arguments or files raise ValueError / OSError."""
+    if args.frames < 1 or not args.std_cap >= 0:
+        raise ValueError(f"--frames must be >= 1 and --std-cap >= 0, got {args.frames} and {args.std_cap}")
+    steps = [float(s) for s in args.steps.split(",")] if args.steps else None
     model = load(args.checkpoint)
     if args.kv_cache:
         model = with_kv_cache(model, *parse_kv_cache(args.kv_cache))
     height, width = model.frame_size
     session = Session(model, batch=1)
     generator = FrameGenerator(session, make_world(args.world, batch=1, height=height, width=width))
-    if args.steps:
-        generator.use_steps([float(s) for s in args.steps.split(",")])
+    if steps:
+        generator.use_steps(steps)
     if args.std_cap > 0:  # after FrameGenerator, whose cast builds the session's rollout anew
         session.rollout.sample = capped(session.rollout.sample, args.std_cap)
     dtype = next(model.autoencoder.parameters()).dtype
@@ -75,7 +83,8 @@ def main() -> None:
         if args.sheet:
             for path in make_sheets(generator, args.sheet):
                 print("wrote", path)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
