@@ -7,8 +7,7 @@ plays the demo script (``assets/scripts/demo.txt``) from the world's start frame
 some frames, the generated latent's standard deviation and largest magnitude next to those of the real frame's
 latent. ``--steps`` samples with these noise levels; ``--std-cap`` scales every generated block about its mean so that
 its standard deviation is at most that (a probe, not a feature); ``--kv-cache`` plays with another KV cache, as in
-``train.evaluate``; ``--sheet`` also writes ``play.sheets``' contact
-sheets under these settings.
+``train.evaluate``; ``--sheet`` also writes ``play.sheets``' contact sheets under these settings.
 """
 
 import sys
@@ -20,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from play.generator import FrameGenerator  # noqa: E402
 from play.script import load_script, script_cycle  # noqa: E402
 from play.sheets import DEMO_SCRIPT, make_sheets  # noqa: E402
+from train.evaluate.cli import parse_kv_cache  # noqa: E402
 from worldmodel.checkpoint import load  # noqa: E402
 from worldmodel.cli_args import ArgumentParser, run_cli  # noqa: E402
 from worldmodel.envs import WORLDS, make_world  # noqa: E402
-from train.evaluate.cli import parse_kv_cache  # noqa: E402
 from worldmodel.frames import to_model  # noqa: E402
 from worldmodel.model import with_kv_cache  # noqa: E402
 from worldmodel.session import Session  # noqa: E402
