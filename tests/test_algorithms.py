@@ -382,6 +382,37 @@ def test_self_forcing_gradient_reaches_exactly_one_step_per_block():
         torch.testing.assert_close(out[:, b + 1].detach(), x0)
 
 
+def test_self_forcing_plays_the_blocks_before_trained_from_without_gradient():
+    """Blocks that start before ``trained_from`` run every step without gradient (their values: the full
+    sampler); later blocks exit at their exit step, with gradient, as before."""
+    from worldmodel.rollout import CachedRollout
+
+    sigmas = (1.0, 0.6)
+    num_blocks, trained_from = 5, 3  # blocks 1, 2 played; blocks 3, 4, 5 trained
+    exit_steps = [0, 0, 1, 0, 1]
+    theta = torch.nn.Parameter(1.0 + 0.1 * torch.randn(num_blocks, len(sigmas), generator=gen(7)))
+    dit = ToyDiT(theta, sigmas)
+    clip = SimpleNamespace(actions=torch.zeros(2, 1 + num_blocks, 1), poses=torch.eye(4).expand(2, 1 + num_blocks, 4, 4))
+    noise = torch.randn(2, len(sigmas), 1 + num_blocks, 1, 2, 2, generator=gen(8))
+    first = torch.randn(2, 1, 1, 2, 2, generator=gen(9))
+    out = alg.self_forcing_rollout(CachedRollout(dit, clip), first, noise, sigmas, exit_steps, trained_from)
+    assert [c for c in dit.calls if c[2]] == [(b + 1, exit_steps[b], True) for b in range(trained_from - 1, num_blocks)]
+    out.sum().backward()
+    assert not theta.grad[: trained_from - 1].any()
+
+    history = [first[:, 0]]
+    for b in range(num_blocks):
+        played = b + 1 < trained_from
+        last = len(sigmas) - 1 if played else exit_steps[b]
+        x = noise[:, 0, b + 1]
+        for i in range(last + 1):
+            x0 = theta.detach()[b, i] * x + 0.1 * sum(history)
+            if i < last:
+                x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * noise[:, i + 1, b + 1]
+        history.append(x0)
+        torch.testing.assert_close(out[:, b + 1].detach(), x0, rtol=1e-6, atol=1e-6)
+
+
 def test_self_forcing_rejects_bad_exit_step():
     with pytest.raises(alg.AlgorithmError, match="exit step 2"):
         alg.self_forcing_rollout(None, torch.zeros(1), torch.zeros(1), (1.0, 0.5), [2])

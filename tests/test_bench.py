@@ -90,6 +90,20 @@ def test_rollout_flops_match_the_counter_over_a_real_rollout():
     assert bench.rollout_flops(dit.cfg, 2, 7, 3, trained=False) > expected  # one more denoising forward per block
 
 
+@torch.no_grad()
+def test_played_rollout_flops_match_the_counter():
+    """A rollout whose blocks are all played (trained_from past the clip): every one of 2 steps, then the commit."""
+    dit, (x, _, a, p) = tiny_dit(block_size=2, window_frames=2), clip_inputs(frames=7)
+    rollout = CachedRollout(dit, Clip(a, p))
+    noise = torch.stack([x, x], 1)
+
+    def run():
+        alg.self_forcing_rollout(rollout, x[:, :1], noise, [1.0, 0.5], [0] * (len(rollout.blocks) - 1), trained_from=7)
+
+    expected = bench.rollout_flops(dit.cfg, 2, 7, 2, trained=False, trained_from=7)
+    assert counted(run) == pytest.approx(expected, rel=CAMERA_SLACK)
+
+
 def stage_config(stage: str, **sections) -> OmegaConf:
     model = model_config("tiny", "procedural")
     return OmegaConf.create({"stage": stage, "model": OmegaConf.to_container(model), "data": {"batch": 4, "clip_len": 5},
@@ -106,13 +120,18 @@ def test_step_flops_per_stage():
     assert bench.step_flops(stage_config("causal_scm", scm={"guidance": 3.0}), 0) == pytest.approx((2 + 2 + 3) * tf)
     assert bench.step_flops(stage_config("autoencoder"), 0) is None
 
-    dmd = stage_config("dmd", dmd={"critic_updates": 5, "guidance": 3.0})
+    dmd = stage_config("dmd", dmd={"critic_updates": 5, "guidance": 3.0, "score_frames": 0})
     steps = len(dmd.model.sampler.steps)
     critic_turn = bench.rollout_flops(dit, 4, 5, steps, trained=False) + 3 * bi
     generator_turn = bench.rollout_flops(dit, 4, 5, steps, trained=True) + (3 + 2 + 1) * bi
     assert bench.step_flops(dmd, 5) == pytest.approx(generator_turn)
     assert bench.step_flops(dmd, 6) == pytest.approx(critic_turn)
     assert bench.window_flops(dmd, 10) == pytest.approx((2 * generator_turn + 8 * critic_turn) / 10)  # steps 10 and 15
+
+    long = stage_config("dmd", dmd={"critic_updates": 1, "guidance": 1.0, "score_frames": 3})
+    scored = bench.sequence_forward_flops(dit, 4, 3, "bidirectional")
+    expected = bench.rollout_flops(dit, 4, 5, steps, trained=True, trained_from=2) + (3 + 1 + 1) * scored
+    assert bench.step_flops(long, 0) == pytest.approx(expected)
 
 
 def test_failures_say_what_went_wrong():

@@ -164,6 +164,34 @@ def test_dmd_generator_is_updated_on_its_turns_only(chain):
     assert ["generator_loss" in r for r in records] == [True, False, True]  # critic_updates=2
 
 
+def test_dmd_long_rollout_scores_its_last_frames(chain, episodes, tmp_path):
+    """dmd.score_frames: an 11-frame rollout past the tiny preset's 7-frame cache, its last 5 frames scored."""
+    run_dir = tmp_path / "dmd_long"
+    run("dmd", args(episodes, run_dir, 2, f"init.student={chain['causal_cd']}/model.safetensors",
+                    f"init.teacher={chain['teacher']}/model.safetensors", "dmd.critic_updates=1", "data.clip_len=11",
+                    "dmd.score_frames=5"))
+    records = [r for r in read_log(run_dir) if "critic_loss" in r]
+    assert len(records) == 2 and all(math.isfinite(r["generator_loss"]) for r in records)
+    assert checkpoint.load(run_dir / "model.safetensors").config.stage == "dmd"
+
+
+@pytest.mark.parametrize("clip_len,score_frames,block_size,start", [(13, 0, 1, 0), (13, 13, 1, 0), (49, 13, 1, 36),
+                                                                    (49, 12, 4, 37), (9, 2, 1, 7)])
+def test_dmd_scored_window_starts_a_block(clip_len, score_frames, block_size, start):
+    from train.dmd import scored_from
+
+    assert scored_from(clip_len, score_frames, block_size) == start
+
+
+@pytest.mark.parametrize("clip_len,score_frames,block_size", [(13, 1, 1), (13, 14, 1), (49, 13, 4), (13, -1, 1)])
+def test_dmd_rejects_a_scored_window_off_the_blocks(clip_len, score_frames, block_size):
+    from train.config import TrainConfigError
+    from train.dmd import scored_from
+
+    with pytest.raises(TrainConfigError, match="dmd.score_frames"):
+        scored_from(clip_len, score_frames, block_size)
+
+
 def test_sample_videos_are_written(chain):
     import imageio.v3 as iio
 

@@ -306,7 +306,8 @@ def sample_exit_steps(num_blocks: int, num_steps: int, generator: torch.Generato
     return torch.randint(0, num_steps, (num_blocks,), generator=generator, device=generator.device).tolist()
 
 
-def self_forcing_rollout(rollout, first: Tensor, noise: Tensor, sigmas: Sequence[float], exit_steps: Sequence[int]) -> Tensor:
+def self_forcing_rollout(rollout, first: Tensor, noise: Tensor, sigmas: Sequence[float], exit_steps: Sequence[int],
+                         trained_from: int = 0) -> Tensor:
     """The student plays a clip from its first frame ``first [B, 1, C, h, w]``, block after block on its
     own outputs (Self Forcing); returns the clip ``[B, T, C, h, w]``.
 
@@ -316,6 +317,8 @@ def self_forcing_rollout(rollout, first: Tensor, noise: Tensor, sigmas: Sequence
     (re-noising with ``noise[:, i]`` to ``sigmas[i]``); step ``e`` runs with gradient (if enabled) and its
     x0 is the block. The rollout then commits the clean block without gradient, so later blocks see a
     detached history. ``noise [B, K, T, C, h, w]`` with ``K = len(sigmas)``; ``sigmas`` without the final 0.
+    Blocks that start before frame ``trained_from`` are played as in play instead: every step, no gradient
+    (a long rollout whose loss sees only its last frames).
     """
     for b, exit_step in enumerate(exit_steps):
         if not 0 <= exit_step < len(sigmas):
@@ -323,7 +326,11 @@ def self_forcing_rollout(rollout, first: Tensor, noise: Tensor, sigmas: Sequence
 
     def sample_block(velocity, b, shape):
         start, end = rollout.blocks[b]
-        block_noise, exit_step = noise[:, :, start:end].movedim(1, 0), exit_steps[b - 1]
+        block_noise = noise[:, :, start:end].movedim(1, 0)
+        if start < trained_from:
+            with torch.no_grad():
+                return flow.sample_renoise(velocity, block_noise[0], [*sigmas, 0.0], noise=block_noise[1:])
+        exit_step = exit_steps[b - 1]
         with torch.no_grad():
             x = flow.sample_renoise(velocity, block_noise[0], sigmas[: exit_step + 1], noise=block_noise[1:])
         return flow.sample_renoise(velocity, x, [sigmas[exit_step], 0.0])

@@ -45,6 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 from worldmodel.rollout import block_ranges
 from train.config import compose, fresh_model_config
 from train.data import StepBatches
+from train.dmd import scored_from
 from train.trainer import stage_class
 from worldmodel import checkpoint
 from worldmodel.actions import ActionSpec
@@ -134,18 +135,20 @@ def cached_forward_flops(cfg: DiTConfig, batch: int, block_frames: int, cached_f
             + attention_flops(cfg, batch, block_frames * n, (cached_frames + block_frames) * n))
 
 
-def rollout_flops(cfg: DiTConfig, batch: int, frames: int, num_steps: int, trained: bool) -> float:
+def rollout_flops(cfg: DiTConfig, batch: int, frames: int, num_steps: int, trained: bool, trained_from: int = 0) -> float:
     """Expected FLOPs of one self-forcing rollout (:func:`train.algorithms.self_forcing_rollout`)
     of a clip: the start frame's commit, then per block, with the exit step uniform in
     ``[0, num_steps)``, ``(num_steps - 1) / 2`` denoising forwards without gradient, the exit forward
     (trained on generator turns) and the commit forward, each attending to the cache (sinks +
-    window frames at most), and the cache roll of each commit that overflows the window."""
+    window frames at most), and the cache roll of each commit that overflows the window. Blocks that
+    start before ``trained_from`` are played: ``num_steps`` forwards without gradient and the commit."""
     capacity = cfg.sink_frames + cfg.window_frames
     calls = (num_steps - 1) / 2 + (TRAINED if trained else FROZEN) + FROZEN
     total = cached_forward_flops(cfg, batch, 1, 0)
     for start, end in block_ranges(frames, cfg.block_size)[1:]:
         held = min(capacity, start)
-        total += calls * cached_forward_flops(cfg, batch, end - start, held)
+        played = (num_steps + 1) * FROZEN
+        total += (played if start < trained_from else calls) * cached_forward_flops(cfg, batch, end - start, held)
         total += roll_flops(cfg, batch) if held + end - start > capacity else 0
     return total
 
@@ -173,7 +176,7 @@ def step_flops(cfg: DictConfig, step: int) -> float | None:
       trained forward, all teacher-forced;
     - dmd: the rollout; on generator turns (every ``dmd.critic_updates``-th step) its exit forwards
       are trained and the guided real score and the critic run once without gradient; every step
-      the critic trains on the rollout. The score networks are taken to have the student's
+      the critic trains on the rollout (its last ``dmd.score_frames`` frames when set). The score networks are taken to have the student's
       architecture (the bench's inputs do).
     """
     dit = dit_config(cfg.model)
@@ -190,8 +193,9 @@ def step_flops(cfg: DictConfig, step: int) -> float | None:
         return per_clip * (FROZEN * guided_batch(b, cfg.scm.guidance) + TANGENT * b + TRAINED * b)
     if stage == "dmd":
         generator_turn = step % int(cfg.dmd.critic_updates) == 0
-        bidirectional = sequence_forward_flops(dit, 1, t, "bidirectional")
-        total = rollout_flops(dit, b, t, len(cfg.model.sampler.steps), generator_turn) + TRAINED * b * bidirectional
+        start = scored_from(t, int(cfg.dmd.score_frames), dit.block_size)
+        bidirectional = sequence_forward_flops(dit, 1, t - start, "bidirectional")
+        total = rollout_flops(dit, b, t, len(cfg.model.sampler.steps), generator_turn, start) + TRAINED * b * bidirectional
         if generator_turn:
             total += bidirectional * (FROZEN * guided_batch(b, cfg.dmd.guidance) + FROZEN * b)
         return total

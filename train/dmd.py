@@ -14,6 +14,11 @@ score) is trained by flow matching on the detached rollout every step; every
 (:func:`train.algorithms.dmd_loss`) from the real score (the stage-1 teacher with guidance) and
 the critic, on the rollout noised to one level per clip in ``dmd.sigma_low..dmd.sigma_high``
 (shifted by ``dmd.shift``).
+
+Long rollouts (Self-Forcing++): with ``dmd.score_frames`` = S > 0 the generator plays the whole clip of
+``data.clip_len`` frames, its KV cache rolling as in play, and both losses see only its last S frames
+(the score networks' clip length): the blocks before them are played with every step and no gradient.
+So the generator learns from the frames it makes after a long history of its own, where play drifts.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from train import algorithms as alg
-from train.clips import encode, to_clip
+from train.clips import Clip, encode, to_clip
 from train.config import TrainConfigError
 from train.inputs import check_same_autoencoder
 from train.networks import frozen, guided_velocity_fn, trainable_copy, velocity_fn, x0_fn
@@ -45,6 +50,8 @@ class DMDStage(StudentStage):
         self.critic = trainable_copy(teacher)
         if int(self.cfg.dmd.critic_updates) < 1:
             raise TrainConfigError(f"dmd.critic_updates must be >= 1, got {self.cfg.dmd.critic_updates}")
+        self.scored_from = scored_from(int(self.cfg.data.clip_len), int(self.cfg.dmd.score_frames),
+                                       self.student.cfg.block_size)
 
     def modules(self):
         return {**super().modules(), "critic": self.critic}
@@ -56,12 +63,13 @@ class DMDStage(StudentStage):
         return {**super().optimized(), "critic": (self.critic, self.cfg.critic_optim)}
 
     def rollout(self, clip, first: torch.Tensor, rng) -> torch.Tensor:
-        """The generator's clip ``[B, T, C, h, w]`` from the real first frame ``first [B, 1, C, h, w]``."""
+        """The generator's clip ``[B, T, C, h, w]`` from the real first frame ``first [B, 1, C, h, w]``
+        (the frames before ``scored_from`` without gradient)."""
         rollout = CachedRollout(self.student, clip, self.trainer.compute_dtype)
         exits = alg.sample_exit_steps(len(rollout.blocks) - 1, len(self.steps), rng.generator("exit_steps", "cpu"))
         b, t = clip.actions.shape[:2]
         noise = rng.randn("rollout_noise", (b, len(self.steps), t, *first.shape[2:]))
-        return alg.self_forcing_rollout(rollout, first, noise, self.steps, exits)
+        return alg.self_forcing_rollout(rollout, first, noise, self.steps, exits, self.scored_from)
 
     def _clip_sigma(self, rng, b: int, t: int, tag: str, **distribution):
         """One noise level per clip ``[b, t]``: the score networks are bidirectional."""
@@ -73,10 +81,11 @@ class DMDStage(StudentStage):
         clip = to_clip(batch, self.action_spec, self.device)
         first = clip.latents[:, :1] if clip.latents is not None else encode(self.ae, clip.frames[:, :1])
         generator_turn = rng.step % int(cfg.critic_updates) == 0  # the same on every rank
-        b, t = clip.actions.shape[:2]
         scalars = {}
         with torch.set_grad_enabled(generator_turn):
-            generated = self.rollout(clip, first, rng)
+            generated = self.rollout(clip, first, rng)[:, self.scored_from :]
+        clip = Clip(clip.actions[:, self.scored_from :], clip.poses[:, self.scored_from :])  # what the scores see
+        b, t = clip.actions.shape[:2]
         if generator_turn:
             sigma = self._clip_sigma(rng, b, t, "dmd_sigma", distribution="uniform", low=float(cfg.sigma_low),
                                      high=float(cfg.sigma_high), shift=float(cfg.shift))
@@ -91,6 +100,18 @@ class DMDStage(StudentStage):
         eps = rng.randn("critic_noise", tuple(generated.shape))
         critic_loss = alg.critic_loss(velocity_fn(self.critic, clip, "bidirectional"), generated, eps, sigma)
         return {**scalars, "critic_loss": critic_loss.detach(), **self.trainer.update("critic", critic_loss)}
+
+
+def scored_from(clip_len: int, score_frames: int, block_size: int) -> int:
+    """First frame of the scored window: the last ``score_frames`` frames of the clip (0: all of it),
+    starting at a block's start (the start frame, then whole blocks)."""
+    if score_frames == 0:
+        return 0
+    start = clip_len - score_frames
+    if not 2 <= score_frames <= clip_len or (start > 0 and (start - 1) % block_size):
+        raise TrainConfigError(f"dmd.score_frames must be 0, or 2..data.clip_len ({clip_len}) frames that start a block "
+                               f"of {block_size} frames, got {score_frames}")
+    return start
 
 
 STAGE = DMDStage

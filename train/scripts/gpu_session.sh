@@ -34,7 +34,8 @@
 #      and beside them each of CD_ON_VARIANTS ("NAME:KEY=VALUE,KEY=VALUE ..."): causal CD on from the shipped student
 #      with those overrides for CD_ON_S, as run NAME (CD_S=0 skips the student from the AR teacher; AR_S=0 keeps the
 #      carried AR teacher as it is); with DMD_S (seconds; needs this lease's bidirectional teacher, so no AR_INIT), DMD
-#      from that student after it (run dmd: evaluated as dmd_2step and exported as dmd shards);
+#      from that student after it (run dmd: evaluated as dmd_2step and exported as dmd shards), and beside it each of
+#      DMD_VARIANTS (pipeline.sh's distill: "NAME:KEY=VALUE,..."), evaluated as NAME_2step and exported;
 #   4. full evaluations side by side, on EVAL_CLIPS held-out clips (default 32) drawn with EVAL_SEED (default 0): the
 #      shipped model (EVAL_SHIPPED=0: not), the carried AR teacher as it came (EVAL_CARRIED=1), the AR teacher at
 #      AR_EXPORT_S (16 Euler steps, CFG 1) and at its end (at each guidance of AR_GUIDANCES, default 1; empty: none),
@@ -169,6 +170,7 @@ done
 evaluate "ar_teacher_${AR_EXPORT_S:-150}s_g1" "$R/ar_teacher/exports/model_$(printf %06d "${AR_EXPORT_S:-150}")s.safetensors" "${FULL[@]}" --guidance 1
 evaluate causal_cd_2step "$R/causal_cd/model.safetensors" "${FULL[@]}"
 evaluate dmd_2step "$R/dmd/model.safetensors" "${FULL[@]}"
+for v in ${DMD_VARIANTS:-}; do evaluate "${v%%:*}_2step" "$R/${v%%:*}/model.safetensors" "${FULL[@]}"; done
 evaluate causal_cd_cpu_2step "$R/causal_cd_cpu/model.safetensors" "${FULL[@]}"
 [ "$SIDE" = cd_on ] && evaluate causal_cd_on_2step "$R/causal_cd_on/model.safetensors" "${FULL[@]}"  # CD_ON_VARIANTS runs: above, by name
 evaluate causal_cd_sharp_2step "$R/causal_cd_sharp/model.safetensors" "${FULL[@]}"
@@ -188,6 +190,7 @@ PY
 }
 export_shards causal_cd causal_cd float16
 export_shards dmd dmd float16
+for v in ${DMD_VARIANTS:-}; do export_shards "${v%%:*}" "${v%%:*}" float16; done
 export_shards causal_cd_cpu causal_cd_cpu float16
 export_shards causal_cd_on causal_cd_on float16
 export_shards causal_cd_sharp causal_cd_sharp float16

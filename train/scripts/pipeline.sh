@@ -22,7 +22,8 @@
 #             AE_EXTRA=autoencoder.train_encoder=false AE_VARIANTS=autoencoder.adversarial_weight=0.5 trains the decoder
 #             of AE_INIT alone, with and without a discriminator, in AE_INIT's latent space
 #   distill   CF++: causal CD -> DMD (frame-wise, 2 steps); exports the student (DMD's, or CD's when DMD_S=0) as
-#             fp16 shards.
+#             fp16 shards. DMD_VARIANTS ("NAME:KEY=VALUE,KEY=VALUE ..."): DMD runs NAME from the same student with
+#             those overrides, beside dmd on its budget (e.g. long rollouts: data.clip_len=61,dmd.score_frames=13).
 #             With COMPARE=1, in parallel (same budgets, same data):
 #               Causal Forcing:      causal ODE from the chunk-wise AR teacher -> DMD (chunk, 4 steps)
 #               Self-Forcing-style:  ODE from the bidirectional teacher        -> DMD (chunk, 4 steps)
@@ -169,7 +170,15 @@ DMD=("init.teacher=$(model teacher)")  # the real score: the bidirectional teach
 ODE=(ode.num_batches="${ODE_BATCHES:-24}" ode.grid_steps="${ODE_GRID:-48}" model.sampler.steps="$CHUNK_STEPS")
 chain_cfpp() {
   stage causal_cd causal_cd "${CD_S:-120}" optim.lr="$(rate 2e-5)" "init.teacher=$(model ar_teacher)" ${CD_EXTRA:-}
-  stage dmd dmd "${DMD_S:-120}" "init.student=$(model causal_cd)" "${DMD[@]}" ${DMD_EXTRA:-}
+  local pids=() v failed=0
+  for v in ${DMD_VARIANTS:-}; do  # NAME:KEY=VALUE,KEY=VALUE - DMD from the same student with these overrides, beside dmd
+    local over=${v#*:}
+    stage "${v%%:*}" dmd "${DMD_S:-120}" "init.student=$(model causal_cd)" "${DMD[@]}" ${DMD_EXTRA:-} ${over//,/ } &
+    pids+=($!)
+  done
+  stage dmd dmd "${DMD_S:-120}" "init.student=$(model causal_cd)" "${DMD[@]}" ${DMD_EXTRA:-} || failed=1
+  for v in "${pids[@]}"; do wait "$v" || failed=1; done
+  return $failed
 }
 CPU_TIER=(${CPU_TIER:-model.dit.depth=4 model.dit.window_frames=8 data.clip_len=9})
 cpu_tier() {
