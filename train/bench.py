@@ -144,10 +144,10 @@ def rollout_flops(cfg: DiTConfig, batch: int, frames: int, num_steps: int, train
     start before ``trained_from`` are played: ``num_steps`` forwards without gradient and the commit."""
     capacity = cfg.sink_frames + cfg.window_frames
     calls = (num_steps - 1) / 2 + (TRAINED if trained else FROZEN) + FROZEN
+    played = (num_steps + 1) * FROZEN
     total = cached_forward_flops(cfg, batch, 1, 0)
     for start, end in block_ranges(frames, cfg.block_size)[1:]:
         held = min(capacity, start)
-        played = (num_steps + 1) * FROZEN
         total += (played if start < trained_from else calls) * cached_forward_flops(cfg, batch, end - start, held)
         total += roll_flops(cfg, batch) if held + end - start > capacity else 0
     return total
@@ -176,8 +176,8 @@ def step_flops(cfg: DictConfig, step: int) -> float | None:
       trained forward, all teacher-forced;
     - dmd: the rollout; on generator turns (every ``dmd.critic_updates``-th step) its exit forwards
       are trained and the guided real score and the critic run once without gradient; every step
-      the critic trains on the rollout (its last ``dmd.score_frames`` frames when set). The score networks are taken to have the student's
-      architecture (the bench's inputs do).
+      the critic trains on the rollout (its last ``dmd.score_frames`` frames when set). The score
+      networks are taken to have the student's architecture (the bench's inputs do).
     """
     dit = dit_config(cfg.model)
     b, t, stage = int(cfg.data.batch), int(cfg.data.clip_len), str(cfg.stage)
