@@ -164,12 +164,30 @@ def test_dmd_generator_is_updated_on_its_turns_only(chain):
     assert ["generator_loss" in r for r in records] == [True, False, True]  # critic_updates=2
 
 
-def test_dmd_long_rollout_scores_its_last_frames(chain, episodes, tmp_path):
-    """dmd.score_frames: an 11-frame rollout past the tiny preset's 7-frame cache, its last 5 frames scored."""
+def test_dmd_long_rollout_scores_its_last_frames(chain, episodes, tmp_path, monkeypatch):
+    """dmd.score_frames: an 11-frame rollout past the tiny preset's 7-frame cache, its first 6 frames played
+    without gradient, and both losses on its last 5 frames."""
+    from train import algorithms as alg
+
+    seen = []
+
+    def spy(name, what):  # records what(args, result) of each call of train.algorithms.NAME
+        real = getattr(alg, name)
+
+        def wrapped(*a, **k):
+            out = real(*a, **k)
+            seen.append((name, what(a, out)))
+            return out
+        monkeypatch.setattr(alg, name, wrapped)
+
+    spy("self_forcing_rollout", lambda a, out: (out.shape[1], a[5]))  # frames played, trained from
+    spy("dmd_loss", lambda a, out: a[0].shape[1])  # frames scored
+    spy("critic_loss", lambda a, out: a[1].shape[1])
     run_dir = tmp_path / "dmd_long"
     run("dmd", args(episodes, run_dir, 2, f"init.student={chain['causal_cd']}/model.safetensors",
                     f"init.teacher={chain['teacher']}/model.safetensors", "dmd.critic_updates=1", "data.clip_len=11",
                     "dmd.score_frames=5"))
+    assert seen == [("self_forcing_rollout", (11, 6)), ("dmd_loss", 5), ("critic_loss", 5)] * 2
     records = [r for r in read_log(run_dir) if "critic_loss" in r]
     assert len(records) == 2 and all(math.isfinite(r["generator_loss"]) for r in records)
     assert checkpoint.load(run_dir / "model.safetensors").config.stage == "dmd"
