@@ -4,6 +4,7 @@ parallax, collisions, determinism), the shared World interface, the Doom adapter
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -334,6 +335,35 @@ def test_bench_prints_frames_per_second(capsys):
 
 
 # ---------------------------------------------------------------- Doom
+
+
+def test_doom_games_make_vizdooms_directory_before_the_engine_starts(monkeypatch, tmp_path):
+    """vizdoom's init() makes ./_vizdoom/ unless it exists, and collectors started at once raced on it (one crashed):
+    the directory must exist before any game starts. A stand-in engine fails to start where it does not."""
+    from worldmodel.envs import doom as doom_module
+
+    class Names:
+        def __getattr__(self, name):
+            return name
+
+    class FakeGame:
+        def __getattr__(self, name):  # every set_* / add_* call is accepted and ignored
+            return lambda *args: None
+
+        def init(self):
+            if not Path("_vizdoom").is_dir():
+                raise RuntimeError("Failed to create ./_vizdoom/ directory")
+
+        def close(self):
+            pass
+
+    engine = type("vizdoom", (), {"DoomGame": FakeGame, "ScreenResolution": Names(), "ScreenFormat": Names(),
+                                  "Button": Names(), "GameVariable": Names(), "Mode": Names()})
+    monkeypatch.setattr(doom_module, "import_vizdoom", lambda: engine)
+    monkeypatch.chdir(tmp_path)
+    games = doom_module.DoomGames(["MAP01", "MAP02"], "freedoom2.wad", "RES_160X120", pitch=True)
+    assert len(games.games) == 2 and (tmp_path / "_vizdoom").is_dir()
+    games.close()
 
 
 @pytest.fixture(scope="module")

@@ -38,8 +38,9 @@ random heading and waits for it to stand still; frame 0 is taken there. If Doom 
 restarts its map with the same seed, re-anchored at its current commanded pose, and the step
 reports it in ``WorldStep.restarted``.
 
-Files: each game's ini goes to a temporary directory (removed on close); the engine still makes an
-empty ``_vizdoom/`` directory in the working directory (vizdoom does that, it holds nothing).
+Files: each game's ini goes to a temporary directory (removed on close). vizdoom wants an empty ``_vizdoom/``
+directory in the working directory; it is made before any game starts, because engines that start at once race to
+make it and the loser crashes.
 """
 
 from __future__ import annotations
@@ -126,6 +127,9 @@ class DoomGames:
         vzd = import_vizdoom()
         self.games = []
         self.config_dir = tempfile.mkdtemp(prefix="worldmodel-doom-")  # Doom's ini goes here, not into the cwd
+        # made here first: vizdoom's init() makes it unless it exists, and of collectors starting at once one crashed
+        # ("Failed to create ./_vizdoom/ directory: File exists", then a segfault)
+        os.makedirs("_vizdoom", exist_ok=True)
         try:
             for n, name in enumerate(maps):
                 game = vzd.DoomGame()
