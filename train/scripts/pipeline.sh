@@ -126,7 +126,7 @@ collect() {
       --batch "$batch" --device "$device" --out "$RUNS/episodes" >"$RUNS/collect-$i.log" 2>&1 &
     pids+=($!)
   done
-  for p in "${pids[@]}"; do wait "$p" || { tail -3 "$RUNS"/collect-*.log; return 1; }; done
+  for p in "${pids[@]}"; do wait "$p" || { tail -n 3 "$RUNS"/collect-*.log; return 1; }; done
   touch "$RUNS/episodes/done"
   log "collected $(find "$RUNS/episodes" -name meta.json | wc -l) episodes"
 }
