@@ -577,6 +577,22 @@ def test_autoencoder_report_scores_reconstructions_against_the_frames():
     assert shifted["sharpness_ratio"] == pytest.approx(1.0)  # a constant shift keeps the edges
 
 
+def test_saved_figures_keep_the_rendering_in_a_palette_of_256_colours(tmp_path):
+    from train.evaluate.plots import PALETTE_COLOURS, render_figure, save_figure
+
+    rng = np.random.default_rng(2)
+    xs = np.arange(60)
+    panels = [(f"panel {i}", "y", {f"run {j}": (xs, rng.normal(size=60).cumsum()) for j in range(4)}) for i in range(3)]
+    save_figure(tmp_path / "plot.png", panels)
+    with Image.open(tmp_path / "plot.png") as image:
+        assert image.mode == "P" and len(image.getcolors(1 << 16)) <= PALETTE_COLOURS
+        saved = np.asarray(image.convert("RGB")).astype(int)
+    rendered = render_figure(panels).astype(int)
+    assert saved.shape == rendered.shape == (2 * 360, 2 * 560, 3)  # 2 rows, 2 columns at 100 dpi
+    error = np.abs(saved - rendered)
+    assert error.mean() < 0.2 and np.quantile(error.max(-1), 0.999) <= 16  # 16 colours: 1.6 and 116
+
+
 def test_zoomed_centre_blows_up_the_centre_by_nearest_neighbour():
     from train.evaluate.plots import zoomed_centre
 

@@ -1,5 +1,7 @@
 """The report's figures: fidelity.png (PSNR / SSIM over frames) and stability.png (per-window
-measures), by matplotlib's Agg backend; autoencoder.png (held-out frames beside their reconstructions)."""
+measures), by matplotlib's Agg backend, stored with a palette of 256 colours (a third of the bytes of an RGB PNG,
+and what travels to and from the GPU machine is capped); autoencoder.png (held-out frames beside their
+reconstructions)."""
 
 from __future__ import annotations
 
@@ -9,16 +11,18 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
 
 from worldmodel.files import atomic_output
 from worldmodel.frames import tile_grid
 
 SHEET_GAP = 4  # pixels of white between the tiles of autoencoder.png
+PALETTE_COLOURS = 256
 
 
-def save_figure(path: Path, panels: list[tuple[str, str, dict]], columns: int = 2, xlabel: str = "frame") -> None:
-    """Line charts in a grid into one PNG: ``panels`` of (title, y label, {name: (xs, ys)}) over ``xlabel``;
-    non-finite points are left out (matplotlib breaks the line there)."""
+def render_figure(panels: list[tuple[str, str, dict]], columns: int = 2, xlabel: str = "frame") -> np.ndarray:
+    """Line charts in a grid, uint8 RGB ``[H, W, 3]``: ``panels`` of (title, y label, {name: (xs, ys)}) over
+    ``xlabel``; non-finite points are left out (matplotlib breaks the line there)."""
     rows = (len(panels) + columns - 1) // columns
     fig = Figure(figsize=(5.6 * columns, 3.6 * rows), dpi=100, layout="tight")
     FigureCanvasAgg(fig)
@@ -29,7 +33,14 @@ def save_figure(path: Path, panels: list[tuple[str, str, dict]], columns: int = 
         ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    fig.savefig(path)
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def save_figure(path: Path, panels: list[tuple[str, str, dict]], columns: int = 2, xlabel: str = "frame") -> None:
+    """:func:`render_figure` into a PNG of :data:`PALETTE_COLOURS` colours at ``path``."""
+    image = Image.fromarray(render_figure(panels, columns, xlabel))
+    image.quantize(PALETTE_COLOURS, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
 def plots(report: dict, out_dir: Path) -> list[str]:
