@@ -30,7 +30,9 @@
 #      on held-out frames; the one whose sharpness is nearest the truth's, of those within 1 dB of the best PSNR, then
 #      joins the new student (causal_cd_sharp) and the shipped model (shipped_sharp), both evaluated in step 4;
 #   3. causal CD of the full student beside SIDE: the CPU tier's smaller student (pipeline phase cpu_tier, the default),
-#      causal CD on from the shipped student (SIDE=cd_on: run causal_cd_on, same budget CD_S) or nothing (SIDE=none);
+#      causal CD on from the shipped student (SIDE=cd_on: run causal_cd_on, same budget CD_S), DMD on from the shipped
+#      student (SIDE=dmd_on: pipeline phase dmd_on, the teacher first if base made none, then DMD_S of run dmd_on and of
+#      each DMD_VARIANTS entry as NAME_on; evaluated as dmd_on_2step and NAME_on_2step, exported) or nothing (SIDE=none);
 #      and beside them each of CD_ON_VARIANTS ("NAME:KEY=VALUE,KEY=VALUE ..."): causal CD on from the shipped student
 #      with those overrides for CD_ON_S, as run NAME (CD_S=0 skips the student from the AR teacher; AR_S=0 keeps the
 #      carried AR teacher as it is); with DMD_S (seconds; needs this lease's bidirectional teacher, so no AR_INIT), DMD
@@ -169,8 +171,10 @@ for g in ${AR_GUIDANCES-1}; do  # the AR teacher's own sampler (16 Euler steps) 
 done
 evaluate "ar_teacher_${AR_EXPORT_S:-150}s_g1" "$R/ar_teacher/exports/model_$(printf %06d "${AR_EXPORT_S:-150}")s.safetensors" "${FULL[@]}" --guidance 1
 evaluate causal_cd_2step "$R/causal_cd/model.safetensors" "${FULL[@]}"
-evaluate dmd_2step "$R/dmd/model.safetensors" "${FULL[@]}"
-for v in ${DMD_VARIANTS:-}; do evaluate "${v%%:*}_2step" "$R/${v%%:*}/model.safetensors" "${FULL[@]}"; done
+for run in dmd dmd_on; do evaluate "${run}_2step" "$R/$run/model.safetensors" "${FULL[@]}"; done
+for v in ${DMD_VARIANTS:-}; do
+  for run in "${v%%:*}" "${v%%:*}_on"; do evaluate "${run}_2step" "$R/$run/model.safetensors" "${FULL[@]}"; done
+done
 evaluate causal_cd_cpu_2step "$R/causal_cd_cpu/model.safetensors" "${FULL[@]}"
 [ "$SIDE" = cd_on ] && evaluate causal_cd_on_2step "$R/causal_cd_on/model.safetensors" "${FULL[@]}"  # CD_ON_VARIANTS runs: above, by name
 evaluate causal_cd_sharp_2step "$R/causal_cd_sharp/model.safetensors" "${FULL[@]}"
@@ -189,8 +193,8 @@ checkpoint.save(sys.argv[2], checkpoint.load(sys.argv[1]), dtype=getattr(torch, 
 PY
 }
 export_shards causal_cd causal_cd float16
-export_shards dmd dmd float16
-for v in ${DMD_VARIANTS:-}; do export_shards "${v%%:*}" "${v%%:*}" float16; done
+for run in dmd dmd_on; do export_shards $run $run float16; done
+for v in ${DMD_VARIANTS:-}; do for run in "${v%%:*}" "${v%%:*}_on"; do export_shards "$run" "$run" float16; done; done
 export_shards causal_cd_cpu causal_cd_cpu float16
 export_shards causal_cd_on causal_cd_on float16
 export_shards causal_cd_sharp causal_cd_sharp float16

@@ -34,6 +34,10 @@
 #   cd_on     causal CD towards the AR teacher on from an earlier student of its latent space (CD_INIT, default the
 #             shipped assets/models/WORLD.safetensors; init.student) instead of from the AR teacher, for CD_S: run
 #             CD_ON_RUN (default causal_cd_on)
+#   dmd_on    DMD on from an earlier student (DMD_INIT, default the shipped assets/models/WORLD.safetensors) for DMD_S:
+#             run dmd_on, and beside it run NAME_on for each DMD_VARIANTS entry. The real score is run teacher: the
+#             bidirectional teacher, trained here first (TEACHER_S, TEACHER_EXTRA) on DMD_INIT's autoencoder unless
+#             phase base made it already (DMD checks that student and teacher share one autoencoder)
 #   scm       Causal-rCM: sCM from the frame-wise AR teacher (stage 3c) -> DMD, on CD's budgets (SCM_S, DMD_SCM_S)
 #   guidance  causal CD towards the AR teacher at CFG 3 (the old default; cd.guidance is 1 now) and sCM towards the
 #             unguided one, on the same budgets, side by side: runs causal_cd_g3, causal_scm_g1
@@ -51,8 +55,8 @@
 # AE_INIT (a checkpoint of any stage whose autoencoder the autoencoder stage goes on training), AR_INIT (a DiT-only AR
 # teacher, from python -m worldmodel.checkpoint dit-only: phase base joins it with AE_INIT's autoencoder, which needs
 # AE_S=0, into $RUNS/ar_teacher_init and trains the AR teacher on from it, with no bidirectional teacher stage; with
-# AR_S=0 it is the AR teacher as it is), CD_INIT
-# (the earlier student phase cd_on goes on from, default the shipped model),
+# AR_S=0 it is the AR teacher as it is), CD_INIT and DMD_INIT
+# (the earlier students phases cd_on and dmd_on go on from, default the shipped model),
 # DEVICE (cuda), budgets in seconds AE_S TEACHER_S AR_S AR3_S CD_S CD_CPU_S SCM_S ODE_S DMD_S DMD_SCM_S (0 skips the stage), EPISODES, FRAMES,
 # COLLECTORS, WORKERS (data workers per stage), ODE_BATCHES, ODE_GRID, EXTRA (more KEY=VALUE for every stage), EVAL (more
 # train.evaluate arguments), EVAL_ROWS (evaluate only these rows), EVAL_PARALLEL (1: evaluate rows side by side),
@@ -132,6 +136,9 @@ collect() {
 }
 
 AE=(optim.lr=3e-4 optim.warmup_steps=200 data.batch=32 ${AE_INIT:+"init.autoencoder=$AE_INIT"})
+teacher_stage() {  # teacher_stage CHECKPOINT: run teacher, the bidirectional teacher on CHECKPOINT's autoencoder, for TEACHER_S
+  stage teacher teacher "${TEACHER_S:-180}" optim.lr="$LR" optim.warmup_steps=200 "init.autoencoder=$1" ${TEACHER_EXTRA:-}
+}
 base() {
   local ae init
   ae=$(model "${AE_RUN:-autoencoder}")
@@ -146,7 +153,7 @@ base() {
     fi
   else
     stage autoencoder autoencoder "${AE_S:-100}" "${AE[@]}" ${AE_EXTRA:-}
-    stage teacher teacher "${TEACHER_S:-180}" optim.lr="$LR" optim.warmup_steps=200 "init.autoencoder=$ae" ${TEACHER_EXTRA:-}
+    teacher_stage "$ae"
   fi
   stage ar_teacher ar_teacher "${AR_S:-100}" sample.steps=16 optim.lr="$(rate 5e-5)" "init.teacher=$init" ${AR_EXTRA:-}
   if [ "${AR_S:-100}" = 0 ] && [ -n "${AR_INIT:-}" ] && [ ! -f "$(model ar_teacher)" ]; then  # the carried one as it is
@@ -167,18 +174,21 @@ PY
 }
 
 DMD=("init.teacher=$(model teacher)")  # the real score: the bidirectional teacher, for every row
+dmd_runs() {  # dmd_runs SUFFIX STUDENT: run dmd$SUFFIX from STUDENT, and beside it each DMD_VARIANTS entry as NAME$SUFFIX
+  local suffix=$1 student=$2 pids=() v failed=0
+  for v in ${DMD_VARIANTS:-}; do  # NAME:KEY=VALUE,KEY=VALUE - DMD from the same student with these overrides
+    local over=${v#*:}
+    stage "${v%%:*}$suffix" dmd "${DMD_S:-120}" "init.student=$student" "${DMD[@]}" ${DMD_EXTRA:-} ${over//,/ } &
+    pids+=($!)
+  done
+  stage "dmd$suffix" dmd "${DMD_S:-120}" "init.student=$student" "${DMD[@]}" ${DMD_EXTRA:-} || failed=1
+  for v in "${pids[@]}"; do wait "$v" || failed=1; done
+  return $failed
+}
 ODE=(ode.num_batches="${ODE_BATCHES:-24}" ode.grid_steps="${ODE_GRID:-48}" model.sampler.steps="$CHUNK_STEPS")
 chain_cfpp() {
   stage causal_cd causal_cd "${CD_S:-120}" optim.lr="$(rate 2e-5)" "init.teacher=$(model ar_teacher)" ${CD_EXTRA:-}
-  local pids=() v failed=0
-  for v in ${DMD_VARIANTS:-}; do  # NAME:KEY=VALUE,KEY=VALUE - DMD from the same student with these overrides, beside dmd
-    local over=${v#*:}
-    stage "${v%%:*}" dmd "${DMD_S:-120}" "init.student=$(model causal_cd)" "${DMD[@]}" ${DMD_EXTRA:-} ${over//,/ } &
-    pids+=($!)
-  done
-  stage dmd dmd "${DMD_S:-120}" "init.student=$(model causal_cd)" "${DMD[@]}" ${DMD_EXTRA:-} || failed=1
-  for v in "${pids[@]}"; do wait "$v" || failed=1; done
-  return $failed
+  dmd_runs "" "$(model causal_cd)"
 }
 CPU_TIER=(${CPU_TIER:-model.dit.depth=4 model.dit.window_frames=8 data.clip_len=9})
 cpu_tier() {
@@ -188,6 +198,11 @@ cpu_tier() {
 cd_on() {  # causal CD on from an earlier student (CD_INIT, default the shipped model) towards the AR teacher
   stage "${CD_ON_RUN:-causal_cd_on}" causal_cd "${CD_S:-120}" optim.lr="$(rate 2e-5)" "init.teacher=$(model ar_teacher)" \
     "init.student=${CD_INIT:-assets/models/$WORLD.safetensors}" ${CD_EXTRA:-}
+}
+dmd_on() {  # DMD on from an earlier student (DMD_INIT, default the shipped model), its real score a teacher on its autoencoder
+  local init=${DMD_INIT:-assets/models/$WORLD.safetensors}
+  teacher_stage "$init"
+  dmd_runs _on "$init"
 }
 chain_scm() {
   stage causal_scm causal_scm "${SCM_S:-${CD_S:-120}}" optim.lr="$(rate 2e-5)" "init.teacher=$(model ar_teacher)" ${SCM_EXTRA:-}
@@ -327,6 +342,7 @@ for phase in "$@"; do
     distill) distill ;;
     cpu_tier) cpu_tier ;;
     cd_on) cd_on ;;
+    dmd_on) dmd_on ;;
     scm) chain_scm ;;
     ae_variants) ae_variants ;;
     guidance) chain_guidance ;;
@@ -335,6 +351,6 @@ for phase in "$@"; do
     speed) speed ;;
     pack) pack ;;
     ablate) ablate ;;
-    *) echo "unknown phase $phase (data | base | ae_variants | distill | cpu_tier | cd_on | scm | guidance | dmd_g1 | evaluate | speed | pack | ablate)" >&2; exit 2 ;;
+    *) echo "unknown phase $phase (data | base | ae_variants | distill | cpu_tier | cd_on | dmd_on | scm | guidance | dmd_g1 | evaluate | speed | pack | ablate)" >&2; exit 2 ;;
   esac
 done
