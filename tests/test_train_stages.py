@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -481,6 +482,21 @@ def test_guidance_in_one_forward_equals_two_forwards(chain):
     expected = flow.apply_cfg(two_calls(x, sigma, True), two_calls(x, sigma, False), 3.0)
     torch.testing.assert_close(guided_velocity_fn(dit, clip, "causal", 3.0, clean=clean)(x, sigma), expected,
                                rtol=1e-5, atol=1e-6)
+
+
+def test_a_single_rank_run_stops_at_the_first_step_past_its_time_limit(episodes, tmp_path, monkeypatch):
+    """Not at the next multiple of run.log_every (a long DMD step took 0.9 s on an H100, and 50 of them overshot)."""
+    cls = trainer_module.stage_class("autoencoder")
+    original = cls.train_step
+
+    def slow_step(self, batch, rng):
+        time.sleep(1.1)  # past the 1 s limit in one step
+        return original(self, batch, rng)
+
+    monkeypatch.setattr(cls, "train_step", slow_step)
+    run("autoencoder", args(episodes, tmp_path / "ae", 10, *FAST, "run.log_every=10", "run.time_limit_s=1"))
+    assert [r["step"] for r in read_log(tmp_path / "ae") if "step_seconds" in r] == [1]
+    assert (tmp_path / "ae" / "model.safetensors").exists()
 
 
 def test_non_finite_loss_stops_the_run(chain, episodes, tmp_path, monkeypatch):
