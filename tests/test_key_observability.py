@@ -22,7 +22,7 @@ def test_forward_motion_is_the_step_along_the_earlier_cameras_view():
     g = torch.Generator().manual_seed(0)
     b, t = 3, 6
     yaw = torch.rand(b, t, generator=g, dtype=torch.float64) * 2 * math.pi
-    pitch = (torch.rand(b, t, generator=g, dtype=torch.float64) - 0.5)
+    pitch = torch.rand(b, t, generator=g, dtype=torch.float64) - 0.5
     position = torch.randn(b, t, 3, generator=g, dtype=torch.float64)
     poses = torch.zeros(b, t, 4, 4, dtype=torch.float64)
     poses[..., :3, :3] = yaw_pitch_rotation(yaw, pitch)

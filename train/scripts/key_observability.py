@@ -5,8 +5,8 @@
 plays the held-out clips that ``train.evaluate`` scores (same clips, seed and length) and prints, per key, the IDM's
 accuracy on the real frames, and, for W, how often the camera's forward motion disagrees with the key: frames
 where W is released but the camera still moves forward (momentum: Doom glides after a key is let go) and frames
-where W is held but the camera hardly moves (it accelerates from rest, or walks into a wall). A frame pair alone
-cannot tell these apart, so they bound the key accuracy any model can show this IDM.
+where W is held but the camera hardly moves (it accelerates from rest, or walks into a wall). In those frames the
+key does not show in the pair of frames the IDM reads, even when the frames are real.
 """
 
 import sys
