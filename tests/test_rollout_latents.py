@@ -1,26 +1,14 @@
 """train/scripts/rollout_latents.py's --std-cap: each frame scaled about its mean to a std of at most the cap."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "train" / "scripts" / "rollout_latents.py"
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("rollout_latents", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_cap_scales_only_the_frames_above_it():
+def test_cap_scales_only_the_frames_above_it(train_script):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 4, 5, 6, generator=g, dtype=torch.float64) + 0.3
     x[0, 1] *= 3.0  # one frame far above the cap
     x[1, 2] *= 0.5  # one below it
-    out = load_script().capped(lambda: x, 1.5)()
+    out = train_script("rollout_latents").capped(lambda: x, 1.5)()
     for b in range(2):
         for t in range(3):
             frame, got = x[b, t], out[b, t]
@@ -32,10 +20,10 @@ def test_cap_scales_only_the_frames_above_it():
                 torch.testing.assert_close((got - got.mean()) * frame.std() / 1.5, frame - frame.mean(), rtol=0, atol=1e-12)
 
 
-def test_bad_input_is_one_line_and_status_2(tmp_path, capsys):
+def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, train_script):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint")
-    main = load_script().main
+    main = train_script("rollout_latents").main
     assert main([str(bad)]) == 2
     assert main([str(bad), "--frames", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
