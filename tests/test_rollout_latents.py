@@ -1,5 +1,7 @@
 """train/scripts/rollout_latents.py's --std-cap: each frame scaled about its mean to a std of at most the cap."""
 
+from pathlib import Path
+
 import torch
 
 
@@ -26,5 +28,8 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, train_script):
     main = train_script("rollout_latents").main
     assert main([str(bad)]) == 2
     assert main([str(bad), "--frames", "0"]) == 2
+    shipped = Path(__file__).resolve().parents[1] / "assets" / "models" / "procedural.safetensors"
+    assert main([str(shipped), "--world", "procedural", "--script", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("error: ") for line in err), err
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err), err
+    assert "bad.safetensors" in err[2]  # the script, not the checkpoint

@@ -1,9 +1,10 @@
 """How a model's latents drift in a long rollout, beside the world's own frames encoded by its autoencoder:
 
-    python3 train/scripts/rollout_latents.py CHECKPOINT [--world doom] [--frames 300] [--steps 1.0,0.5]
+    python3 train/scripts/rollout_latents.py CHECKPOINT [--world doom] [--frames 300] [--script FILE] [--steps 1.0,0.5]
         [--std-cap 1.25] [--kv-cache SINKS,WINDOW] [--sheet DIR]
 
-plays the demo script (``assets/scripts/demo.txt``) from the world's start frame as ``play.sheets`` does and prints, at
+plays the demo script (``assets/scripts/demo.txt``; ``--script``: another, e.g. ``assets/scripts/demo-level.txt``, the
+demo without its look up and down) from the world's start frame as ``play.sheets`` does and prints, at
 some frames, the generated latent's standard deviation and largest magnitude next to those of the real frame's
 latent. ``--steps`` samples with these noise levels; ``--std-cap`` scales every generated block about its mean so that
 its standard deviation is at most that (a probe, not a feature); ``--kv-cache`` plays with another KV cache, as in
@@ -27,7 +28,7 @@ from worldmodel.frames import to_model  # noqa: E402
 from worldmodel.model import with_kv_cache  # noqa: E402
 from worldmodel.session import Session  # noqa: E402
 
-SHOWN = (1, 5, 10, 20, 50, 100, 150, 200, 250, 300, 500, 1000)
+SHOWN = (1, 5, 10, 20, *range(50, 501, 50), 1000)
 
 
 def capped(sample, cap: float):
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--world", default="doom", choices=sorted(WORLDS))
     parser.add_argument("--frames", type=int, default=300)
+    parser.add_argument("--script", type=Path, default=DEMO_SCRIPT, help="actions to play (play.script's format)")
     parser.add_argument("--steps", help="noise levels, comma-separated (default: the checkpoint's)")
     parser.add_argument("--std-cap", type=float, default=0.0, help="0: none")
     parser.add_argument("--kv-cache", metavar="SINKS,WINDOW", help="default: the checkpoint's")
@@ -59,6 +61,7 @@ def probe(args) -> int:
         raise ValueError(f"--frames must be >= 1 and --std-cap >= 0, got {args.frames} and {args.std_cap}")
     steps = [float(s) for s in args.steps.split(",")] if args.steps else None
     model = load(args.checkpoint)
+    segments = load_script(args.script, model.action_spec)
     if args.kv_cache:
         model = with_kv_cache(model, *parse_kv_cache(args.kv_cache))
     height, width = model.frame_size
@@ -69,7 +72,7 @@ def probe(args) -> int:
     if args.std_cap > 0:  # after FrameGenerator, whose cast builds the session's rollout anew
         session.rollout.sample = capped(session.rollout.sample, args.std_cap)
     dtype = next(model.autoencoder.parameters()).dtype
-    actions = script_cycle(load_script(DEMO_SCRIPT, generator.spec), generator.spec)
+    actions = script_cycle(segments, generator.spec)
     with torch.inference_mode():
         generator.reset(0)
         for t in range(1, args.frames + 1):
