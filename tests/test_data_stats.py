@@ -53,6 +53,9 @@ def test_a_recording_with_known_motion_gives_known_shares(tmp_path):
     assert s["yaw"]["p90"] == pytest.approx(TURN_DEG, abs=1e-4)  # 2 of 10 at the large turn
     assert (s["yaw"]["above_1"], s["yaw"]["above_3"], s["yaw"]["above_10"]) == pytest.approx((0.4, 0.2, 0.0))
     assert s["pitch"]["max"] == pytest.approx(TURN_DEG, abs=1e-4) and s["pitch"]["above_3"] == pytest.approx(0.1)
+    # the gaze: level for transitions 1-6, then looking up by the large turn from the look-up on (4 of 10)
+    assert s["gaze"]["max"] == pytest.approx(TURN_DEG, abs=1e-4) and s["gaze"]["p50"] == pytest.approx(0.0, abs=1e-4)
+    assert (s["gaze"]["above_5"], s["gaze"]["above_15"], s["gaze"]["above_30"]) == pytest.approx((0.4, 0.0, 0.0))
     assert s["keys"] == pytest.approx({"W": 0.4, "A": 0.0, "S": 0.0, "D": 0.0, "SHIFT": 0.0})
     assert s["no_keys"] == pytest.approx(0.6)
     assert stats["episodes"][0]["episode"] == str(tmp_path / "ep") and stats["episodes"][0]["idle"] == pytest.approx(0.3)
@@ -64,7 +67,7 @@ def test_predictability_pairs_only_transitions_of_one_recording():
     g = torch.Generator().manual_seed(0)
     yaw = torch.randn(50, generator=g, dtype=torch.float64).cumsum(0)  # a random walk: strongly lag-1 correlated
     keys = (torch.rand(50, 2, generator=g) < 0.5).double()
-    one = Motion(yaw, yaw * 0, yaw * 0, yaw * 0, keys, ("W", "A"), torch.arange(50) == 0)
+    one = Motion(yaw, yaw * 0, yaw * 0, yaw * 0, yaw * 0, keys, ("W", "A"), torch.arange(50) == 0)
     a, b = yaw[:-1].numpy(), yaw[1:].numpy()
     want = np.corrcoef(a, b)[0, 1] ** 2
     got = predictability(one)
@@ -74,7 +77,7 @@ def test_predictability_pairs_only_transitions_of_one_recording():
     two = join([one, one])
     seamless = np.concatenate([a, a]), np.concatenate([b, b])
     assert predictability(two)["yaw_lag1_r2"] == pytest.approx(np.corrcoef(*seamless)[0, 1] ** 2, rel=1e-12)
-    single = Motion(yaw[:1], yaw[:1], yaw[:1], yaw[:1], keys[:1], ("W", "A"), torch.tensor([True]))
+    single = Motion(yaw[:1], yaw[:1], yaw[:1], yaw[:1], yaw[:1], keys[:1], ("W", "A"), torch.tensor([True]))
     assert predictability(single) == {"yaw_lag1_r2": None, "key_changes": None}
 
 
@@ -113,7 +116,7 @@ def test_recordings_with_other_keys_and_no_transitions_are_refused():
     other = motion(torch.zeros(2, 4), poses, poses, ("W", "S"))
     with pytest.raises(StatsError, match="different action keys"):
         join([m, other])
-    empty = Motion(*(torch.zeros(0, dtype=torch.float64) for _ in range(4)), torch.zeros(0, 5), SPEC.keys,
+    empty = Motion(*(torch.zeros(0, dtype=torch.float64) for _ in range(5)), torch.zeros(0, 5), SPEC.keys,
                    torch.zeros(0, dtype=torch.bool))
     with pytest.raises(StatsError, match="no transitions"):
         summarize(empty)
@@ -124,6 +127,7 @@ def test_cli_prints_the_tables_and_writes_json(tmp_path, capsys):
     assert main(["stats", str(tmp_path / "eps"), "--json", str(tmp_path / "out" / "stats.json")]) == 0
     out = capsys.readouterr().out
     assert "1 episodes, 10 transitions" in out and "turn_only" in out and "yaw" in out and "pitch" in out
+    assert "up/down" in out and "40.0%" in out  # the gaze row: 4 of 10 transitions look up more than 5 degrees
     assert "20.0%" in out and "30.0%" in out  # both, idle
     assert out.splitlines()[-2].startswith("ep ") and out.splitlines()[-1].startswith("wrote ")  # one row per episode
     written = json.loads((tmp_path / "out" / "stats.json").read_text())

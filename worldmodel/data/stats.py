@@ -4,7 +4,8 @@ Everything is per transition: transition t takes frame t-1 to frame t (t >= 1; t
 no predecessor), and action t is the one that made it. From the commanded poses (what the models
 are conditioned on) come the yaw and pitch rates (degrees per frame, yaw wrapped) and the
 translation (world units per frame); from the true poses, where known, whether the world blocked a
-walk; from the actions, which keys were held. A transition is *turning* when its |yaw rate| or
+walk; from the actions, which keys were held; and the gaze, how far the camera looks up or down after the
+transition (|pitch|, degrees). A transition is *turning* when its |yaw rate| or
 |pitch rate| is above ``turn_deg`` and *moving* when its translation is above ``move_units``; idle
 is neither, so turning only, moving only, both and idle add up to all transitions.
 
@@ -30,6 +31,7 @@ MOVE_UNITS = 0.01  # translation above this is moving (the procedural walk is 0.
 BLOCKED_RATIO = 0.25  # a moving transition whose true translation is below this fraction of the commanded is blocked
 PERCENTILES = (50, 90, 99)
 RATE_LEVELS = (1, 3, 10)  # degrees per frame
+GAZE_LEVELS = (5, 15, 30)  # degrees up or down
 
 
 class StatsError(ValueError):
@@ -40,13 +42,15 @@ class StatsError(ValueError):
 class Motion:
     """The motion of N transitions: ``yaw, pitch [N]`` float64 degrees per frame (commanded; yaw
     wrapped to [-180, 180)), ``move [N]`` commanded translation and ``true_move [N]`` true translation
-    (world units per frame; NaN where the true pose is unknown), ``keys [N, K]`` 0/1 held, named
-    ``key_names``; ``first [N]`` bool marks each recording's first transition (it has no predecessor)."""
+    (world units per frame; NaN where the true pose is unknown), ``gaze [N]`` |pitch| of the commanded camera
+    after the transition (degrees), ``keys [N, K]`` 0/1 held, named ``key_names``; ``first [N]`` bool marks each
+    recording's first transition (it has no predecessor)."""
 
     yaw: torch.Tensor
     pitch: torch.Tensor
     move: torch.Tensor
     true_move: torch.Tensor
+    gaze: torch.Tensor
     keys: torch.Tensor
     key_names: tuple[str, ...]
     first: torch.Tensor
@@ -63,8 +67,10 @@ def motion(actions: torch.Tensor, poses: torch.Tensor, true_poses: torch.Tensor,
     yaw_pitch = torch.rad2deg(commanded["yaw_pitch"][0])
     keys = actions[1:, : len(key_names)].double()
     first = torch.arange(keys.shape[0]) == 0
+    view_up = poses[1:, 1, 2].double()  # the view axis's y (OpenCV: down) is -sin(pitch)
+    gaze = torch.rad2deg(torch.asin(view_up.abs().clamp(max=1.0)))
     return Motion(yaw_pitch[:, 0], yaw_pitch[:, 1], commanded["translation"][0].norm(dim=-1),
-                  true["translation"][0].norm(dim=-1), keys, tuple(key_names), first)
+                  true["translation"][0].norm(dim=-1), gaze, keys, tuple(key_names), first)
 
 
 def join(motions: list[Motion]) -> Motion:
@@ -73,7 +79,8 @@ def join(motions: list[Motion]) -> Motion:
     if len(names) != 1:
         raise StatsError(f"recordings with different action keys cannot be summarised together: {sorted(names)}")
     cat = lambda f: torch.cat([getattr(m, f) for m in motions])  # noqa: E731
-    return Motion(*(cat(f) for f in ("yaw", "pitch", "move", "true_move", "keys")), motions[0].key_names, cat("first"))
+    return Motion(*(cat(f) for f in ("yaw", "pitch", "move", "true_move", "gaze", "keys")), motions[0].key_names,
+                  cat("first"))
 
 
 def predictability(m: Motion) -> dict[str, float | None]:
@@ -92,13 +99,13 @@ def predictability(m: Motion) -> dict[str, float | None]:
     return {"yaw_lag1_r2": r2, "key_changes": float(changed.double().mean())}
 
 
-def rate_summary(rates: torch.Tensor) -> dict[str, float]:
-    """Percentiles and maximum of ``|rates| [N]`` (degrees per frame) and the shares above RATE_LEVELS."""
-    size = rates.abs()
+def angle_summary(angles: torch.Tensor, levels: tuple[int, ...] = RATE_LEVELS) -> dict[str, float]:
+    """Percentiles and maximum of ``|angles| [N]`` (degrees, or degrees per frame) and the shares above ``levels``."""
+    size = angles.abs()
     q = torch.quantile(size, torch.tensor(PERCENTILES, dtype=size.dtype) / 100)
     out = {f"p{p}": float(v) for p, v in zip(PERCENTILES, q)}
     out["max"] = float(size.max())
-    out.update({f"above_{level}": float((size > level).double().mean()) for level in RATE_LEVELS})
+    out.update({f"above_{level}": float((size > level).double().mean()) for level in levels})
     return out
 
 
@@ -117,7 +124,7 @@ def summarize(m: Motion, turn_deg: float = TURN_DEG, move_units: float = MOVE_UN
         "turn_only": share(turning & ~moving), "move_only": share(moving & ~turning),
         "both": share(turning & moving), "idle": share(~turning & ~moving),
         "blocked": float(blocked.sum() / known.sum()) if known.any() else None,
-        "yaw": rate_summary(m.yaw), "pitch": rate_summary(m.pitch),
+        "yaw": angle_summary(m.yaw), "pitch": angle_summary(m.pitch), "gaze": angle_summary(m.gaze, GAZE_LEVELS),
         "keys": {name: share(m.keys[:, i] > 0) for i, name in enumerate(m.key_names)},
         "no_keys": share(m.keys.sum(-1) == 0),
         **predictability(m),
@@ -167,10 +174,10 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 SHARES = ("turning", "moving", "turn_only", "move_only", "both", "idle", "blocked")
 
 
-def rate_row(name: str, rates: dict) -> list[str]:
-    """One row of the rate table: percentiles and maximum in deg/frame, then the shares above RATE_LEVELS."""
-    return ([name] + [f"{rates[f'p{p}']:.2f}" for p in PERCENTILES] + [f"{rates['max']:.2f}"]
-            + [percent(rates[f"above_{v}"]) for v in RATE_LEVELS])
+def angle_row(name: str, angles: dict, levels: tuple[int, ...] = RATE_LEVELS) -> list[str]:
+    """One row of an angle table: percentiles and maximum, then the shares above ``levels``."""
+    return ([name] + [f"{angles[f'p{p}']:.2f}" for p in PERCENTILES] + [f"{angles['max']:.2f}"]
+            + [percent(angles[f"above_{v}"]) for v in levels])
 
 
 def episode_row(e: dict, keys: list[str]) -> list[str]:
@@ -190,7 +197,9 @@ def format_stats(stats: dict) -> str:
         f"blocked: true motion < {BLOCKED_RATIO:g} of the commanded (share of moving)",
         table(["motion", *SHARES], [["share"] + [percent(total[s]) for s in SHARES]]),
         table(["deg/frame", *(f"p{p}" for p in PERCENTILES), "max", *(f">{v}" for v in RATE_LEVELS)],
-              [rate_row("yaw", total["yaw"]), rate_row("pitch", total["pitch"])]),
+              [angle_row("yaw", total["yaw"]), angle_row("pitch", total["pitch"])]),
+        table(["gaze deg", *(f"p{p}" for p in PERCENTILES), "max", *(f">{v}" for v in GAZE_LEVELS)],
+              [angle_row("up/down", total["gaze"], GAZE_LEVELS)]),
         table(["keys", *keys, "none"], [["held"] + [percent(total["keys"][k]) for k in keys] + [percent(total["no_keys"])]]),
         f"predictability: yaw rate from the previous one R^2 "
         f"{'-' if total['yaw_lag1_r2'] is None else format(total['yaw_lag1_r2'], '.3f')}; "
