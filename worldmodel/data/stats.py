@@ -67,8 +67,8 @@ def motion(actions: torch.Tensor, poses: torch.Tensor, true_poses: torch.Tensor,
     yaw_pitch = torch.rad2deg(commanded["yaw_pitch"][0])
     keys = actions[1:, : len(key_names)].double()
     first = torch.arange(keys.shape[0]) == 0
-    view_up = poses[1:, 1, 2].double()  # the view axis's y (OpenCV: down) is -sin(pitch)
-    gaze = torch.rad2deg(torch.asin(view_up.abs().clamp(max=1.0)))
+    view_y = poses[1:, 1, 2].double()  # the view axis's y (OpenCV: down) is -sin(pitch)
+    gaze = torch.rad2deg(torch.asin(view_y.abs().clamp(max=1.0)))
     return Motion(yaw_pitch[:, 0], yaw_pitch[:, 1], commanded["translation"][0].norm(dim=-1),
                   true["translation"][0].norm(dim=-1), gaze, keys, tuple(key_names), first)
 
