@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ import torch
 
 from worldmodel.actions import ActionSpec, validate_actions
 from worldmodel.camera import CameraState, ControllerSpec, integrate, state_to_pose, step_state
-from worldmodel.envs.policies import POLICIES, PolicyError, draw_segment, make_policy
+from worldmodel.envs.policies import MIX, POLICIES, PolicyError, draw_segment, make_policy
 
 SPEC = ActionSpec()
 
@@ -38,7 +39,7 @@ def test_policies_are_seeded_and_items_do_not_depend_on_the_batch():
     assert not torch.equal(a[0], a[1])
 
 
-@pytest.mark.parametrize("name", ["mix", *POLICIES])
+@pytest.mark.parametrize("name", ["mix", "all", *POLICIES])
 def test_actions_are_valid_play_like_and_move_the_camera(name):
     actions = roll(make_policy(name, SPEC, batch=8, seed=1), 400)
     validate_actions(actions, SPEC)
@@ -85,8 +86,38 @@ def test_fidgets_jitter_independently_from_frame_to_frame():
 
 
 def test_mix_spreads_policies_over_items():
-    policy = make_policy("mix", SPEC, batch=32, seed=0)
-    assert len(set(policy.names)) == len(POLICIES)
+    assert set(make_policy("mix", SPEC, batch=32, seed=0).names) == set(MIX)
+    assert set(make_policy("all", SPEC, batch=64, seed=0).names) == set(POLICIES)
+
+
+def test_mix_stays_what_drew_the_evaluation_clips():
+    """``mix`` draws the held-out clips of every report: new policies must not change it."""
+    policy = make_policy("mix", SPEC, batch=8, seed=0)
+    assert policy.names == ["player", "explorer", "player", "player", "explorer", "strafer", "player", "player"]
+    actions = roll(policy, 300)
+    assert hashlib.sha256(actions.numpy().tobytes()).hexdigest()[:16] == "e9c0fa4b5226eecf"
+
+
+def gaze_degrees(name: str, steps: int = 120, batch: int = 64) -> torch.Tensor:
+    """|pitch| in degrees ``[steps, batch]`` of policy ``name`` in a world that clamps pitch at 32 degrees."""
+    ctrl = ControllerSpec(max_pitch=math.radians(32))
+    policy = make_policy(name, SPEC, batch=batch, seed=1)
+    state = CameraState.start(batch, ctrl)
+    pitches = []
+    for t in range(steps):
+        pose = state_to_pose(state)
+        state = step_state(state, policy(t, SimpleNamespace(commanded_pose=pose, true_pose=pose)), SPEC, ctrl)
+        pitches.append(state.pitch.abs())
+    return torch.rad2deg(torch.stack(pitches))
+
+
+def test_gazers_hold_a_raised_or_lowered_view():
+    gazer, mix, every = (gaze_degrees(name) for name in ("gazer", "mix", "all"))
+    assert (gazer > 15).float().mean() > 0.2 and (mix > 15).float().mean() < 0.03
+    assert (every > 15).float().mean() > 3 * (mix > 15).float().mean()
+    raised = (gazer > 12).T.numpy()
+    held = max(length for row in raised for length, up in zip(runs(row), row[np.r_[0, np.cumsum(runs(row))[:-1]]]) if up)
+    assert held >= 25  # a view kept above 12 degrees for over a second at 20 frames/s
 
 
 def test_explorers_turn_round_and_walk_back_over_their_path():

@@ -58,6 +58,8 @@
 # AR_S=0 it is the AR teacher as it is), CD_INIT and DMD_INIT
 # (the earlier students phases cd_on and dmd_on go on from, default the shipped model),
 # DEVICE (cuda), budgets in seconds AE_S TEACHER_S AR_S AR3_S CD_S CD_CPU_S SCM_S ODE_S DMD_S DMD_SCM_S (0 skips the stage), EPISODES, FRAMES,
+# POLICY (the exploration policy that collects the episodes, default mix; all adds the gazer, who holds the view up or
+# down),
 # COLLECTORS, WORKERS (data workers per stage), ODE_BATCHES, ODE_GRID, EXTRA (more KEY=VALUE for every stage), EVAL (more
 # train.evaluate arguments), EVAL_ROWS (evaluate only these rows), EVAL_PARALLEL (1: evaluate rows side by side),
 # EVAL_THREADS (CPU threads per evaluation, default 4), BATCH (global clips per step, default 64) and LR (the
@@ -124,10 +126,10 @@ collect() {
   [ -f "$RUNS/episodes/done" ] && { log "episodes: done before"; return 0; }
   rm -rf "$RUNS/episodes"
   local each=$(( (episodes + processes - 1) / processes )) pids=()
-  log "collect $episodes episodes of ${FRAMES:-120} frames in $processes processes"
+  log "collect $episodes episodes of ${FRAMES:-120} frames in $processes processes, policy ${POLICY:-mix}"
   for i in $(seq 0 $((processes - 1))); do
     python3 -m worldmodel.data collect --world "$WORLD" --episodes "$each" --frames "${FRAMES:-120}" --seed $((i * each)) \
-      --batch "$batch" --device "$device" --out "$RUNS/episodes" >"$RUNS/collect-$i.log" 2>&1 &
+      --policy "${POLICY:-mix}" --batch "$batch" --device "$device" --out "$RUNS/episodes" >"$RUNS/collect-$i.log" 2>&1 &
     pids+=($!)
   done
   for p in "${pids[@]}"; do wait "$p" || { tail -n 3 "$RUNS"/collect-*.log; return 1; }; done

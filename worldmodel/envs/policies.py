@@ -3,7 +3,9 @@
 A policy strings together segments of 1-90 frames, each holding a set of keys and a mouse
 profile: walk (with a little wobble), walk while turning, sprint, stop, look around (turn out and
 back again: the view is revisited), look up/down, strafe, circle-strafe, back up, and turn round
-followed by walking back the way it came (a revisit). Players are rougher than that, and a model
+followed by walking back the way it came (a revisit). A gaze segment raises or lowers the view by 8-32
+degrees and the next segment walks, turns or strafes while holding that pitch, as a player does who
+looks at a ceiling or the floor. Players are rougher than that, and a model
 must read the actions rather than extrapolate the motion it sees: flicks (a fast turn of 20-120
 degrees in 2-6 frames), taps (random keys held for 1-4 frames, in bursts) and fidgets (a jittery
 mouse in yaw and pitch, independent from frame to frame). Mouse motion follows each segment's
@@ -12,8 +14,9 @@ integer counts like a real mouse; pitch is pulled back towards level. When the w
 walk (the true pose barely moves while the commanded one walks on, e.g. against a wall), the
 segment ends and the policy turns away, like a player would.
 
-Each policy name weighs the segment kinds differently; ``mix`` gives every batch item one policy,
-chosen from its own seed. Item i of ``make_policy(name, spec, batch, seed)`` depends only on
+Each policy name weighs the segment kinds differently; ``mix`` gives every batch item one of the
+MIX policies, chosen from its own seed. ``mix`` draws the evaluation's held-out clips, so it must not
+change; ``all`` draws from every policy, ``gazer`` included, for training data with more pitch. Item i of ``make_policy(name, spec, batch, seed)`` depends only on
 (name, seed, i) and on what its world shows it, not on the batch size.
 """
 
@@ -36,14 +39,19 @@ POLICIES = {
                  "look_vertical": 1, "strafe": 1, "circle": 1, "stop": 1, "flick": 1, "tap": 2, "fidget": 1},
     "player": {"tap": 6, "flick": 3, "fidget": 3, "walk_turn": 2, "strafe": 2, "walk": 1, "stop": 1,
                "look_vertical": 1},
+    "gazer": {"gaze": 5, "look_vertical": 2, "walk": 2, "walk_turn": 2, "strafe": 1, "look_around": 1, "stop": 1,
+              "tap": 1, "fidget": 1},
 }
+MIX = ("walker", "looker", "strafer", "explorer", "player")  # the policies of "mix", in this order: it draws the
+# evaluation's clips
+GAZE_FOLLOW_UPS = ("walk", "walk_turn", "strafe", "stop")  # what a gaze segment is followed by, pitch held
 CONSTANT, OUT_AND_BACK, BUMP, JITTER = 0, 1, 2, 3  # mouse profiles: steady rate; sine (nets to zero); sin^2 bump to a
 # target angle; the rate times fresh N(0, 1) noise every frame, per axis
 SMOOTHING = 0.3  # low-pass factor of the mouse towards its target each frame (segments may set their own)
 TAP_KEYS = ("W", "A", "S", "D")  # keys a tap may hold
 TAP_PROBABILITY = 0.4  # each of TAP_KEYS is held in a tap with this probability
 TAP_BURST = 0.8  # chance that a tap is followed by another (bursts of 5 taps on average)
-LEVEL_PULL = 0.04  # fraction of the accumulated pitch (in counts) pulled back per frame
+LEVEL_PULL = 0.04  # fraction of the accumulated pitch (in counts) pulled back per frame (none while it is held)
 STUCK_WINDOW = 8  # frames over which a blocked walk is detected
 STUCK_RATIO = 0.25  # true displacement below this fraction of the commanded one means blocked
 
@@ -57,7 +65,8 @@ def draw_segment(kind: str, rng: np.random.Generator, mouse_scale: float) -> dic
     counts = lambda radians: radians / mouse_scale  # noqa: E731
     side = float(rng.choice([-1.0, 1.0]))
     turn = side * counts(rng.uniform(0.012, 0.06))  # radians per frame -> counts per frame
-    seg = {"keys": (), "dx": 0.0, "dy": 0.0, "profile": CONSTANT, "length": 20, "smoothing": SMOOTHING}
+    seg = {"keys": (), "dx": 0.0, "dy": 0.0, "profile": CONSTANT, "length": 20, "smoothing": SMOOTHING,
+           "level_pull": LEVEL_PULL}
     if kind == "walk":
         seg.update(keys=("W",), dx=0.15 * turn, length=rng.integers(20, 91))
     elif kind == "walk_turn":
@@ -74,6 +83,10 @@ def draw_segment(kind: str, rng: np.random.Generator, mouse_scale: float) -> dic
         length = int(rng.integers(16, 41))
         peak = counts(rng.uniform(0.3, 0.9)) * math.pi / length
         seg.update(dy=side * peak, dx=0.2 * turn, profile=OUT_AND_BACK, length=length)
+    elif kind == "gaze":  # raise or lower the view by 8-32 degrees, then hold it (no pull back to level)
+        length = int(rng.integers(8, 21))
+        total = float(rng.choice([-1.0, 1.0])) * counts(math.radians(rng.uniform(8.0, 32.0)))
+        seg.update(dy=total / length, profile=BUMP, length=length, level_pull=0.0)
     elif kind == "strafe":
         keys = (str(rng.choice(["A", "D"])),) + (("W",) if rng.random() < 0.35 else ())
         seg.update(keys=keys, dx=0.2 * turn, length=rng.integers(10, 41))
@@ -120,6 +133,7 @@ class Policy:
         self.rate = np.zeros((b, 2))  # the segment's mouse rate (dx, dy), counts/frame
         self.profile = np.zeros(b, np.int64)
         self.smoothing = np.full(b, SMOOTHING)
+        self.level_pull = np.full(b, LEVEL_PULL)  # per item: the current segment's pull of the pitch to level
         self.length = np.ones(b, np.int64)
         self.age = np.ones(b, np.int64)  # frames into the current segment; >= length: draw a new one
         self.walked = np.zeros(b, np.int64)  # frames walked forward since the last turn round
@@ -131,7 +145,8 @@ class Policy:
     def _start_segment(self, i: int, kind: str | None = None):
         """Begin a new segment for item i: ``kind``, else a forced follow-up, else a weighted draw."""
         rng = self.rngs[i]
-        walk_back = kind is None and self.forced[i] == "walk"
+        walk_back = kind is None and self.forced[i] == "walk" and self.level_pull[i] > 0
+        gaze_held = kind is None and self.forced[i] is not None and self.level_pull[i] == 0
         if kind is None:
             kind, self.forced[i] = self.forced[i], None
         if kind is None:
@@ -141,14 +156,18 @@ class Policy:
         if walk_back:  # after turning round, walk back about as far as it came
             seg["length"] = int(np.clip(self.walked[i], 10, 90))
             self.walked[i] = 0
+        if gaze_held:  # the segment after a gaze keeps its pitch
+            seg["level_pull"] = 0.0
         if kind == "turn_around":
             self.forced[i] = "walk"
+        elif kind == "gaze":
+            self.forced[i] = str(rng.choice(GAZE_FOLLOW_UPS))
         elif kind == "tap" and rng.random() < TAP_BURST:
             self.forced[i] = "tap"
         self.keys[i] = [1.0 if k in seg["keys"] else 0.0 for k in self.spec.keys]
         self.rate[i] = seg["dx"], seg["dy"]
         self.profile[i], self.length[i], self.age[i] = seg["profile"], seg["length"], 0
-        self.smoothing[i] = seg["smoothing"]
+        self.smoothing[i], self.level_pull[i] = seg["smoothing"], seg["level_pull"]
 
     def _blocked(self, world_step) -> np.ndarray:
         """Items whose walk has been blocked for the last STUCK_WINDOW frames."""
@@ -179,7 +198,7 @@ class Policy:
         target = self.rate * shape[:, None]
         for i in np.flatnonzero(self.profile == JITTER):
             target[i] *= self.rngs[i].normal(size=2)
-        target[:, 1] -= LEVEL_PULL * self.pitch
+        target[:, 1] -= self.level_pull * self.pitch
         self.mouse += self.smoothing[:, None] * (target - self.mouse)
         mouse = np.round(self.mouse)
         self.pitch += mouse[:, 1]
@@ -190,16 +209,18 @@ class Policy:
 
 
 def make_policy(name: str, action_spec: ActionSpec, batch: int = 1, seed: int = 0) -> Policy:
-    """``name``: one of POLICIES, or "mix" (each batch item draws one from its own seed)."""
+    """``name``: one of POLICIES, "mix" (each batch item draws one of MIX from its own seed) or "all" (one of
+    POLICIES)."""
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise PolicyError(f"batch must be a positive integer, got {batch!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise PolicyError(f"seed must be a non-negative integer, got {seed!r}")
     seeds = [[int(seed), i] for i in range(batch)]  # SeedSequence entropy: independent streams per item
-    if name == "mix":
-        names = [list(POLICIES)[np.random.default_rng([int(seed), i, 1]).integers(len(POLICIES))] for i in range(batch)]
+    if name in ("mix", "all"):
+        pool = MIX if name == "mix" else tuple(POLICIES)
+        names = [pool[np.random.default_rng([int(seed), i, 1]).integers(len(pool))] for i in range(batch)]
     elif name in POLICIES:
         names = [name] * batch
     else:
-        raise PolicyError(f"unknown policy {name!r}; choose one of {['mix', *POLICIES]}")
+        raise PolicyError(f"unknown policy {name!r}; choose one of {['mix', 'all', *POLICIES]}")
     return Policy(names, action_spec, seeds)
