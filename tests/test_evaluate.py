@@ -129,8 +129,9 @@ def toy_episodes(batch=3, length=9, size=16, seed=0):
 @pytest.fixture
 def toy_ground_truth(monkeypatch):
     """evaluate() with the toy world in place of the held-out worlds."""
-    blocks = {"clips": 1, "long": 2, "reference": 3}
-    monkeypatch.setattr(evaluation, "heldout_episodes", lambda settings, which, count, length: toy_episodes(count, length, seed=blocks[which]))
+    blocks = {("clips", "mix"): 1, ("long", "mix"): 2, ("reference", "mix"): 3, ("long", "gazer"): 4}
+    monkeypatch.setattr(evaluation, "heldout_episodes", lambda settings, which, count, length, policy="mix":
+                        toy_episodes(count, length, seed=blocks[which, policy]))
     monkeypatch.setattr(evaluation, "replay", lambda settings, seeds, actions: toy_world(toy_starts(seeds), actions))
 
 
@@ -339,14 +340,16 @@ def test_full_evaluation_of_a_copying_model_equals_the_baseline(toy_ground_truth
     assert control["model (autoregressive)"] == control["repeat last frame"]
     swap = report["swap_test"]
     assert swap["model"]["pass_fraction"] == 0.0 and swap["ground truth"]["pass_fraction"] == 1.0
-    for w in report["stability"]["windows"]:
+    for w in report["stability"]["windows"] + report["gaze_stability"]["windows"]:
         assert w["frechet"]["model"] == w["frechet"]["repeat_last_frame"]
         assert w["frames_stats"]["model"] == w["frames_stats"]["repeat_last_frame"]
+    assert report["gaze_stability"] != report["stability"]  # other actions, other frames
     ev.write_report(report, tmp_path, "copy")
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["fidelity"]["rows"]["ground truth"]["psnr"]["1"] == "inf"
     assert "| model (autoregressive) |" in (tmp_path / "report.md").read_text()
     assert "| 95% interval |" in (tmp_path / "report.md").read_text()
+    assert "## Stability while looking up and down" in (tmp_path / "report.md").read_text()
     assert saved["plots"] == ["fidelity.png", "stability.png"]
     for name, size in (("fidelity.png", (1120, 360)), ("stability.png", (1120, 1080))):  # matplotlib at 100 dpi
         with Image.open(tmp_path / name) as image:
@@ -360,7 +363,7 @@ def test_full_evaluation_of_an_oracle_is_perfect(toy_ground_truth, tmp_path):
     assert all(math.isinf(v) for v in report["fidelity"]["rows"]["model (autoregressive)"]["psnr"].values())
     assert report["swap_test"]["model"]["pass_fraction"] == 1.0
     assert report["controllability"]["model (autoregressive)"] == report["controllability"]["ground truth"]
-    for w in report["stability"]["windows"]:
+    for w in report["stability"]["windows"] + report["gaze_stability"]["windows"]:
         assert w["frechet"]["model"] == pytest.approx(0.0, abs=1e-9)
 
 
@@ -633,3 +636,15 @@ def test_the_motion_alone_reference_replays_the_actions_in_other_worlds():
     assert torch.equal(own[:, 0], under_swapped[:, 0]) and not torch.equal(own, under_swapped)
     assert not any(torch.equal(own[i, 0], clips["frames"][j, 0]) for i in range(2) for j in range(2))
     assert torch.equal(evaluation.replay(settings, clips["seeds"], clips["actions"]), clips["frames"])  # replay is exact
+
+
+def test_the_gaze_episodes_replay_the_long_worlds_looking_up_and_down():
+    """The gaze stability's ground truth: the long rollouts' worlds (same start frames), played by the gazer, who looks
+    more than 15 degrees away from level far more often than the mix."""
+    settings = ev.EvalSettings(world="procedural", clips=2, horizon=3, horizons=(1,), long_frames=120, long_clips=4,
+                               window=60, world_options={"height": 32, "width": 32})
+    long = evaluation.heldout_episodes(settings, "long", 4, 121)
+    gaze = evaluation.heldout_episodes(settings, "long", 4, 121, policy=evaluation.GAZE_POLICY)
+    assert gaze["seeds"] == long["seeds"] and torch.equal(gaze["frames"][:, 0], long["frames"][:, 0])
+    away = [(e["poses"][:, :, 1, 2].abs().asin().rad2deg() > 15).float().mean() for e in (long, gaze)]
+    assert away[1] > 0.15 and away[1] > 2 * away[0], away

@@ -11,7 +11,7 @@ procedural seeds >= HELDOUT_SEED_START, Doom's held-out maps) by the "mix" explo
 episode starts at a world reset (all-zero first action). The model starts from the episode's first
 frame and is driven by the episode's recorded actions. Seeds of worlds, policies and sampler all
 derive from ``--seed``, so a report is reproducible (except its speed figures). All rollouts (the
-clips autoregressive, teacher-forced and under swapped actions, and the long ones) play side by side
+clips autoregressive, teacher-forced and under swapped actions, and the long ones of both policies) play side by side
 in one batched session, each run drawing the noise a session of its own would (``rollouts``).
 
 Measures (each also for the baselines "repeat the last frame" and, where it has a meaning, ground truth):
@@ -22,7 +22,8 @@ Measures (each also for the baselines "repeat the last frame" and, where it has 
   must be closer to ground truth than one under another clip's actions), with the reference of motion alone:
   the true world's dynamics replayed in other worlds than the clips';
 - stability: a ``--long-frames`` rollout scored per window (Fréchet distance of IDM features,
-  sharpness, colour statistics, controllability);
+  sharpness, colour statistics, controllability); and the same in the same worlds played by the "gazer"
+  policy, who holds the view up or down (where Doom's students break up);
 - speed: first-frame latency, per-frame latency and FPS at batch 1 (worldmodel.bench.measure).
 
 Modules: :mod:`.protocol` (settings, ground truth, rollouts), :mod:`.measures`, :mod:`.evaluation` (every

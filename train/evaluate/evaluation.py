@@ -13,6 +13,8 @@ from train.evaluate.protocol import (EvalSettings, Run, SessionFactory, heldout_
 from worldmodel.data.splits import heldout_seeds
 from worldmodel.idm import InverseDynamics
 
+GAZE_POLICY = "gazer"  # plays the long rollouts' worlds again, holding the view up or down (Doom's students break up)
+
 
 def evaluate(make_session: SessionFactory, idm: InverseDynamics, settings: EvalSettings, block_size: int = 1,
              autoencoder=None) -> dict:
@@ -28,12 +30,14 @@ def evaluate(make_session: SessionFactory, idm: InverseDynamics, settings: EvalS
 
     long = heldout_episodes(settings, "long", settings.long_clips, settings.long_frames + 1)
     reference = heldout_episodes(settings, "reference", settings.long_clips, settings.long_frames + 1)
+    gaze = heldout_episodes(settings, "long", settings.long_clips, settings.long_frames + 1, policy=GAZE_POLICY)
     swapped_actions = torch.roll(actions, shifts=1, dims=0)
     generated = rollouts(make_session, {
         "autoregressive": Run(start, actions),
         "teacher-forced": Run(start, actions, forced=truth),
         "swapped": Run(start, swapped_actions),
         "long": Run(long["frames"][:, 0], long["actions"]),
+        "gaze": Run(gaze["frames"][:, 0], gaze["actions"]),
     }, settings.seed, block_size)
     autoregressive, teacher_forced = generated["autoregressive"], generated["teacher-forced"]
 
@@ -57,6 +61,7 @@ def evaluate(make_session: SessionFactory, idm: InverseDynamics, settings: EvalS
     }, horizons, settings.device)
 
     stability = stability_report(idm, long, generated["long"], reference["frames"], settings.window, settings.device)
+    gaze_stability = stability_report(idm, gaze, generated["gaze"], reference["frames"], settings.window, settings.device)
 
     return {
         "settings": {**asdict(settings), "horizons": horizons},
@@ -65,6 +70,7 @@ def evaluate(make_session: SessionFactory, idm: InverseDynamics, settings: EvalS
             "clip_seeds": clips["seeds"],
             "long_seeds": long["seeds"],
             "reference_seeds": reference["seeds"],
+            "gaze_policy": GAZE_POLICY,
             "world_options": heldout_options(settings),
             "frame_size": list(truth.shape[2:4]),
             "block_size": block_size,
@@ -74,6 +80,7 @@ def evaluate(make_session: SessionFactory, idm: InverseDynamics, settings: EvalS
         "controllability": control,
         "swap_test": swap,
         "stability": stability,
+        "gaze_stability": gaze_stability,
         **({"autoencoder": autoencoder_report(autoencoder, truth, settings.device)} if autoencoder is not None else {}),
         "notes": notes,
     }

@@ -73,9 +73,9 @@ def seed_block(settings: EvalSettings, which: str) -> int:
     return (settings.seed * len(SEED_BLOCKS) + SEED_BLOCKS[which]) * 10_000
 
 
-def heldout_episodes(settings: EvalSettings, which: str, count: int, length: int) -> dict:
-    """``count`` held-out ground-truth episodes of ``length`` frames: frames uint8 ``[B, T, H, W, 3]``,
-    actions ``[B, T, A]``, poses ``[B, T, 4, 4]`` (what the frames show), and the world seeds."""
+def heldout_episodes(settings: EvalSettings, which: str, count: int, length: int, policy: str = "mix") -> dict:
+    """``count`` held-out ground-truth episodes of ``length`` frames played by ``policy``: frames uint8
+    ``[B, T, H, W, 3]``, actions ``[B, T, A]``, poses ``[B, T, 4, 4]`` (what the frames show), and the world seeds."""
     from worldmodel.data.dataset import play_clip
     from worldmodel.data.splits import heldout_seeds
     from worldmodel.envs.policies import make_policy
@@ -83,7 +83,7 @@ def heldout_episodes(settings: EvalSettings, which: str, count: int, length: int
     block = seed_block(settings, which)
     seeds = heldout_seeds(count, start=block)
     with heldout_world(settings, count) as world:
-        clip = play_clip(world, make_policy("mix", world.action_spec, batch=count, seed=block), seeds, 0, length)
+        clip = play_clip(world, make_policy(policy, world.action_spec, batch=count, seed=block), seeds, 0, length)
     poses = observed_poses(clip["true_poses"], clip["poses"])
     return {"frames": clip["frames"], "actions": clip["actions"], "poses": poses, "seeds": seeds}
 

@@ -40,6 +40,19 @@ CONTROL_COLUMNS = ("key_accuracy", "key_exact", "mouse_error", "yaw_error_deg", 
                    "rotation_error_deg", "translation_error")
 
 
+def stability_table(stability: dict) -> str:
+    """The table of a stability report (:func:`train.evaluate.measures.stability_report`): one row per window."""
+    rows = []
+    for w in stability["windows"]:
+        fr, fs, c = w.get("frechet", {}), w["frames_stats"], w["controllability"]
+        rows.append([f"{w['frames'][0]}-{w['frames'][1] - 1}", fr.get("model", "n/a"), fr.get("repeat_last_frame", "n/a"),
+                     fr.get("ground_truth_reference", "n/a"), fs["model"]["sharpness"], fs["ground_truth"]["sharpness"],
+                     fs["model"]["colour_mean"], fs["ground_truth"]["colour_mean"], c["model"]["key_accuracy"],
+                     c["ground_truth"]["key_accuracy"], c["model"]["yaw_error_deg"], c["ground_truth"]["yaw_error_deg"]])
+    return table(["frames", "FD model", "FD repeat", "FD GT ref", "sharp model", "sharp GT", "RGB mean model",
+                  "RGB mean GT", "keys model", "keys GT", "yaw err model", "yaw err GT"], rows)
+
+
 def markdown(report: dict, title: str) -> str:
     """The readable report: one table per measure."""
     fid, horizons = report["fidelity"], report["fidelity"]["horizons"]
@@ -79,16 +92,10 @@ def markdown(report: dict, title: str) -> str:
                     *(r["by_horizon"][h] for h in within), r["mse_own"], r["mse_swapped"]] for n, r in swap.items()]), ""]
     st = report["stability"]
     out += [f"## Stability (windows of {st['window']} frames; sharpness and colour in 0..255 units)", ""]
-    rows = []
-    for w in st["windows"]:
-        fr, fs, c = w.get("frechet", {}), w["frames_stats"], w["controllability"]
-        rows.append([f"{w['frames'][0]}-{w['frames'][1] - 1}", fr.get("model", "n/a"), fr.get("repeat_last_frame", "n/a"),
-                     fr.get("ground_truth_reference", "n/a"), fs["model"]["sharpness"], fs["ground_truth"]["sharpness"],
-                     fs["model"]["colour_mean"], fs["ground_truth"]["colour_mean"], c["model"]["key_accuracy"],
-                     c["ground_truth"]["key_accuracy"], c["model"]["yaw_error_deg"], c["ground_truth"]["yaw_error_deg"]])
-    out += [table(["frames", "FD model", "FD repeat", "FD GT ref", "sharp model", "sharp GT", "RGB mean model",
-                   "RGB mean GT", "keys model", "keys GT", "yaw err model", "yaw err GT"], rows), "",
-            "![stability](stability.png)", ""]
+    out += [stability_table(st), "", "![stability](stability.png)", ""]
+    if "gaze_stability" in report:
+        out += [f"## Stability while looking up and down (the long rollouts' worlds, played by the "
+                f"`{report['protocol']['gaze_policy']}` policy)", "", stability_table(report["gaze_stability"]), ""]
     if "autoencoder" in report:
         ae = report["autoencoder"]
         out += ["## Autoencoder (the held-out clips' frames, encoded and decoded)", ""]
