@@ -16,8 +16,9 @@ segment ends and the policy turns away, like a player would.
 
 Each policy name weighs the segment kinds differently; ``mix`` gives every batch item one of the
 MIX policies, chosen from its own seed. ``mix`` draws the evaluation's held-out clips, so it must not
-change; ``all`` draws from every policy, ``gazer`` included, for training data with more pitch. Item i of ``make_policy(name, spec, batch, seed)`` depends only on
-(name, seed, i) and on what its world shows it, not on the batch size.
+change; ``all`` draws from every policy, ``gazer`` included, for training data with more pitch. Item i
+of ``make_policy(name, spec, batch, seed)`` depends only on (name, seed, i) and on what its world
+shows it, not on the batch size.
 """
 
 from __future__ import annotations
@@ -145,8 +146,9 @@ class Policy:
     def _start_segment(self, i: int, kind: str | None = None):
         """Begin a new segment for item i: ``kind``, else a forced follow-up, else a weighted draw."""
         rng = self.rngs[i]
-        walk_back = kind is None and self.forced[i] == "walk" and self.level_pull[i] > 0
+        # a follow-up forced by a gaze (whose level pull is 0) holds its pitch; one forced by a turn round walks back
         gaze_held = kind is None and self.forced[i] is not None and self.level_pull[i] == 0
+        walk_back = kind is None and self.forced[i] == "walk" and not gaze_held
         if kind is None:
             kind, self.forced[i] = self.forced[i], None
         if kind is None:
