@@ -331,7 +331,8 @@ def toy_settings():
 
 
 def test_full_evaluation_of_a_copying_model_equals_the_baseline(toy_ground_truth, tmp_path):
-    report = ev.evaluate(lambda b, s: CopySession(b, s), tiny_idm(), toy_settings())
+    report = ev.evaluate(lambda b, s: CopySession(b, s), tiny_idm(), toy_settings(), sheets=tmp_path)
+    assert report["sheets"] == {"frames": [0], "long": "long.jpg", "gaze": "gaze.jpg"}  # picks up to long_frames 9
     fid = report["fidelity"]["rows"]
     assert report["fidelity"]["horizons"] == [1, 4, 6]
     assert fid["model (autoregressive)"] == fid["repeat last frame (autoregressive)"]
@@ -350,6 +351,10 @@ def test_full_evaluation_of_a_copying_model_equals_the_baseline(toy_ground_truth
     assert "| model (autoregressive) |" in (tmp_path / "report.md").read_text()
     assert "| 95% interval |" in (tmp_path / "report.md").read_text()
     assert "## Stability while looking up and down" in (tmp_path / "report.md").read_text()
+    assert "![gaze rollouts](gaze.jpg)" in (tmp_path / "report.md").read_text()
+    for name in ("long.jpg", "gaze.jpg"):  # frame 0 of 2 clips, each truth above model: 4 tiles of 16 x 16
+        with Image.open(tmp_path / name) as image:
+            assert image.size == (16, 4 * 16 + 3 * 4)
     assert saved["plots"] == ["fidelity.png", "stability.png"]
     for name, size in (("fidelity.png", (1120, 360)), ("stability.png", (1120, 1080))):  # matplotlib at 100 dpi
         with Image.open(tmp_path / name) as image:
@@ -621,6 +626,26 @@ def test_reconstruction_sheet_puts_truth_reconstruction_and_their_zooms_in_rows(
         for c, tile in enumerate(row):
             y, x = r * (6 + SHEET_GAP), c * (8 + SHEET_GAP)
             assert np.array_equal(sheet[y : y + 6, x : x + 8], tile)
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_rollout_sheet_puts_each_clip_truth_above_model_at_the_picks(tmp_path):
+    from train.evaluate.plots import SHEET_GAP, rollout_sheet
+
+    rng = np.random.default_rng(2)  # flat frames of random colours: a JPEG keeps each tile's mean colour
+    truth, model = (np.broadcast_to(rng.integers(0, 256, (2, 9, 1, 1, 3), dtype=np.uint8), (2, 9, 16, 24, 3))
+                    for _ in range(2))
+    picks = [0, 3, 8]
+    rollout_sheet(truth, model, picks, tmp_path / "long.jpg")
+    with Image.open(tmp_path / "long.jpg") as image:
+        assert image.format == "JPEG"
+        sheet = np.asarray(image).astype(np.float64)
+    assert sheet.shape == (4 * 16 + 3 * SHEET_GAP, 3 * 24 + 2 * SHEET_GAP, 3)
+    for r, video in enumerate([truth[0], model[0], truth[1], model[1]]):
+        for c, t in enumerate(picks):
+            y, x = r * (16 + SHEET_GAP), c * (24 + SHEET_GAP)
+            inner = sheet[y + 3 : y + 13, x + 3 : x + 21]  # away from the edges, where JPEG rings
+            assert np.abs(inner.mean((0, 1)) - video[t, 0, 0]).max() < 6, (r, c)
     assert not list(tmp_path.glob("*.tmp*"))
 
 

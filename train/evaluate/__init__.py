@@ -1,5 +1,6 @@
 """Evaluate a world-model checkpoint against a ground-truth world: how faithful, how controllable,
-how stable over long sessions, how fast. Writes ``report.json``, ``report.md`` and PNG plots.
+how stable over long sessions, how fast. Writes ``report.json``, ``report.md``, PNG plots and JPEG
+contact sheets of the long rollouts.
 
     python -m train.evaluate CHECKPOINT --world procedural|doom --out DIR
         [--clips 16 --horizon 128 --long-frames 2000 --long-clips 4 --window 200

@@ -132,7 +132,7 @@ def evaluate_cli(argv) -> int:
     autoencoder = copy.deepcopy(model.autoencoder)  # float32: the sessions cast the model to their dtype
     Session(model, batch=1, device=args.device, steps=steps, dtype=dtype)  # a bad --steps or sampler fails here
     report = evaluate(lambda b, s: Session(model, batch=b, device=args.device, steps=steps, seed=s, dtype=dtype),
-                      idm, settings, block_size, autoencoder)
+                      idm, settings, block_size, autoencoder, sheets=args.out)
     report["speed"] = speed_report(model, settings, dtype, steps)
     sampler = {**OmegaConf.to_container(model.config.sampler), **({"steps": steps} if steps else {})}
     report["checkpoint"] = {"path": str(args.checkpoint), "stage": str(model.config.stage),

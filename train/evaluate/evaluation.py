@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
 from train.evaluate.measures import (autoencoder_report, control_report, fidelity_report, stability_report,
                                      swap_report)
+from train.evaluate.plots import rollout_sheet
 from train.evaluate.protocol import (EvalSettings, Run, SessionFactory, heldout_episodes, heldout_options, repeat_first,
                                      repeat_previous, replay, rollouts, seed_block)
 from worldmodel.data.splits import heldout_seeds
 from worldmodel.idm import InverseDynamics
 
 GAZE_POLICY = "gazer"  # plays the long rollouts' worlds again, holding the view up or down (Doom's students break up)
+SHEET_PICKS = (0, 25, 50, 100, 200, 400, 1000, 2000)  # frames of the long rollouts' contact sheets (those in range)
 
 
 def evaluate(make_session: SessionFactory, idm: InverseDynamics, settings: EvalSettings, block_size: int = 1,
-             autoencoder=None) -> dict:
+             autoencoder=None, sheets: Path | None = None) -> dict:
     """Run every measure; returns the report as a dict of plain numbers (see the module docstring). With
-    ``autoencoder`` (float32, untouched by the sessions) the report also has its gate on the clips' frames."""
+    ``autoencoder`` (float32, untouched by the sessions) the report also has its gate on the clips' frames; with
+    ``sheets`` (a folder) the contact sheets of the long rollouts, ``long.jpg`` and ``gaze.jpg`` (truth above model
+    at frames :data:`SHEET_PICKS`), are written there and named in the report."""
     notes = []
     horizons = settings.report_horizons
     clips = heldout_episodes(settings, "clips", settings.clips, settings.horizon + 1)
@@ -62,6 +67,11 @@ def evaluate(make_session: SessionFactory, idm: InverseDynamics, settings: EvalS
 
     stability = stability_report(idm, long, generated["long"], reference["frames"], settings.window, settings.device)
     gaze_stability = stability_report(idm, gaze, generated["gaze"], reference["frames"], settings.window, settings.device)
+    if sheets is not None:
+        picks = [t for t in SHEET_PICKS if t <= settings.long_frames]
+        sheets.mkdir(parents=True, exist_ok=True)
+        for name, episodes in (("long", long), ("gaze", gaze)):
+            rollout_sheet(episodes["frames"].numpy(), generated[name].numpy(), picks, sheets / f"{name}.jpg")
 
     return {
         "settings": {**asdict(settings), "horizons": horizons},
@@ -81,6 +91,7 @@ def evaluate(make_session: SessionFactory, idm: InverseDynamics, settings: EvalS
         "swap_test": swap,
         "stability": stability,
         "gaze_stability": gaze_stability,
+        **({"sheets": {"frames": picks, "long": "long.jpg", "gaze": "gaze.jpg"}} if sheets is not None else {}),
         **({"autoencoder": autoencoder_report(autoencoder, truth, settings.device)} if autoencoder is not None else {}),
         "notes": notes,
     }

@@ -92,10 +92,16 @@ def markdown(report: dict, title: str) -> str:
                     *(r["by_horizon"][h] for h in within), r["mse_own"], r["mse_swapped"]] for n, r in swap.items()]), ""]
     st = report["stability"]
     out += [f"## Stability (windows of {st['window']} frames; sharpness and colour in 0..255 units)", ""]
+    sheets = report.get("sheets")
+    picks = "" if sheets is None else ", ".join(str(t) for t in sheets["frames"])
     out += [stability_table(st), "", "![stability](stability.png)", ""]
+    if sheets:
+        out += [f"Each long clip, truth above model, at frames {picks}:", "", f"![long rollouts]({sheets['long']})", ""]
     if "gaze_stability" in report:
         out += [f"## Stability while looking up and down (the long rollouts' worlds, played by the "
                 f"`{report['protocol']['gaze_policy']}` policy)", "", stability_table(report["gaze_stability"]), ""]
+        if sheets:
+            out += [f"Truth above model, at frames {picks}:", "", f"![gaze rollouts]({sheets['gaze']})", ""]
     if "autoencoder" in report:
         ae = report["autoencoder"]
         out += ["## Autoencoder (the held-out clips' frames, encoded and decoded)", ""]
