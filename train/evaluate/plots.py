@@ -76,12 +76,12 @@ def zoomed_centre(frame: np.ndarray, zoom: int) -> np.ndarray:
 
 
 def rollout_sheet(truth: np.ndarray, model: np.ndarray, picks: list[int], path: Path) -> None:
-    """A long rollout's contact sheet, a JPEG (a quarter of a PNG's bytes for such frames): per clip of uint8
+    """A long rollout's contact sheet, a JPEG (a sixth of a PNG's bytes for such frames): per clip of uint8
     ``truth [B, T, H, W, 3]`` and ``model`` (alike), a row of the true frames at the indices ``picks`` above a
     row of the model's."""
     rows = [row for clip in range(truth.shape[0]) for row in (list(truth[clip, picks]), list(model[clip, picks]))]
     with atomic_output(path) as tmp:
-        tile_grid(rows, SHEET_GAP).save(tmp, format="JPEG", quality=90)
+        tile_grid(rows, SHEET_GAP).save(tmp, format="JPEG", quality=75)
 
 
 def reconstruction_sheet(truth: np.ndarray, recon: np.ndarray, path: Path, zoom: int = 2) -> None:
