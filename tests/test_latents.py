@@ -97,6 +97,9 @@ def test_latents_for_a_world_source_or_a_bad_switch_are_clear_errors(setup, tmp_
                         "data.latents=true", f"init.autoencoder={ae_path}"])
     with pytest.raises(ValueError, match="run.compile must be true, false or auto"):
         run("teacher", args(episodes, tmp_path / "c", 1, f"init.autoencoder={ae_path}", "run.compile=sometimes"))
+    with pytest.raises(ValueError, match="run.compile_mode must be one of"):
+        run("teacher", args(episodes, tmp_path / "m", 1, f"init.autoencoder={ae_path}", "run.compile=true",
+                            "run.compile_mode=reduce-overhead"))
 
 
 @pytest.mark.parametrize("clean", [False, True])

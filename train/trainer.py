@@ -56,9 +56,12 @@ from worldmodel.transformer import WorldDiT
 CHECKPOINT_FORMAT = "worldmodel-train"
 CHECKPOINT_VERSION = "1"
 CHECKPOINT_PATTERN = re.compile(r"step_(\d{9})\.safetensors")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+"""``run.compile_mode`` values (``torch.compile`` modes without CUDA graphs: the steps' shapes are static, but the
+rollouts' KV-cached forwards stay eager)."""
 RESUMABLE_CHANGES = ("run.dir", "run.steps", "run.checkpoint_every", "run.keep_checkpoints", "run.log_every",
                      "run.sample_every", "run.tensorboard", "run.profile",
-                     "run.time_limit_s", "run.export_every_s", "run.compile", "data.workers", "data.latents", "data.latent_cache",
+                     "run.time_limit_s", "run.export_every_s", "run.compile", "run.compile_mode", "data.workers", "data.latents", "data.latent_cache",
                      "autoencoder.adversarial_weight")
 """Keys a resumed run may change; any other difference to the run's saved config is an error
 (``init.*`` paths may move: the inputs' content is checked by fingerprint). ``run.dir``: a run copied to
@@ -344,11 +347,14 @@ class Trainer:
     def _compile_networks(self) -> None:
         """``torch.compile`` every DiT's full-sequence forward, masked attention through FlexAttention
         block masks (the KV-cached forwards of rollouts stay eager)."""
+        mode = str(self.cfg.run.compile_mode)
+        if mode not in COMPILE_MODES:
+            raise TrainConfigError(f"run.compile_mode must be one of {list(COMPILE_MODES)}, got {mode!r}")
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
         for net in self.stage.networks():
             if isinstance(net, WorldDiT):
                 net.attention = "flex" if self.device.type == "cuda" else "sdpa"  # no flex backward on CPU
-                net.compile(dynamic=False)
+                net.compile(dynamic=False, mode=mode)
 
     def _make_optimizer(self, module: nn.Module, ocfg: DictConfig) -> torch.optim.Optimizer:
         params = [p for p in module.parameters() if p.requires_grad]
