@@ -230,3 +230,40 @@ def test_compiled_full_cache_forwards_equal_the_eager_ones():
     for want, got in zip(*runs):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert compiled_frames == [model.cfg.sink_frames + model.cfg.window_frames] * 2  # both ran compiled, on a full cache
+
+
+def test_compiled_stages_roll_out_as_the_eager_blocks_and_compile_once():
+    """``compile_cached_stages``: a self-forcing rollout (folded and separate commits, a gradient step per block,
+    the cache rolling past its window) gives the eager rollout's clip and parameter gradients, float64; a second
+    rollout on a fresh cache at other fill levels makes no new graph."""
+    from types import SimpleNamespace
+
+    from train.algorithms import self_forcing_rollout
+    from worldmodel.rollout import CachedRollout
+
+    seed = int(torch.randint(0, 10_000, ()))
+    model = tiny_dit(seed, depth=2, block_size=2, window_frames=4)
+    x, _, actions, poses = random_inputs(2, 9, seed, model.cfg)
+    noise = torch.randn(2, 2, 9, *x.shape[2:], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    clip = SimpleNamespace(actions=actions, poses=poses)
+
+    def rollout(exits):
+        model.zero_grad()
+        out = self_forcing_rollout(CachedRollout(model, clip, torch.float64), x[:, :1], noise, (1.0, 0.5), exits)
+        (out * x).sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    exits = [0, 1, 1, 0]  # blocks of frames 1-2, 3-4, 5-6, 7-8; a window of 4 + 1 sink overflows at the last
+    want = rollout(exits)
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    model.compile_cached_stages()
+    got = rollout(exits)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-9, atol=1e-9)
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= before + 4  # before and after attention, with and without gradient, at least
+    with torch.no_grad():
+        self_forcing_rollout(CachedRollout(model, clip, torch.float64), x[:, :1], noise, (1.0, 0.5), [1, 0, 0, 1], 9)
+    rollout([1, 1, 0, 0])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs

@@ -346,7 +346,8 @@ class Trainer:
 
     def _compile_networks(self) -> None:
         """``torch.compile`` every DiT's full-sequence forward, masked attention through FlexAttention
-        block masks (the KV-cached forwards of rollouts stay eager)."""
+        block masks, and the work around the attention of its KV-cached forwards (rollouts; the attention and
+        the cache stay eager)."""
         mode = str(self.cfg.run.compile_mode)
         if mode not in COMPILE_MODES:
             raise TrainConfigError(f"run.compile_mode must be one of {list(COMPILE_MODES)}, got {mode!r}")
@@ -355,6 +356,7 @@ class Trainer:
             if isinstance(net, WorldDiT):
                 net.attention = "flex" if self.device.type == "cuda" else "sdpa"  # no flex backward on CPU
                 net.compile(dynamic=False, mode=mode)
+                net.compile_cached_stages()
 
     def _make_optimizer(self, module: nn.Module, ocfg: DictConfig) -> torch.optim.Optimizer:
         params = [p for p in module.parameters() if p.requires_grad]

@@ -304,15 +304,19 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
         self.proj = nn.Linear(cfg.dim, cfg.dim)
 
-    def forward(self, x, rotation, mask=None, cache=None, layer=0):
-        """``x [B, L, D]`` -> ``[B, L, D]``; with ``cache`` the tokens also attend to its frames."""
+    def project(self, x: torch.Tensor, rotation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [B, L, D]`` -> q, k, v ``[B, H, L, hd]`` (q and k normalised and rotated)."""
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
-        q, k = apply_rope(q, rotation, self.q_norm), apply_rope(k, rotation, self.k_norm)
+        return apply_rope(q, rotation, self.q_norm), apply_rope(k, rotation, self.k_norm), v
+
+    def attend(self, q, k, v, mask=None, cache=None, layer=0) -> torch.Tensor:
+        """The heads' attention output ``[B, L, D]`` (before ``proj``); with ``cache`` the tokens also attend to its
+        frames."""
         if isinstance(mask, FoldedCommit):
             (commit_k, commit_v), (block_k, block_v) = cache.attend_folded(layer, k, v, mask)
             split = mask.tokens
             out = torch.cat([attention(q[:, :, :split], commit_k, commit_v), attention(q[:, :, split:], block_k, block_v)], 2)
-            return self.proj(rearrange(out, "b h l d -> b l (h d)"))
+            return rearrange(out, "b h l d -> b l (h d)")
         if cache is not None:
             k, v = cache.attend(layer, k, v)
         if isinstance(mask, FrameMask):
@@ -324,7 +328,7 @@ class Attention(nn.Module):
             out = attention(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(rearrange(out, "b h l d -> b l (h d)"))
+        return rearrange(out, "b h l d -> b l (h d)")
 
 
 class DiTBlock(nn.Module):
@@ -336,12 +340,34 @@ class DiTBlock(nn.Module):
         self.ada = nn.Linear(cfg.dim, 6 * cfg.dim)
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
+        self.compiled_stages: tuple | None = None  # (before, after) attention, compiled for cached forwards
+
+    def before_attention(self, x, cond, rotation) -> tuple[torch.Tensor, ...]:
+        """q, k, v ``[B, H, L, hd]`` of ``x [B, F*N, D]`` under ``cond [B, F, D]``, and the modulation that
+        :meth:`after_attention` takes (four ``[B, F, D]``)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(cond)).chunk(6, -1)
+        return *self.attn.project(norm_modulate(x, shift1, scale1), rotation), gate1, shift2, scale2, gate2
+
+    def after_attention(self, x, attended, gate1, shift2, scale2, gate2) -> torch.Tensor:
+        """The block's output ``[B, F*N, D]`` from its input ``x`` and the heads' output ``attended [B, F*N, D]``."""
+        x = x + gated(self.attn.proj(attended), gate1)
+        return x + gated(self.mlp(norm_modulate(x, shift2, scale2)), gate2)
 
     def forward(self, x, cond, rotation, mask=None, cache=None, layer=0):
-        """``x [B, F*N, D]``, ``cond [B, F, D]`` (per-frame conditioning)."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(cond)).chunk(6, -1)
-        x = x + gated(self.attn(norm_modulate(x, shift1, scale1), rotation, mask, cache, layer), gate1)
-        return x + gated(self.mlp(norm_modulate(x, shift2, scale2)), gate2)
+        """``x [B, F*N, D]``, ``cond [B, F, D]`` (per-frame conditioning). Against a ``cache``, the stages around
+        the attention run compiled once :meth:`compile_stages` has run."""
+        before, after = self.before_attention, self.after_attention
+        if cache is not None and self.compiled_stages is not None:
+            before, after = self.compiled_stages
+        q, k, v, *modulation = before(x, cond, rotation)
+        return after(x, self.attn.attend(q, k, v, mask, cache, layer), *modulation)
+
+    def compile_stages(self) -> None:
+        """Compile (``torch.compile``, static shapes) the work before and after the attention for the cached
+        forwards (self-forcing rollouts); the attention and its KV cache stay eager, so no cache fill level, only
+        the token count and grad mode, makes a new graph."""
+        self.compiled_stages = (torch.compile(self.before_attention, dynamic=False),
+                                torch.compile(self.after_attention, dynamic=False))
 
 
 class KVCache:
@@ -474,6 +500,14 @@ class WorldDiT(nn.Module):
         dynamo = torch._dynamo.config
         dynamo.recompile_limit = max(dynamo.recompile_limit, 4 * len(self.blocks))  # all blocks share one code object
         self._full_cache_blocks = [torch.compile(block, dynamic=False) for block in self.blocks]
+
+    def compile_cached_stages(self) -> None:
+        """Compile every block's work around its attention for the cached forwards of training rollouts
+        (:meth:`DiTBlock.compile_stages`): one graph per token count and grad mode, at any cache fill level."""
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 16 * len(self.blocks))  # all blocks share the code objects
+        for block in self.blocks:
+            block.compile_stages()
 
     @torch.compiler.disable
     def sequence_tables(self, mode: str, frames: int, device) -> tuple:

@@ -3,10 +3,11 @@
 #   setsid nohup bash train/scripts/gpu_ab.sh > /tmp/ab.log 2>&1 < /dev/null &
 # (carry .whl, from train/scripts/wheels.sh, and .bench_before.tgz: the files that differ, as in BASE, laid over a copy of
 # this tree: `git archive BASE worldmodel/transformer.py train/bench.py | gzip > .bench_before.tgz`) then poll /tmp/ab/status for "] done" and copy /tmp/ab/out/* to $OUT. It runs:
-#   1. the training benchmark (train.bench, variant "after": the fast path) of BENCH_STAGES at BENCH_BATCHES, for the
-#      code in .bench_before.tgz and then for this tree, one after the other, alone on the GPU (BENCH_STAGES= skips it),
-#      then with BENCH_AUTOTUNE=1 this tree again under run.compile_mode=max-autotune-no-cudagraphs (bench_autotune);
-#      each bench is stopped after BENCH_TIMEOUT_S seconds (default 280);
+#   1. the training benchmark (train.bench, variant "after": the fast path) at BENCH_BATCHES, for the code in
+#      .bench_before.tgz (stages BENCH_BEFORE_STAGES, default BENCH_STAGES) and then for this tree (BENCH_STAGES), one
+#      after the other, alone on the GPU (BENCH_STAGES= skips it), then with BENCH_AUTOTUNE_STAGES this tree again under
+#      run.compile_mode=max-autotune-no-cudagraphs (bench_autotune); each bench is stopped after BENCH_TIMEOUT_S
+#      seconds (default 280);
 #   2. evaluations side by side of the shipped student and of its AR teacher (the carried DiT joined with the shipped
 #      autoencoder; 16 Euler steps, CFG 1) with each KV cache of KV_CACHES ("default" is the checkpoint's; else
 #      SINKS,WINDOW for train.evaluate --kv-cache; KV_CACHES= : none), on EVAL_CLIPS held-out clips of 128 frames drawn with EVAL_SEED.
@@ -22,19 +23,19 @@ python3 -c "import omegaconf" 2>/dev/null || { note "omegaconf is missing (carry
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$S/status"
 
 BENCH_STAGES=${BENCH_STAGES-ar_teacher,causal_cd}
-bench() {  # bench NAME [KEY=VALUE ...]: the training benchmark of the tree in the current folder, with those overrides
+bench() {  # bench NAME STAGES [KEY=VALUE ...]: the training benchmark of the tree in the current folder, with those overrides
   timeout "${BENCH_TIMEOUT_S:-280}" python3 -m train.bench --preset default --window 10 --device cuda --data "$S/episodes" \
-    --source synthetic --episodes 64 --stages "$BENCH_STAGES" --batches "${BENCH_BATCHES:-256}" --variants after \
-    --out "$S/out/bench_$1.json" "${@:2}" > "$S/out/bench_$1.txt" 2>&1 || note "bench $1 stopped ($?)"
+    --source synthetic --episodes 64 --stages "$2" --batches "${BENCH_BATCHES:-256}" --variants after \
+    --out "$S/out/bench_$1.json" "${@:3}" > "$S/out/bench_$1.txt" 2>&1 || note "bench $1 stopped ($?)"
   note "bench $1: $(grep -E '^[a-z_]+ default batch' "$S/out/bench_$1.txt" | tr '\n' ';')"
 }
 if [ -n "$BENCH_STAGES" ]; then
   if [ -f .bench_before.tgz ]; then
     mkdir -p /tmp/before && cp -r worldmodel kernels train /tmp/before && tar xzf .bench_before.tgz -C /tmp/before
-    (cd /tmp/before && PYTHONPATH=/tmp/site:/tmp/before bench before)
+    (cd /tmp/before && PYTHONPATH=/tmp/site:/tmp/before bench before "${BENCH_BEFORE_STAGES:-$BENCH_STAGES}")
   fi
-  bench after
-  [ "${BENCH_AUTOTUNE:-0}" = 1 ] && bench autotune run.compile_mode=max-autotune-no-cudagraphs
+  bench after "$BENCH_STAGES"
+  [ -n "${BENCH_AUTOTUNE_STAGES:-}" ] && bench autotune "$BENCH_AUTOTUNE_STAGES" run.compile_mode=max-autotune-no-cudagraphs
 fi
 
 [ -z "${KV_CACHES-default 0,12}" ] && { note "done"; exit 0; }  # KV_CACHES= : the benchmark alone
