@@ -17,7 +17,7 @@ from train import bench
 from train.clips import Clip
 from worldmodel.rollout import CachedRollout
 from worldmodel.model import dit_config, model_config
-from worldmodel.transformer import DiTConfig, WorldDiT, frame_mask, token_mask
+from worldmodel.transformer import DiTConfig, WorldDiT, sequence_frames, token_mask
 
 CAMERA_SLACK = 1e-3  # the camera rays' few 4x4 matmuls per frame, which the bench does not count
 
@@ -55,8 +55,8 @@ def test_masked_forward_flops_are_the_dense_count_at_the_masks_density(mode):
     dense = bench.sequence_forward_flops(dit.cfg, 2, 5, mode, density=1.0)
     assert counted(lambda: dit(x, s, a, p, mode="causal", clean=clean)) == pytest.approx(dense, rel=CAMERA_SLACK)
     density = bench.mask_density(mode, 5, 2)
-    assert density == token_mask(frame_mask(mode, 5, 2), dit.cfg.tokens_per_frame).double().mean().item()
-    tokens = (10 if mode == "teacher_forcing" else 5) * dit.cfg.tokens_per_frame
+    assert density == token_mask(sequence_frames(mode, 5, 2)[0], dit.cfg.tokens_per_frame).double().mean().item()
+    tokens = (8 if mode == "teacher_forcing" else 5) * dit.cfg.tokens_per_frame  # the last block's clean copy left out
     attention = bench.attention_flops(dit.cfg, 2, tokens, tokens)
     assert bench.sequence_forward_flops(dit.cfg, 2, 5, mode) == pytest.approx(dense - (1 - density) * attention)
 
@@ -65,7 +65,7 @@ def test_frame_wise_mask_densities_have_their_closed_forms():
     t = 13
     assert bench.mask_density("bidirectional", t, 1) == 1.0
     assert bench.mask_density("causal", t, 1) == pytest.approx((t + 1) / (2 * t))
-    assert bench.mask_density("teacher_forcing", t, 1) == pytest.approx((t * t + t) / (4 * t * t))
+    assert bench.mask_density("teacher_forcing", t, 1) == pytest.approx(t * t / (2 * t - 1) ** 2)  # t - 1 clean frames
 
 
 def test_a_trained_forward_costs_three_forwards():
@@ -175,7 +175,7 @@ def test_profile_runs_a_third_window_and_prints_its_top_kernels(tmp_path, capsys
 @pytest.mark.parametrize("tokens_per_frame", [64, 80, 48, 200])
 def test_tile_work_counts_the_tiles_flex_attention_computes(mode, frames, block_size, tokens_per_frame):
     from worldmodel.transformer import flex_block_mask
-    mask = frame_mask(mode, frames, block_size)
+    mask = sequence_frames(mode, frames, block_size)[0]
     block = flex_block_mask(mask, tokens_per_frame)
     tiles = int(block.kv_num_blocks.sum()) + int(block.full_kv_num_blocks.sum())
     allowed = token_mask(mask, tokens_per_frame).double().sum().item()

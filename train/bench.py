@@ -52,7 +52,7 @@ from worldmodel.actions import ActionSpec
 from worldmodel.camera import ControllerSpec, integrate
 from worldmodel.data.episode import EpisodeMeta, EpisodeWriter
 from worldmodel.model import WorldModel, dit_config, model_config
-from worldmodel.transformer import DiTConfig, frame_mask, rope_splits
+from worldmodel.transformer import DiTConfig, rope_splits, sequence_frames
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("autoencoder", "teacher", "ar_teacher", "causal_cd", "causal_scm", "dmd")
@@ -94,7 +94,7 @@ def mask_density(mode: str, frames: int, block_size: int) -> float:
     """Share of allowed query-key pairs of a full-sequence forward in ``mode`` (``bidirectional``,
     ``causal`` or ``teacher_forcing`` over ``[clean | noisy]``): that of the frame mask, which the
     token mask repeats ``N x N`` times."""
-    mask = frame_mask(mode, frames, block_size)
+    mask = sequence_frames(mode, frames, block_size)[0]
     return 1.0 if mask is None else int(mask.sum()) / mask.numel()
 
 
@@ -106,7 +106,7 @@ def tile_work(mode: str, frames: int, block_size: int, tokens_per_frame: int, ti
     A tile of query frames ``[qa, qb]`` and key frames ``[ka, kb]`` (the frames its tokens belong to) is
     computed when the frame mask allows any pair inside it.
     """
-    mask = frame_mask(mode, frames, block_size)
+    mask = sequence_frames(mode, frames, block_size)[0]
     if mask is None:
         return None
     length = mask.shape[0] * tokens_per_frame
@@ -117,10 +117,10 @@ def tile_work(mode: str, frames: int, block_size: int, tokens_per_frame: int, ti
 
 
 def sequence_forward_flops(cfg: DiTConfig, batch: int, frames: int, mode: str, density: float | None = None) -> float:
-    """FLOPs of one full-sequence forward on clips of ``frames`` frames (``teacher_forcing``: the
-    doubled sequence, of which the noisy half is unpatchified); attention at the mask's density
+    """FLOPs of one full-sequence forward on clips of ``frames`` frames (``teacher_forcing``: the clean
+    context and the noisy frames, of which the noisy ones are unpatchified); attention at the mask's density
     unless ``density`` is given."""
-    length = 2 * frames if mode == "teacher_forcing" else frames
+    length = sequence_frames(mode, frames, cfg.block_size)[1].numel()
     tokens = length * cfg.tokens_per_frame
     if density is None:
         density = mask_density(mode, frames, cfg.block_size)

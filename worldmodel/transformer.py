@@ -215,6 +215,23 @@ def frame_mask(mode: str, num_frames: int, block_size: int, device=None) -> torc
     raise ConfigError(f"unknown attention mode {mode!r}; use bidirectional, causal or teacher_forcing")
 
 
+def clean_context_frames(num_frames: int, block_size: int) -> int:
+    """Clean frames of the teacher-forcing sequence: those before the last block. No noisy frame attends to
+    the last block's clean copy, so it is left out (it changes no output)."""
+    blocks = block_ids(num_frames, block_size)
+    return int((blocks < blocks[-1]).sum())
+
+
+def sequence_frames(mode: str, num_frames: int, block_size: int, device=None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The frame mask (:func:`frame_mask`) and the time index ``[F]`` of each frame of a full-sequence forward over
+    ``num_frames`` frames; in teacher forcing [the :func:`clean_context_frames` clean frames | the noisy ones]."""
+    mask, times = frame_mask(mode, num_frames, block_size, device), torch.arange(num_frames, device=device)
+    if mode != "teacher_forcing":
+        return mask, times
+    keep = torch.cat([times[: clean_context_frames(num_frames, block_size)], num_frames + times])
+    return mask[keep][:, keep], times[keep % num_frames]
+
+
 def token_mask(frames: torch.Tensor | None, tokens_per_frame: int) -> torch.Tensor | None:
     """Expand a frame mask ``[Fq, Fk]`` to tokens ``[Fq*N, Fk*N]``."""
     if frames is None:
@@ -512,16 +529,14 @@ class WorldDiT(nn.Module):
     @torch.compiler.disable
     def sequence_tables(self, mode: str, frames: int, device) -> tuple:
         """(mask, rotation) of a full-sequence forward over ``frames`` frames in ``mode`` (teacher forcing:
-        the doubled sequence), built once per shape and kept: no mask or rotary work per step."""
+        the clean and noisy sequence of :func:`sequence_frames`), built once per shape and kept: no mask or rotary
+        work per step."""
         if self.attention not in ATTENTION_BACKENDS:
             raise ConfigError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
         key = (mode, frames, str(device), self.attention)
         if key not in self._tables:
             cfg = self.cfg
-            frame_pos = torch.arange(frames, device=device)
-            if mode == "teacher_forcing":
-                frame_pos = torch.cat([frame_pos, frame_pos])
-            allowed = frame_mask(mode, frames, cfg.block_size, device)
+            allowed, frame_pos = sequence_frames(mode, frames, cfg.block_size, device)
             expand = {"sdpa": token_mask, "flex": flex_block_mask, "jvp": frame_level_mask}[self.attention]
             self._tables[key] = (expand(allowed, cfg.tokens_per_frame), rope_rotation(token_positions(frame_pos, cfg), cfg))
         return self._tables[key]
@@ -582,7 +597,9 @@ class WorldDiT(nn.Module):
             if mode != "causal":
                 raise ConfigError("teacher forcing (clean=...) needs mode='causal'")
             clean_level = torch.zeros_like(sigma) if clean_sigma is None else clean_sigma
-            clean_tokens, clean_cond = self._embed(clean, clean_level, actions, rays, cond_keep)
+            tc = clean_context_frames(t, cfg.block_size)
+            clean_tokens, clean_cond = self._embed(clean[:, :tc], clean_level[:, :tc], actions[:, :tc], rays[:, :tc],
+                                                   cond_keep)
             tokens, cond = torch.cat([clean_tokens, tokens], 1), torch.cat([clean_cond, cond], 1)
             mode = "teacher_forcing"
         if mode not in ("bidirectional", "causal", "teacher_forcing"):
