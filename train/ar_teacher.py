@@ -4,8 +4,8 @@ Input: ``init.teacher`` (a stage ``teacher`` checkpoint, or an ``ar_teacher`` on
 size), whose weights it starts from. Output: a WorldModel of stage ``ar_teacher``, the frozen teacher
 of causal CD (3a) and causal ODE (3b); it plays with the guided Euler sampler of ``sample.*``.
 
-The same network runs block-causally on the doubled sequence ``[clean | noisy]``: noisy block b
-sees the real clean blocks before it and itself, with one noise level per block. The loss is
+The same network runs block-causally on the sequence ``[clean | noisy]`` (the clean copy without its
+last block, which nothing sees): noisy block b sees the real clean blocks before it and itself, with one noise level per block. The loss is
 flow matching with condition dropout, as in stage 1. ``model.dit.block_size`` (1 = frame-wise)
 sets the blocks; ``data.clip_len`` must be the start frame plus whole blocks.
 """

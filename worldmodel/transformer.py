@@ -9,7 +9,8 @@ Attention modes over a clip of T frames:
 - ``causal``: block b sees blocks <= b (what the KV-cached rollout computes).
 - teacher forcing (``causal`` with ``clean`` given): the sequence is [clean | noisy]; clean block b
   sees clean blocks <= b, noisy block b sees clean blocks < b and itself; the two copies of a
-  frame share positions (stage 2 AR teacher).
+  frame share positions (stage 2 AR teacher). The last block's clean copy, which no noisy block
+  sees, is left out (:func:`sequence_frames`).
 
 Conditioning:
 - timestep (t = 1000 sigma) and the per-frame action go into adaLN (per-frame modulation);

@@ -16,7 +16,7 @@ import torch
 from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from worldmodel.transformer import FLEX_KERNEL_OPTIONS, flex_block_mask, frame_mask  # noqa: E402
+from worldmodel.transformer import FLEX_KERNEL_OPTIONS, flex_block_mask, sequence_frames  # noqa: E402
 
 OPTIONS = {  # name -> (kernel options, contiguous inputs): forward tiles (M x N), warps and stages
     "default": (None, False),
@@ -55,7 +55,7 @@ def timed(fn, repeats: int, device: str) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--frames", type=int, default=13, help="clip frames: the sequence is [clean | noisy], twice as many")
+    p.add_argument("--frames", type=int, default=13, help="clip frames: the sequence is [clean | noisy], all but the last clean one")
     p.add_argument("--tokens", type=int, default=64, help="tokens per frame")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
@@ -63,8 +63,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     args = p.parse_args()
     device = args.device
-    mask = flex_block_mask(frame_mask("teacher_forcing", args.frames, 1, device), args.tokens)
-    length = 2 * args.frames * args.tokens
+    frames = sequence_frames("teacher_forcing", args.frames, 1, device)[0]
+    mask = flex_block_mask(frames, args.tokens)
+    length = frames.shape[0] * args.tokens
     qkv = torch.randn(args.batch, length, 3, args.heads, args.head_dim, device=device, dtype=torch.bfloat16)
     grad = torch.randn(args.batch, args.heads, length, args.head_dim, device=device, dtype=torch.bfloat16)
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else device}, torch {torch.__version__}: B {args.batch}, H {args.heads}, L {length}, "
