@@ -335,7 +335,9 @@ class ToyDiT:
         return []
 
     def forward_cached(self, x, sigma, actions, poses, cache, write=False, cond_keep=None, commit=None, commit_sigma=0.0):
-        assert commit is None  # training rollouts commit with forwards of their own
+        if commit is not None:  # a folded commit: never in a forward with gradient
+            assert not torch.is_grad_enabled() and not commit[0].requires_grad
+            cache.append(commit[0])
         if write:
             assert not torch.is_grad_enabled() and not x.requires_grad  # later blocks see a detached history
             cache.append(x)

@@ -234,8 +234,8 @@ def test_compiled_full_cache_forwards_equal_the_eager_ones():
 
 def test_compiled_stages_roll_out_as_the_eager_blocks_and_compile_once():
     """``compile_cached_stages``: a self-forcing rollout (folded and separate commits, a gradient step per block,
-    the cache rolling past its window) gives the eager rollout's clip and parameter gradients, float64; a second
-    rollout on a fresh cache at other fill levels makes no new graph."""
+    the cache rolling past its window) gives the eager rollout's clip and parameter gradients, float64; after a
+    rollout without gradient, one with its steps' shapes at other fill levels makes no new graph."""
     from types import SimpleNamespace
 
     from train.algorithms import self_forcing_rollout
@@ -261,9 +261,59 @@ def test_compiled_stages_roll_out_as_the_eager_blocks_and_compile_once():
     torch.testing.assert_close(got[0], want[0], rtol=1e-9, atol=1e-9)
     for g, w in zip(got[1], want[1]):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+    with torch.no_grad():  # every block played, its commit folded into its first forward: 1 + 2 and 2 + 2 frames
+        self_forcing_rollout(CachedRollout(model, clip, torch.float64), x[:, :1], noise, (1.0, 0.5), [1, 0, 0, 1], 9)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs >= before + 4  # before and after attention, with and without gradient, at least
-    with torch.no_grad():
-        self_forcing_rollout(CachedRollout(model, clip, torch.float64), x[:, :1], noise, (1.0, 0.5), [1, 0, 0, 1], 9)
-    rollout([1, 1, 0, 0])
+    rollout([1, 0, 0, 1])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_rollouts_fold_each_commit_into_the_next_blocks_first_forward():
+    """``CachedRollout.generate`` commits each block within the next block's first forward (or, when that forward
+    carries gradient, by a forward of its own just before): the clip and the gradients of a self-forcing rollout
+    equal those of a separate commit forward after every block, float64 (to 1e-6 once the window rolls: the fold
+    turns the sinks' keys ahead where the write turns the window's back, by float32 rotary tables); the folds save
+    a forward per block."""
+    from types import SimpleNamespace
+
+    from train.algorithms import self_forcing_rollout
+    from worldmodel.rollout import CachedRollout
+
+    seed = int(torch.randint(0, 10_000, ()))
+    model = tiny_dit(seed, depth=2, block_size=2, window_frames=4)
+    x, _, actions, poses = random_inputs(2, 9, seed, model.cfg)
+    noise = torch.randn(2, 2, 9, *x.shape[2:], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    clip = SimpleNamespace(actions=actions, poses=poses)
+
+    def separate_commits(rollout, first, sample_block):  # each block written by a forward of its own
+        rollout.commit(first, 0)
+        out = [first]
+        for b, (start, end) in enumerate(rollout.blocks[1:], 1):
+            out.append(sample_block(rollout.block_denoiser(b), b, (first.shape[0], end - start, *first.shape[2:])))
+            rollout.commit(out[-1].detach(), b)
+        return torch.cat(out, 1)
+
+    def rollout(exits, trained_from, fold):
+        model.zero_grad()
+        played = CachedRollout(model, clip, torch.float64)
+        if not fold:
+            played.generate = lambda first, sample_block: separate_commits(played, first, sample_block)
+        calls = []
+        forward = model.forward_cached
+        model.forward_cached = lambda *a, **k: calls.append(1) or forward(*a, **k)
+        try:
+            out = self_forcing_rollout(played, x[:, :1], noise, (1.0, 0.5), exits, trained_from)
+        finally:
+            del model.forward_cached
+        if out.requires_grad:
+            (out * x).sum().backward()
+        return out.detach(), [None if p.grad is None else p.grad.clone() for p in model.parameters()], len(calls)
+
+    for exits, trained_from in (([0, 1, 1, 0], 0), ([1, 0, 0, 1], 9)):
+        got, want = rollout(exits, trained_from, True), rollout(exits, trained_from, False)
+        torch.testing.assert_close(got[0][:, :7], want[0][:, :7], rtol=1e-10, atol=1e-10)  # before the window rolls
+        torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+        for g, w in zip(got[1], want[1]):
+            assert (g is None) == (w is None) and (g is None or torch.allclose(g, w, rtol=1e-6, atol=1e-6))
+    assert (got[2], want[2]) == (4 * 2, 4 * 2 + 5)  # played without gradient: 2 steps a block, 5 commits folded

@@ -60,13 +60,14 @@ class Rollout:
         """The guided velocity model ``(x, sigma) -> v`` of the block with these inputs against the
         cache (``sigma`` a float or ``[B, Tb]``; ``v`` in the dtype of ``x``). ``commit``: a clean block
         ``(latents, actions, poses)`` that the first call's forward also writes into the cache (a folded
-        commit, see ``WorldDiT.forward_cached``); under grad mode it is written by a forward of its own first."""
-        if commit is not None and torch.is_grad_enabled():
-            self.write(*commit)
-            commit = None
+        commit, see ``WorldDiT.forward_cached``); if that call runs under grad mode (a self-forcing exit step), the
+        commit is written by a forward of its own, without gradient, first."""
 
         def velocity(x, sigma):
             nonlocal commit
+            if commit is not None and torch.is_grad_enabled():
+                self.write(*commit)
+                commit = None
             folded, commit = None if commit is None else tuple(self._twice(t) for t in commit), None
             sigma = flow.frame_sigmas(sigma, x)
             v = self.dit.forward_cached(self._twice(x), self._twice(sigma), self._twice(actions), self._twice(poses),
@@ -115,9 +116,10 @@ class CachedRollout(Rollout):
         before = self.clip.poses[:, start - 1] if start else None
         return self.clip.actions[:, start:end], block_poses(self.clip.poses[:, start:end], before)
 
-    def block_denoiser(self, b: int) -> Callable:
-        """Block ``b``'s velocity model ``(x, sigma) -> v`` given the blocks committed so far (:meth:`denoiser`)."""
-        return self.denoiser(*self.block_inputs(b))
+    def block_denoiser(self, b: int, previous: torch.Tensor | None = None) -> Callable:
+        """Block ``b``'s velocity model ``(x, sigma) -> v`` (:meth:`denoiser`) given the blocks committed so far and
+        ``previous [B, Tb', C, h, w]``, the clean block ``b - 1``, if given: its first forward commits it."""
+        return self.denoiser(*self.block_inputs(b), None if previous is None else (previous, *self.block_inputs(b - 1)))
 
     def commit(self, latents: torch.Tensor, b: int) -> None:
         """Write the clean block ``b`` ``latents [B, Tb, C, h, w]`` into the cache."""
@@ -125,14 +127,12 @@ class CachedRollout(Rollout):
 
     def generate(self, first: torch.Tensor, sample_block: Callable) -> torch.Tensor:
         """Latents ``[B, T, C, h, w]``: the given first frame ``first [B, 1, C, h, w]``, then each block from
-        ``sample_block(velocity, b, shape) -> latents`` (``velocity``: :meth:`block_denoiser`), each
-        committed (detached, without gradient) before the next."""
-        self.commit(first, 0)
+        ``sample_block(velocity, b, shape) -> latents`` (``velocity``: :meth:`block_denoiser`); each block is
+        committed (detached, without gradient) by the next one's first forward."""
         out = [first]
         for b, (start, end) in enumerate(self.blocks[1:], 1):
-            latents = sample_block(self.block_denoiser(b), b, (first.shape[0], end - start, *first.shape[2:]))
-            self.commit(latents.detach(), b)
-            out.append(latents)
+            velocity = self.block_denoiser(b, out[-1].detach())
+            out.append(sample_block(velocity, b, (first.shape[0], end - start, *first.shape[2:])))
         return torch.cat(out, 1)
 
 
