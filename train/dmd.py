@@ -8,7 +8,8 @@ that ships.
 Each step: the generator plays the clip from its real first frame block by block with its own KV
 cache, as in play (:func:`train.algorithms.self_forcing_rollout`): per block a random exit step,
 shared by all ranks, is the only denoising step with gradient; the clean block is then written
-into the cache by a t = 0 forward without gradient, so history is detached. The critic (fake
+into the cache without gradient (by the next block's first forward, or by a t = 0 forward of its own
+when that one carries gradient), so history is detached. The critic (fake
 score) is trained by flow matching on the detached rollout every step; every
 ``dmd.critic_updates``-th step the generator is updated too, with the DMD direction
 (:func:`train.algorithms.dmd_loss`) from the real score (the stage-1 teacher with guidance) and

@@ -3,7 +3,8 @@
 Frames are generated block by block (the start frame is a block of its own, then blocks of
 ``block_size`` frames): a block is sampled from noise through given sigmas against the frames held
 in the KV cache, then one t = 0 forward of the clean block writes it into the cache (the commit); play
-folds that forward into the next block's first one (one forward over [clean block | noisy block]).
+and :class:`CachedRollout` fold that forward into the next block's first one (one forward over [clean
+block | noisy block]), unless that one carries gradient.
 Play (:class:`worldmodel.session.Session`), the training stages (self forcing, sample videos) and
 the evaluation all generate through :class:`Rollout`; :class:`CachedRollout` drives it over a clip.
 
