@@ -92,7 +92,7 @@ def test_rollout_flops_match_the_counter_over_a_real_rollout():
 
 @torch.no_grad()
 def test_played_rollout_flops_match_the_counter():
-    """A rollout whose blocks are all played (trained_from past the clip): every one of 2 steps, then the commit."""
+    """A rollout whose blocks are all played (trained_from past the clip): every one of 2 steps, each commit folded."""
     dit, (x, _, a, p) = tiny_dit(block_size=2, window_frames=2), clip_inputs(frames=7)
     rollout = CachedRollout(dit, Clip(a, p))
     noise = torch.stack([x, x], 1)

@@ -137,19 +137,31 @@ def cached_forward_flops(cfg: DiTConfig, batch: int, block_frames: int, cached_f
 
 def rollout_flops(cfg: DiTConfig, batch: int, frames: int, num_steps: int, trained: bool, trained_from: int = 0) -> float:
     """Expected FLOPs of one self-forcing rollout (:func:`train.algorithms.self_forcing_rollout`)
-    of a clip: the start frame's commit, then per block, with the exit step uniform in
-    ``[0, num_steps)``, ``(num_steps - 1) / 2`` denoising forwards without gradient, the exit forward
-    (trained on generator turns) and the commit forward, each attending to the cache (sinks +
-    window frames at most), and the cache roll of each commit that overflows the window. Blocks that
-    start before ``trained_from`` are played: ``num_steps`` forwards without gradient and the commit."""
+    of a clip: per block after the start frame, the commit of the block before it, folded into its first
+    forward (:func:`commit_flops`; a commit before a gradient step is a forward of its own, which also
+    unpatchifies its output: not counted), then, with the exit step uniform in ``[0, num_steps)``, ``(num_steps - 1) / 2`` denoising forwards
+    without gradient and the exit forward (trained on generator turns), each attending to the cache (sinks +
+    window frames at most). Blocks that start before ``trained_from`` are played: ``num_steps`` forwards
+    without gradient. The last block is not committed."""
     capacity = cfg.sink_frames + cfg.window_frames
-    calls = (num_steps - 1) / 2 + (TRAINED if trained else FROZEN) + FROZEN
-    played = (num_steps + 1) * FROZEN
-    total = cached_forward_flops(cfg, batch, 1, 0)
-    for start, end in block_ranges(frames, cfg.block_size)[1:]:
-        held = min(capacity, start)
-        total += (played if start < trained_from else calls) * cached_forward_flops(cfg, batch, end - start, held)
-        total += roll_flops(cfg, batch) if held + end - start > capacity else 0
+    calls = (num_steps - 1) / 2 + (TRAINED if trained else FROZEN)
+    blocks = block_ranges(frames, cfg.block_size)
+    total = 0.0
+    for (before_start, before_end), (start, end) in zip(blocks, blocks[1:]):
+        total += FROZEN * commit_flops(cfg, batch, before_end - before_start, min(capacity, before_start))
+        steps = num_steps * FROZEN if start < trained_from else calls
+        total += steps * cached_forward_flops(cfg, batch, end - start, min(capacity, start))
+    return total
+
+
+def commit_flops(cfg: DiTConfig, batch: int, frames: int, held: int) -> float:
+    """FLOPs of a folded commit of ``frames`` frames onto ``held`` cached ones: its tokens through the blocks,
+    attending to the held frames and themselves (no unpatchify); when it overflows the window, the cache roll and
+    the sinks' keys turned ahead for the block it is folded with."""
+    n, capacity = cfg.tokens_per_frame, cfg.sink_frames + cfg.window_frames
+    total = linear_flops(cfg, batch, frames, 0) + attention_flops(cfg, batch, frames * n, (held + frames) * n)
+    if held + frames > capacity:
+        total += roll_flops(cfg, batch) + 2 * cfg.depth * batch * cfg.heads * cfg.sink_frames * n * (2 * rope_splits(cfg)[0]) ** 2
     return total
 
 
