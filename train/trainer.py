@@ -57,8 +57,7 @@ CHECKPOINT_FORMAT = "worldmodel-train"
 CHECKPOINT_VERSION = "1"
 CHECKPOINT_PATTERN = re.compile(r"step_(\d{9})\.safetensors")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-"""``run.compile_mode`` values (``torch.compile`` modes without CUDA graphs: the steps' shapes are static, but the
-rollouts' KV-cached forwards stay eager)."""
+"""``run.compile_mode`` values: ``torch.compile`` modes without CUDA graphs (the rollouts' KV caches stay eager)."""
 RESUMABLE_CHANGES = ("run.dir", "run.steps", "run.checkpoint_every", "run.keep_checkpoints", "run.log_every",
                      "run.sample_every", "run.tensorboard", "run.profile",
                      "run.time_limit_s", "run.export_every_s", "run.compile", "run.compile_mode", "data.workers", "data.latents", "data.latent_cache",
