@@ -317,3 +317,12 @@ def test_rollouts_fold_each_commit_into_the_next_blocks_first_forward():
         for g, w in zip(got[1], want[1]):
             assert (g is None) == (w is None) and (g is None or torch.allclose(g, w, rtol=1e-6, atol=1e-6))
     assert (got[2], want[2]) == (4 * 2, 4 * 2 + 5)  # played without gradient: 2 steps a block, 5 commits folded
+
+
+def test_clean_context_frames_are_the_frames_before_the_last_block():
+    from worldmodel.transformer import clean_context_frames
+
+    for frames in range(1, 30):
+        for block_size in (1, 2, 3, 4, 7):
+            ids = block_ids(frames, block_size)
+            assert clean_context_frames(frames, block_size) == int((ids < ids[-1]).sum()), (frames, block_size)

@@ -139,9 +139,9 @@ def rollout_flops(cfg: DiTConfig, batch: int, frames: int, num_steps: int, train
     """Expected FLOPs of one self-forcing rollout (:func:`train.algorithms.self_forcing_rollout`)
     of a clip: per block after the start frame, the commit of the block before it, folded into its first
     forward (:func:`commit_flops`; a commit before a gradient step is a forward of its own, which also
-    unpatchifies its output: not counted), then, with the exit step uniform in ``[0, num_steps)``, ``(num_steps - 1) / 2`` denoising forwards
-    without gradient and the exit forward (trained on generator turns), each attending to the cache (sinks +
-    window frames at most). Blocks that start before ``trained_from`` are played: ``num_steps`` forwards
+    unpatchifies its output: not counted), then, with the exit step uniform in ``[0, num_steps)``,
+    ``(num_steps - 1) / 2`` denoising forwards without gradient and the exit forward (trained on generator
+    turns), each attending to the cache (sinks + window frames at most). Blocks that start before ``trained_from`` are played: ``num_steps`` forwards
     without gradient. The last block is not committed."""
     capacity = cfg.sink_frames + cfg.window_frames
     calls = (num_steps - 1) / 2 + (TRAINED if trained else FROZEN)
@@ -161,7 +161,8 @@ def commit_flops(cfg: DiTConfig, batch: int, frames: int, held: int) -> float:
     n, capacity = cfg.tokens_per_frame, cfg.sink_frames + cfg.window_frames
     total = linear_flops(cfg, batch, frames, 0) + attention_flops(cfg, batch, frames * n, (held + frames) * n)
     if held + frames > capacity:
-        total += roll_flops(cfg, batch) + 2 * cfg.depth * batch * cfg.heads * cfg.sink_frames * n * (2 * rope_splits(cfg)[0]) ** 2
+        sinks_turned = 2 * cfg.depth * batch * cfg.heads * cfg.sink_frames * n * (2 * rope_splits(cfg)[0]) ** 2
+        total += roll_flops(cfg, batch) + sinks_turned
     return total
 
 

@@ -217,10 +217,10 @@ def frame_mask(mode: str, num_frames: int, block_size: int, device=None) -> torc
 
 
 def clean_context_frames(num_frames: int, block_size: int) -> int:
-    """Clean frames of the teacher-forcing sequence: those before the last block. No noisy frame attends to
-    the last block's clean copy, so it is left out (it changes no output)."""
-    blocks = block_ids(num_frames, block_size)
-    return int((blocks < blocks[-1]).sum())
+    """Clean frames of the teacher-forcing sequence: those before the last block (:func:`block_ids`). No noisy
+    frame attends to the last block's clean copy, so it is left out (it changes no output). Plain integers, so a
+    compiled forward traces it without a graph break."""
+    return 0 if num_frames <= 1 else 1 + (num_frames - 2) // block_size * block_size
 
 
 def sequence_frames(mode: str, num_frames: int, block_size: int, device=None) -> tuple[torch.Tensor | None, torch.Tensor]:
